@@ -1,0 +1,97 @@
+"""Demo experiment: synthetic fact world, small LM, TrackStar attribution end to end.
+
+Run: python scripts/run_experiment.py --config configs/demo.py
+Every field is overridable from the command line: --config.train.steps=500
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Master seed: model init and data order derive from it.
+    c.run_dir = "runs/demo"  # Everything a run makes lands here (config, world, ckpts, results).
+
+    # --- Synthetic fact world (SPEC §5) ---
+    w = c.world = ml_collections.ConfigDict()
+    w.seed = 0  # World seed: names, facts, templates, documents.
+    w.source = "synthetic"  # "synthetic" or "lama" (facts + templates jsonl, see *_path below).
+    w.lama_facts_path = ""  # LAMA/ParaRel-style facts jsonl (sub_label, obj_label, predicate_id).
+    w.lama_templates_path = ""  # Templates jsonl ({"relation", "template"} with [X] / [Y]).
+    w.n_subjects = 400  # Number of person subjects.
+    w.n_relations = 8  # Relations used (of the generator's ~10).
+    w.n_objects_per_type = 24  # Object entities per type (cities, countries, ...).
+    w.freq_buckets = (1, 2, 4, 8, 16)  # Times a fact is stated in the corpus.
+    w.anchor_frac = 0.25  # Share of subjects that are anchors (never queried).
+    w.anchor_query_form_p = 0.25  # P(an anchor sentence uses the query-prompt form).
+    w.zipf_exponent = 1.0  # Object popularity ~ rank^-a; 0 = uniform.
+    w.n_prefixes = 3  # Framing prefixes ("In fact, ...") multiplying the base phrasings.
+    w.doc_sentences = (2, 4)  # Fact sentences per document (min, max), one subject per doc.
+    w.filler_p = 0.5  # P(a document gets a filler sentence).
+    w.distractor_p = 0.2  # P(a document gets a non-fact distractor sentence).
+    w.n_distractor_candidates = 400  # Distractor sentences added to the closed candidate pool.
+    w.n_queries = 200  # Task queries (one per fact, non-anchor subjects).
+    w.n_heldout_queries = 200  # Held-out queries of the same templates (R_eval source).
+
+    # --- Tokenizer ---
+    t = c.tokenizer = ml_collections.ConfigDict()
+    t.kind = "word"  # Word-level HF tokenizers model (whitespace + punctuation split).
+    t.vocab_size = 2048  # Upper bound; the world's word count is usually smaller.
+
+    # --- Model (decoder-only Transformer, flax.nnx) ---
+    m = c.model = ml_collections.ConfigDict()
+    m.size = "small"  # Named size ("tiny", "small", "base"); fields below override if > 0.
+    m.d_model = 128
+    m.n_layers = 2
+    m.n_heads = 4
+    m.d_ff = 512
+    m.max_len = 64  # Context length; longer examples are an error.
+    m.dtype = "float32"
+
+    # --- Training (optax AdamW, warmup + cosine) ---
+    tr = c.train = ml_collections.ConfigDict()
+    tr.optimizer = "adamw"  # "adamw" or "adafactor".
+    tr.steps = 3000
+    tr.batch_size = 32
+    tr.seq_len = 64
+    tr.lr = 3e-3  # Peak learning rate.
+    tr.final_lr = 3e-4  # Learning rate at the last step (cosine end value).
+    tr.warmup_steps = 100
+    tr.b1 = 0.9
+    tr.b2 = 0.98
+    tr.eps = 1e-8
+    tr.weight_decay = 0.01
+    tr.checkpoint_every = 500  # Steps between Orbax checkpoints (resume points).
+    tr.keep_checkpoints = 2  # Checkpoints kept on disk (the final one is always kept).
+    tr.log_every = 50
+
+    # --- Featurize: per-example gradient -> V correction -> projection -> store (SPEC §2) ---
+    f = c.featurize = ml_collections.ConfigDict()
+    f.query_output_fn = "loss"  # "loss", "margin" or "logit" (SPEC §2.1).
+    f.projection_mode = "global"  # "global" (summed Kronecker grid), "per_tensor", "dense".
+    f.k_in = 64  # Kronecker input-side dim; d = k_in * k_out in "global" mode.
+    f.k_out = 64
+    f.dense_dim = 4096  # d in "dense" mode (tests / tiny models only).
+    f.projection_seed = 0  # Seed of the projection matrices (regenerated, never stored).
+    f.eps = -1.0  # Correction epsilon; < 0 means the optimizer's eps.
+    f.batch_size = 32  # Examples per jitted per-example-gradient call.
+    f.chunk_size = 1024  # Rows per atomically committed store chunk.
+    f.dtype = "float32"  # Store row dtype: "float32" or "bfloat16".
+    f.skip_bad_examples = False  # Skip (and list) empty/too-long examples instead of failing.
+
+    # --- Hessian (SPEC §2.5) ---
+    h = c.hessian = ml_collections.ConfigDict()
+    h.lambda_mix = "auto_trace"  # A number in [0, 1], "auto" (eigen-crossing) or "auto_trace".
+    h.crossing_per_65536 = 1000  # "auto": crossing component c = d * this / 65536.
+    h.damping = 0.1  # Eigenvalues damped as (l_i + damping * mean l)^-1/2.
+    h.train_sample = 4096  # Train-store rows sampled for R_train (0 = all).
+    h.eval_source = "heldout"  # "task" (the scored queries) or "heldout" queries.
+    h.sample_seed = 0
+
+    # --- Scoring (SPEC §2.6, §3) ---
+    s = c.score = ml_collections.ConfigDict()
+    s.preset = "trackstar"  # grad_dot, grad_cosine, trak, exp_opt, exp_opt_norm,
+    #                          exp_opt_norm_rtrain, trackstar.
+    s.top_k = 100  # Proponents kept per query.
+    s.chunk_rows = 4096  # Train-store rows per scoring step.
+    return c
