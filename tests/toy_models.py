@@ -1,0 +1,119 @@
+"""Tiny models for tests, each returned as ``(apply_fn, params)``.
+
+``apply_fn(params, tokens_BxT) -> logits_BxTxV`` is pure over a nested-dict params pytree, the
+same contract the project's own model follows. Two structurally different models prove the
+attribution kernels are model-agnostic:
+
+- ``make_toy_transformer``: a causal pre-norm Transformer LM written with flax.nnx (embeddings,
+  attention, MLP, LayerNorm scales and biases, untied output head).
+- ``make_toy_gru``: a plain-dict GRU LM (no flax) with a 3-D gate tensor, a scalar parameter and
+  a bias vector, run with ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class _Block(nnx.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, rngs: nnx.Rngs):
+        self.n_heads = n_heads
+        self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
+        self.proj = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
+        self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        b, t, d = x_BxTxD.shape
+        h = self.n_heads
+        q, k, v = jnp.split(self.qkv(self.ln1(x_BxTxD)), 3, axis=-1)
+        q, k, v = (y.reshape(b, t, h, d // h) for y in (q, k, v))
+        logits_BxHxTxT = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // h)
+        causal_TxT = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+        logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, -1e9)
+        attn = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits_BxHxTxT, -1), v)
+        x_BxTxD = x_BxTxD + self.proj(attn.reshape(b, t, d))
+        return x_BxTxD + self.down(jax.nn.gelu(self.up(self.ln2(x_BxTxD))))
+
+
+class _ToyLM(nnx.Module):
+    def __init__(self, vocab: int, d_model: int, n_layers: int, n_heads: int, d_ff: int, max_len,
+                 rngs: nnx.Rngs):  # fmt: skip
+        self.embed = nnx.Embed(vocab, d_model, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
+        self.blocks = nnx.List([_Block(d_model, n_heads, d_ff, rngs) for _ in range(n_layers)])
+        self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
+        self.head = nnx.Linear(d_model, vocab, rngs=rngs)
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        x = self.embed(tokens_BxT) + self.pos[...][: tokens_BxT.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def make_toy_transformer(
+    vocab: int = 29,
+    d_model: int = 16,
+    n_layers: int = 1,
+    n_heads: int = 2,
+    d_ff: int = 32,
+    max_len: int = 16,
+    seed: int = 0,
+):
+    """A causal nnx Transformer LM as ``(apply_fn, params)`` (params: a nested dict)."""
+    model = _ToyLM(vocab, d_model, n_layers, n_heads, d_ff, max_len, nnx.Rngs(seed))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+
+    def apply_fn(p, tokens_BxT: jax.Array) -> jax.Array:
+        st = jax.tree.map(lambda x: x, state)  # fresh container: replace_by_pure_dict mutates
+        nnx.replace_by_pure_dict(st, p)
+        return nnx.merge(graphdef, st)(tokens_BxT)
+
+    return apply_fn, params
+
+
+def make_toy_gru(vocab: int = 23, hidden: int = 8, seed: int = 0):
+    """A plain-dict GRU LM as ``(apply_fn, params)``.
+
+    The three gates share one 3-D tensor ``gates/w`` (3 x H x H) and ``gates/u``; ``temp`` is a
+    scalar logit temperature, so every tensor rank from 0 to 3 is present.
+    """
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+    s = 1.0 / math.sqrt(hidden)
+    params = {
+        "embed": jax.random.normal(k[0], (vocab, hidden)) * s,
+        "gates": {
+            "w": jax.random.normal(k[1], (3, hidden, hidden)) * s,
+            "u": jax.random.normal(k[2], (3, hidden, hidden)) * s,
+            "b": jax.random.normal(k[3], (3, hidden)) * 0.1,
+        },
+        "out": {"w": jax.random.normal(k[4], (hidden, vocab)) * s, "b": jnp.zeros((vocab,))},
+        "temp": jnp.asarray(1.0),
+    }
+
+    def apply_fn(p, tokens_BxT: jax.Array) -> jax.Array:
+        x_TxBxH = jnp.swapaxes(p["embed"][tokens_BxT], 0, 1)
+
+        def step(h_BxH, x_BxH):
+            gx = jnp.einsum("bh,ghk->gbk", x_BxH, p["gates"]["w"]) + p["gates"]["b"][:, None]
+            gh = jnp.einsum("bh,ghk->gbk", h_BxH, p["gates"]["u"])
+            r = jax.nn.sigmoid(gx[0] + gh[0])
+            z = jax.nn.sigmoid(gx[1] + gh[1])
+            n = jnp.tanh(gx[2] + r * gh[2])
+            h_BxH = (1 - z) * n + z * h_BxH
+            return h_BxH, h_BxH
+
+        h0 = jnp.zeros((tokens_BxT.shape[0], p["embed"].shape[1]), x_TxBxH.dtype)
+        _, hs_TxBxH = jax.lax.scan(step, h0, x_TxBxH)
+        logits = jnp.swapaxes(hs_TxBxH, 0, 1) @ p["out"]["w"] + p["out"]["b"]
+        return logits * p["temp"]
+
+    return apply_fn, params

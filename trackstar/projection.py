@@ -1,0 +1,237 @@
+"""Random projection of per-example gradients (SPEC §2.3).
+
+Each parameter tensor ``G_l`` is viewed as a matrix ``(n_in, n_out)`` (``ndim >= 2``:
+``(prod(shape[:-1]), shape[-1])``; vector: ``(n, 1)``; scalar: ``(1, 1)``) and projected two-sided,
+``A_l^T G_l B_l``, with Gaussian ``A_l`` (``n_in x k_in``, variance ``1/k_in``) and ``B_l``
+(``n_out x k_out``, variance ``1/k_out``), so ``E[P^T P] = I`` and inner products are preserved
+in expectation. In row-major ``vec``, ``vec(A^T G B) = (A^T kron B^T) vec(G)``.
+
+``A_l`` and ``B_l`` come from ``fold_in(PRNGKey(seed), stable_hash(path))`` and are regenerated
+inside every call (cheap: ``(n_in + n_out) * k`` normals per tensor), never stored, so every
+host and run reproduces them.
+
+Modes: ``"global"`` sums all blocks into one ``k_in x k_out`` grid (``d = k_in * k_out``);
+``"per_tensor"`` concatenates them (``d = L * k_in * k_out``); ``"dense"`` uses a Gaussian
+``d x n_l`` matrix per leaf (variance ``1/d``), for tests and tiny models only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trackstar.tree import named_leaves, stable_hash
+
+PyTree = Any
+
+MODES = ("global", "per_tensor", "dense")
+# Dense mode holds d x |theta| floats per call; beyond this it is the wrong tool.
+MAX_DENSE_ELEMENTS = 1 << 26
+
+
+class ProjectionError(ValueError):
+    """A projector that cannot be built or applied; the message says how to fix it."""
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``(n_in, n_out)`` matrix view of a tensor shape."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return int(shape[0]), 1
+    return math.prod(shape[:-1]), int(shape[-1])
+
+
+def leaf_key(seed: int, path: str) -> jax.Array:
+    """The PRNG key of one parameter tensor: ``fold_in(PRNGKey(seed), stable_hash(path))``."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(path))
+
+
+class Projector:
+    """Projects per-example gradient pytrees to ``B x dim`` vectors.
+
+    Args:
+      params_like: a pytree with the parameters' paths and shapes (arrays or ShapeDtypeStructs).
+      mode: ``"global"``, ``"per_tensor"`` or ``"dense"``.
+      k_in, k_out: Kronecker factor widths (``global``/``per_tensor``).
+      seed: projection seed.
+      dense_dim: ``d`` in ``dense`` mode.
+      max_dense_elements: refuse ``dense`` mode when ``d * |theta|`` exceeds this.
+    """
+
+    def __init__(
+        self,
+        params_like: PyTree,
+        mode: str = "global",
+        k_in: int = 64,
+        k_out: int = 64,
+        seed: int = 0,
+        dense_dim: int = 4096,
+        max_dense_elements: int = MAX_DENSE_ELEMENTS,
+    ):
+        if mode not in MODES:
+            raise ProjectionError(
+                f"unknown projection mode {mode!r}; choose one of {', '.join(MODES)}"
+            )
+        if min(k_in, k_out, dense_dim) < 1:
+            raise ProjectionError(
+                f"projection widths must be >= 1, got k_in={k_in}, k_out={k_out}, "
+                f"dense_dim={dense_dim}"
+            )
+        self.params_like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params_like
+        )
+        self.mode, self.k_in, self.k_out = mode, int(k_in), int(k_out)
+        self.seed, self.dense_dim = int(seed), int(dense_dim)
+        self.shapes = {path: tuple(leaf.shape) for path, leaf in named_leaves(self.params_like)}
+        self.paths = list(self.shapes)
+        if not self.paths:
+            raise ProjectionError("params_like has no leaves; pass the model's params pytree")
+        self.n_params = sum(math.prod(s) for s in self.shapes.values())
+        if mode == "dense" and self.dense_dim * self.n_params > max_dense_elements:
+            raise ProjectionError(
+                f"dense projection would hold {self.dense_dim} x {self.n_params} = "
+                f"{self.dense_dim * self.n_params:,} floats (limit {max_dense_elements:,}); "
+                "use mode='global' or 'per_tensor' for models this size"
+            )
+        # Folding diagonal scales into A and B only exists for the Kronecker modes.
+        self.can_fold = mode != "dense"
+
+    @property
+    def dim(self) -> int:
+        """Output dimension ``d``."""
+        block = self.k_in * self.k_out
+        if self.mode == "global":
+            return block
+        if self.mode == "per_tensor":
+            return block * len(self.paths)
+        return self.dense_dim
+
+    def factors(self, path: str) -> tuple[jax.Array, jax.Array]:
+        """``(A_l, B_l)`` for one tensor, regenerated from (seed, path)."""
+        n_in, n_out = matrix_shape(self._shape(path))
+        key_a, key_b = jax.random.split(leaf_key(self.seed, path))
+        a = jax.random.normal(key_a, (n_in, self.k_in), jnp.float32) / math.sqrt(self.k_in)
+        b = jax.random.normal(key_b, (n_out, self.k_out), jnp.float32) / math.sqrt(self.k_out)
+        return a, b
+
+    def dense_leaf_matrix(self, path: str) -> jax.Array:
+        """``dense`` mode's ``d x n_l`` Gaussian block (variance ``1/d``) for one tensor."""
+        n = math.prod(self._shape(path))
+        z = jax.random.normal(leaf_key(self.seed, path), (self.dense_dim, n), jnp.float32)
+        return z / math.sqrt(self.dense_dim)
+
+    def project_leaf(
+        self,
+        path: str,
+        g_Bx: jax.Array,
+        row_scale: jax.Array | None = None,
+        col_scale: jax.Array | None = None,
+    ) -> jax.Array:
+        """Projects one tensor's per-example gradients ``g`` (``B x shape``) to its block.
+
+        Returns ``B x (k_in * k_out)`` (Kronecker modes) or ``B x d`` (``dense``). With
+        ``row_scale`` (``n_in``) / ``col_scale`` (``n_out``) it projects
+        ``diag(row) G diag(col)`` by folding the scales into the factors
+        (``A' = diag(row) A``, ``B' = diag(col) B``), which is how a factored (Adafactor)
+        preconditioner is applied without materializing the scaled gradient.
+        """
+        shape = self._shape(path)
+        if tuple(g_Bx.shape[1:]) != shape:
+            raise ProjectionError(
+                f"gradient for {path!r} has shape {tuple(g_Bx.shape)}, expected (B, *{shape})"
+            )
+        batch = g_Bx.shape[0]
+        g = g_Bx.astype(jnp.float32)
+        if self.mode == "dense":
+            if row_scale is not None or col_scale is not None:
+                raise ProjectionError(
+                    "dense mode cannot fold row/col scales; multiply the gradient first"
+                )
+            return g.reshape(batch, -1) @ self.dense_leaf_matrix(path).T
+        n_in, n_out = matrix_shape(shape)
+        g_BxIxO = g.reshape(batch, n_in, n_out)
+        a, b = self.factors(path)
+        if row_scale is not None:
+            a = a * jnp.reshape(row_scale, (n_in, 1)).astype(jnp.float32)
+        if col_scale is not None:
+            b = b * jnp.reshape(col_scale, (n_out, 1)).astype(jnp.float32)
+        # Contract the cheaper side first; both orders give the same k_in x k_out block.
+        cost_b_first = n_in * n_out * self.k_out + n_in * self.k_in * self.k_out
+        cost_a_first = n_in * n_out * self.k_in + n_out * self.k_in * self.k_out
+        if cost_b_first <= cost_a_first:
+            out = jnp.einsum("bio,ik->bko", g_BxIxO @ b, a)
+        else:
+            out = jnp.einsum("ik,bio->bko", a, g_BxIxO) @ b
+        return out.reshape(batch, self.k_in * self.k_out)
+
+    def combine(self, blocks: list[jax.Array]) -> jax.Array:
+        """Combines per-leaf blocks (in parameter order) into ``B x dim`` vectors."""
+        if len(blocks) != len(self.paths):
+            raise ProjectionError(f"expected {len(self.paths)} blocks, got {len(blocks)}")
+        if self.mode == "per_tensor":
+            return jnp.concatenate(blocks, axis=1)
+        total = blocks[0]
+        for block in blocks[1:]:
+            total = total + block
+        return total
+
+    def project(self, grads: PyTree) -> jax.Array:
+        """Projects a gradient pytree with a leading batch axis to ``B x dim`` (float32)."""
+        named = named_leaves(grads)
+        got = [p for p, _ in named]
+        if got != self.paths:
+            raise ProjectionError(
+                "gradient paths do not match the projector's parameters: missing "
+                f"{sorted(set(self.paths) - set(got))}, extra {sorted(set(got) - set(self.paths))}"
+            )
+        return self.combine([self.project_leaf(p, g) for p, g in named])
+
+    def dense_matrix(self) -> jax.Array:
+        """The full ``dim x |theta|`` matrix (columns: leaves in order, each flattened row-major).
+
+        Built from the same factors (``A_l^T kron B_l^T`` per block); for tests on small models.
+        """
+        cols = []
+        for path in self.paths:
+            if self.mode == "dense":
+                cols.append(self.dense_leaf_matrix(path))
+                continue
+            a, b = self.factors(path)
+            block = jnp.kron(a.T, b.T)
+            if self.mode == "per_tensor":
+                i = self.paths.index(path)
+                block_rows = self.k_in * self.k_out
+                full = jnp.zeros((self.dim, block.shape[1]), jnp.float32)
+                block = full.at[i * block_rows : (i + 1) * block_rows].set(block)
+            cols.append(block)
+        return jnp.concatenate(cols, axis=1)
+
+    def config(self) -> dict[str, Any]:
+        """What identifies this projection, for store metadata and compatibility checks."""
+        h = hashlib.sha256()
+        for path, shape in self.shapes.items():
+            h.update(f"{path}:{shape};".encode())
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "k_in": self.k_in,
+            "k_out": self.k_out,
+            "dense_dim": self.dense_dim if self.mode == "dense" else None,
+            "dim": self.dim,
+            "params_hash": h.hexdigest()[:16],
+        }
+
+    def _shape(self, path: str) -> tuple[int, ...]:
+        try:
+            return self.shapes[path]
+        except KeyError:
+            raise ProjectionError(
+                f"no parameter {path!r} in this projector (it has {len(self.paths)} tensors, "
+                f"e.g. {self.paths[:3]}); build the Projector from the same params"
+            ) from None
