@@ -1,0 +1,208 @@
+"""Hessian stage: Gauss-Newton accumulation, λ rules, inverse roots, fit save/load."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trackstar.hessian import (
+    HessianError,
+    HessianFit,
+    crossing_component,
+    fit_hessian,
+    gauss_newton,
+    inverse,
+    inverse_sqrt,
+    mix_lambda,
+    sample_rows,
+)
+
+D = 12
+
+
+def _vectors(n, d=D, seed=0, scale=None):
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=(n, d))
+    if scale is not None:
+        u = u * scale
+    return u.astype(np.float32)
+
+
+def _chunks(u, sizes, ids=None):
+    ids = np.arange(len(u)) if ids is None else ids
+    out, start = [], 0
+    for s in sizes:
+        out.append((ids[start : start + s], u[start : start + s]))
+        start += s
+    assert start == len(u)
+    return out
+
+
+def test_gauss_newton_streaming_equals_dense_and_samples():
+    u = _vectors(37)
+    dense = u.astype(np.float64).T @ u.astype(np.float64) / len(u)
+    for source in (u, _chunks(u, [5, 1, 20, 11])):
+        R, n = gauss_newton(source)
+        assert n == 37 and R.dtype == np.float64
+        np.testing.assert_allclose(R, dense, rtol=1e-12, atol=1e-12)
+    R_step, _ = gauss_newton(u, rows_per_step=4)
+    np.testing.assert_allclose(R_step, dense, rtol=1e-12, atol=1e-12)
+
+    # Sampling by position and by (non-contiguous) example id pick the same rows.
+    pos = sample_rows(37, 10, seed=3)
+    assert pos is not None and len(pos) == 10 and np.all(np.diff(pos) > 0)
+    np.testing.assert_array_equal(pos, sample_rows(37, 10, seed=3))
+    assert not np.array_equal(pos, sample_rows(37, 10, seed=4))
+    assert sample_rows(37, 0, 0) is None and sample_rows(37, 37, 0) is None
+    sub = u[pos].astype(np.float64)
+    ids = 100 + 3 * np.arange(37)
+    R_pos, n_pos = gauss_newton(_chunks(u, [9, 9, 19]), sample_positions=pos)
+    R_ids, n_ids = gauss_newton(_chunks(u, [30, 7], ids=ids), sample_ids=ids[pos])
+    assert n_pos == n_ids == 10
+    np.testing.assert_allclose(R_pos, sub.T @ sub / 10, rtol=1e-12)
+    np.testing.assert_allclose(R_ids, sub.T @ sub / 10, rtol=1e-12)
+
+    with pytest.raises(HessianError, match="no rows"):
+        gauss_newton(u, sample_ids=np.array([999]))
+    bad = u.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(HessianError, match="non-finite"):
+        gauss_newton(bad)
+
+
+def test_inverse_sqrt_whitens_and_matches_eigh_formula():
+    u = _vectors(40).astype(np.float64)
+    R = u.T @ u / len(u)
+    T, evals = inverse_sqrt(R, damping=0.0)
+    np.testing.assert_allclose(T @ R @ T, np.eye(D), atol=1e-9)
+    assert np.all(np.diff(evals) <= 0)  # descending
+
+    # Rank-deficient R (5 rows in 12 dims): negatives clipped, then damped by 0.1·mean.
+    v = _vectors(5).astype(np.float64)
+    R_low = v.T @ v / 5
+    lam_i, V = np.linalg.eigh(R_low)
+    lam_i = np.clip(lam_i, 0, None)
+    damped = lam_i + 0.1 * lam_i.mean()
+    expect_sqrt = V @ np.diag(damped**-0.5) @ V.T
+    expect_inv = V @ np.diag(1 / damped) @ V.T
+    T_low, e_low = inverse_sqrt(R_low, 0.1)
+    T_inv, _ = inverse(R_low, 0.1)
+    np.testing.assert_allclose(T_low, expect_sqrt, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(T_inv, expect_inv, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(T_low @ T_low, T_inv, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(e_low, np.sort(lam_i)[::-1], atol=1e-12)
+    assert np.all(e_low >= 0)
+
+    with pytest.raises(HessianError, match="damping"):
+        inverse_sqrt(R_low, 0.0)  # singular and undamped
+    with pytest.raises(HessianError, match="damping"):
+        inverse_sqrt(R, -1.0)
+
+
+def test_mix_lambda_rules():
+    # Different spectral shapes so the two curves genuinely cross.
+    u_eval = _vectors(30, seed=1, scale=np.geomspace(10, 0.01, D))
+    u_train = _vectors(50, seed=2, scale=np.geomspace(2, 0.5, D))
+    R_eval = u_eval.T.astype(np.float64) @ u_eval / 30
+    R_train = u_train.T.astype(np.float64) @ u_train / 50
+    e_eval = np.sort(np.linalg.eigvalsh(R_eval))[::-1]
+    e_train = np.sort(np.linalg.eigvalsh(R_train))[::-1]
+
+    crossing = 5 * 65536 / D  # c = 5
+    c = crossing_component(D, crossing)
+    assert c == 5
+    lam = mix_lambda(R_eval, R_train, "auto", D, crossing)
+    assert 0 < lam < 1
+    np.testing.assert_allclose(lam * e_eval[c], (1 - lam) * e_train[c], rtol=1e-10)
+    gap = lam * e_eval - (1 - lam) * e_train
+    assert gap[0] > 0 and gap[-1] < 0  # the curves do cross
+    # Precomputed spectra give the same λ.
+    lam2 = mix_lambda(None, None, "auto", D, crossing, eig_eval=e_eval, eig_train=e_train)
+    assert lam2 == pytest.approx(lam, rel=1e-12)
+
+    lam_t = mix_lambda(R_eval, R_train, "auto_trace", D)
+    np.testing.assert_allclose(lam_t * np.trace(R_eval), (1 - lam_t) * np.trace(R_train))
+
+    assert mix_lambda(R_eval, R_train, 0.9, D) == 0.9
+    assert mix_lambda(R_eval, R_train, "0.25", D) == 0.25
+    assert mix_lambda(R_eval, R_train, 1, D) == 1.0
+    for bad in ("1.5", -0.1, "nan", "sometimes", True):
+        with pytest.raises(HessianError, match="lambda_mix"):
+            mix_lambda(R_eval, R_train, bad, D)
+    with pytest.raises(HessianError, match="shape"):
+        mix_lambda(R_eval, R_train, "auto", D + 1)
+
+
+def _cfg(**kw):
+    cfg = dict(lambda_mix="auto", crossing_per_65536=2 * 65536 / D, damping=0.1, train_sample=0)
+    cfg["sample_seed"] = 0
+    cfg.update(kw)
+    return cfg
+
+
+class _FakeStore:
+    """The parts of VectorStore that the Hessian stage reads."""
+
+    def __init__(self, vectors, meta, chunk=8):
+        self.vectors, self.meta, self.chunk = vectors, meta, chunk
+
+    @property
+    def num_rows(self):
+        return len(self.vectors)
+
+    def iter_chunks(self, rows_per_step=None, prefetch=2):
+        step = rows_per_step or self.chunk
+        for s in range(0, len(self.vectors), step):
+            yield np.arange(s, min(s + step, len(self.vectors))), self.vectors[s : s + step]
+
+
+def test_fit_hessian_dense_reference_save_load_and_mismatch(tmp_path):
+    u_train = _vectors(40, seed=5)
+    u_eval = _vectors(9, seed=6, scale=np.linspace(3, 0.1, D))
+    meta = {"dim": D, "model_fingerprint": "abc", "projection": {"seed": 0}, "correction": "adam"}
+    store = _FakeStore(u_train, meta)
+    fit = fit_hessian(store, u_eval, _cfg(train_sample=25), D, provenance={"train_path": "x"})
+
+    pos = sample_rows(40, 25, 0)
+    Rt = u_train[pos].astype(np.float64).T @ u_train[pos] / 25
+    Re = u_eval.astype(np.float64).T @ u_eval / 9
+    lam = mix_lambda(Re, Rt, "auto", D, 2 * 65536 / D)
+    assert fit.lambda_mix == pytest.approx(lam, rel=1e-10)
+    mixed, evals = inverse_sqrt(lam * Re + (1 - lam) * Rt, 0.1)
+    np.testing.assert_allclose(fit.transform("mixed_inv_sqrt"), mixed, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(fit.transform("train_inv"), inverse(Rt, 0.1)[0], rtol=2e-5)
+    np.testing.assert_allclose(fit.eigenvalues, evals, rtol=1e-10, atol=1e-12)
+    assert fit.provenance["train_rows_used"] == 25 and fit.provenance["train_path"] == "x"
+    assert fit.provenance["train_meta"]["model_fingerprint"] == "abc"
+
+    path = str(tmp_path / "hessian" / "fit.npz")
+    fit.save(path)
+    back = HessianFit.load(path)
+    assert (back.dim, back.lambda_mix, back.damping, back.rule) == (D, fit.lambda_mix, 0.1, "auto")
+    for name in ("mixed_inv_sqrt", "train_inv_sqrt", "train_inv"):
+        np.testing.assert_array_equal(back.transform(name), fit.transform(name))
+    np.testing.assert_array_equal(back.eig_eval, fit.eig_eval)
+    np.testing.assert_array_equal(back.eig_train, fit.eig_train)
+    assert back.provenance == json.loads(json.dumps(fit.provenance))
+    readable = json.loads((tmp_path / "hessian" / "fit.json").read_text())
+    assert readable["lambda_mix"] == pytest.approx(lam)
+
+    # A d that does not match is refused with a message to refit.
+    with pytest.raises(HessianError, match="refit"):
+        back.check_dim(D + 4)
+    with pytest.raises(HessianError, match="refit"):
+        back.check_compatible({**meta, "dim": 2 * D})
+    with pytest.raises(HessianError, match="model_fingerprint"):
+        back.check_compatible({**meta, "model_fingerprint": "zzz"})
+    back.check_compatible(meta)
+    with pytest.raises(HessianError, match="d = "):
+        fit_hessian(u_train, None, _cfg(), D + 1)
+    with pytest.raises(HessianError, match="eval"):
+        fit_hessian(u_train, None, _cfg(), D, transforms=["mixed_inv_sqrt"])
+    train_only = fit_hessian(u_train, None, _cfg(), D)
+    assert train_only.lambda_mix is None and sorted(train_only.transforms) == [
+        "train_inv",
+        "train_inv_sqrt",
+    ]
+    with pytest.raises(HessianError, match="mixed_inv_sqrt"):
+        train_only.transform("mixed_inv_sqrt")

@@ -1,0 +1,538 @@
+"""Gauss-Newton Hessian approximation on projected vectors and its inverse roots (SPEC §2.5).
+
+R_train is the mean of u uᵀ over a deterministic sample of training vectors, R_eval the mean over
+query (task) vectors, and R = λ R_eval + (1 − λ) R_train. Scoring applies R^{-1/2} (or, for the
+one-sided TRAK preset, R_train^{-1}) with one matmul per chunk, so this module produces those
+d×d transforms once and saves them with the spectra and the chosen λ.
+
+Everything here runs on the host in float64 numpy: a d×d accumulation over many chunks loses
+digits in float32, and ``numpy.linalg.eigh`` at d ≤ 16384 is a one-off cost next to featurizing.
+Vectors arrive as any of: an array ``vectors_NxD``, an iterable of ``(ids_N, vectors_NxD)``
+chunks, or a store object with ``iter_chunks()`` (``trackstar.store.VectorStore``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+# Names of the d×d transforms a fit can carry; score.py picks the one its preset needs.
+TRANSFORM_NAMES = ("train_inv_sqrt", "train_inv", "mixed_inv_sqrt")
+# Store-metadata keys that identify the vector space; a fit is valid only for stores that agree.
+_IDENTITY_KEYS = ("dim", "model_fingerprint", "optimizer_fingerprint", "projection", "correction")
+
+
+class HessianError(ValueError):
+    """Bad input to the Hessian stage, or a fit that does not match the vectors it is used on."""
+
+
+# ----------------------------------------------------------------------------- vector sources
+
+
+def iter_vector_chunks(
+    source: Any, rows_per_step: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields ``(ids_N int64, vectors_NxD)`` from an array, a chunk iterable, or a store.
+
+    A plain array gets ids ``0..N-1`` and is cut into ``rows_per_step`` rows (all at once when
+    None). A store is read with ``source.iter_chunks(rows_per_step)``.
+    """
+    if hasattr(source, "iter_chunks"):
+        yield from source.iter_chunks(rows_per_step=rows_per_step)
+        return
+    if isinstance(source, np.ndarray) or hasattr(source, "__array__") and hasattr(source, "shape"):
+        arr = np.asarray(source)
+        if arr.ndim != 2:
+            raise HessianError(f"expected vectors of shape (N, D), got shape {arr.shape}")
+        step = rows_per_step or max(len(arr), 1)
+        for start in range(0, len(arr), step):
+            stop = min(start + step, len(arr))
+            yield np.arange(start, stop, dtype=np.int64), arr[start:stop]
+        return
+    for item in source:
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            raise HessianError(
+                "a chunk source must yield (ids_N, vectors_NxD) pairs; pass a plain array "
+                "of shape (N, D) for vectors without ids"
+            )
+        ids, vecs = np.asarray(item[0]), np.asarray(item[1])
+        if vecs.ndim != 2 or ids.shape != (vecs.shape[0],):
+            raise HessianError(
+                f"chunk has ids of shape {ids.shape} and vectors of shape {vecs.shape}; "
+                "expected (N,) and (N, D)"
+            )
+        yield ids.astype(np.int64, copy=False), vecs
+
+
+def source_num_rows(source: Any) -> int | None:
+    """The row count of a store or array, or None for a plain iterable (unknown up front)."""
+    if hasattr(source, "num_rows"):
+        return int(source.num_rows)
+    if hasattr(source, "shape"):
+        return int(source.shape[0])
+    return None
+
+
+def source_meta(source: Any) -> dict | None:
+    """The store metadata of ``source`` as a plain dict, or None when it carries none."""
+    meta = getattr(source, "meta", None)
+    if meta is None:
+        return None
+    if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
+        return dataclasses.asdict(meta)
+    if isinstance(meta, Mapping):
+        return dict(meta)
+    return dict(vars(meta))
+
+
+# ----------------------------------------------------------------------------- Gauss-Newton
+
+
+def sample_rows(num_rows: int, n: int, seed: int) -> np.ndarray | None:
+    """A deterministic sample of ``n`` row positions out of ``num_rows``, sorted ascending.
+
+    Returns None (meaning: every row) when ``n <= 0`` or ``n >= num_rows``.
+    """
+    if num_rows <= 0:
+        raise HessianError("cannot sample from an empty store; featurize some examples first")
+    if n <= 0 or n >= num_rows:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(num_rows)]))
+    return np.sort(rng.choice(num_rows, size=int(n), replace=False)).astype(np.int64)
+
+
+def gauss_newton(
+    chunks: Any,
+    sample_ids: np.ndarray | None = None,
+    *,
+    sample_positions: np.ndarray | None = None,
+    rows_per_step: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Returns ``(R_DxD float64, rows_used)``: the mean of u uᵀ over the selected rows.
+
+    Args:
+      chunks: an array ``(N, D)``, an iterable of ``(ids, vectors)`` chunks, or a store.
+      sample_ids: keep only rows whose example id is in this set (None: all rows).
+      sample_positions: keep only rows at these 0-based positions in stream order (as returned
+        by ``sample_rows``); exclusive with ``sample_ids``.
+      rows_per_step: chunk size to request from a store or to cut an array into.
+    """
+    if sample_ids is not None and sample_positions is not None:
+        raise HessianError("pass sample_ids or sample_positions, not both")
+    keep_ids = None if sample_ids is None else np.unique(np.asarray(sample_ids, np.int64))
+    keep_pos = None if sample_positions is None else np.unique(np.asarray(sample_positions))
+    acc_DxD: np.ndarray | None = None
+    used = 0
+    offset = 0
+    for ids_N, vecs_NxD in iter_vector_chunks(chunks, rows_per_step):
+        n = len(ids_N)
+        if keep_ids is not None:
+            vecs_NxD = vecs_NxD[np.isin(ids_N, keep_ids)]
+        elif keep_pos is not None:
+            lo, hi = np.searchsorted(keep_pos, [offset, offset + n])
+            vecs_NxD = vecs_NxD[keep_pos[lo:hi] - offset]
+        offset += n
+        if acc_DxD is None:
+            d = vecs_NxD.shape[1]
+            acc_DxD = np.zeros((d, d), np.float64)
+        elif vecs_NxD.shape[1] != acc_DxD.shape[0]:
+            raise HessianError(
+                f"chunks disagree in dimension: {vecs_NxD.shape[1]} vs {acc_DxD.shape[0]}"
+            )
+        if len(vecs_NxD) == 0:
+            continue
+        v64 = np.asarray(vecs_NxD, np.float64)
+        if not np.all(np.isfinite(v64)):
+            raise HessianError("non-finite values in the vectors; re-featurize the store")
+        acc_DxD += v64.T @ v64
+        used += len(v64)
+    if acc_DxD is None or used == 0:
+        raise HessianError(
+            "no rows selected for the Gauss-Newton matrix; check that the store is not empty "
+            "and that the sample ids exist in it"
+        )
+    return acc_DxD / used, used
+
+
+# ----------------------------------------------------------------------------- lambda, roots
+
+
+def _parse_rule(rule: Any) -> float | str:
+    if isinstance(rule, bool):
+        raise HessianError(
+            f"lambda_mix must be a number in [0, 1], 'auto' or 'auto_trace'; got {rule!r}"
+        )
+    if isinstance(rule, int | float | np.floating | np.integer):
+        value = float(rule)
+    elif isinstance(rule, str) and rule.strip() in ("auto", "auto_trace"):
+        return rule.strip()
+    else:
+        try:
+            value = float(str(rule).strip())
+        except ValueError:
+            raise HessianError(
+                f"lambda_mix must be a number in [0, 1], 'auto' or 'auto_trace'; got {rule!r}"
+            ) from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise HessianError(f"lambda_mix = {value} is outside [0, 1]; use a value in [0, 1]")
+    return value
+
+
+def _descending_eigvals(R: np.ndarray) -> np.ndarray:
+    return np.linalg.eigvalsh(_symmetric(R))[::-1]
+
+
+def _symmetric(R: np.ndarray) -> np.ndarray:
+    R = np.asarray(R, np.float64)
+    if R.ndim != 2 or R.shape[0] != R.shape[1]:
+        raise HessianError(f"expected a square matrix, got shape {R.shape}")
+    if not np.all(np.isfinite(R)):
+        raise HessianError("the matrix has non-finite entries; refit from finite vectors")
+    return 0.5 * (R + R.T)
+
+
+def crossing_component(d: int, crossing_per_65536: float) -> int:
+    """The component index c = round(d · crossing_per_65536 / 65536), clipped to [0, d-1]."""
+    if crossing_per_65536 < 0:
+        raise HessianError(f"crossing_per_65536 must be >= 0, got {crossing_per_65536}")
+    return int(min(max(round(d * crossing_per_65536 / 65536), 0), d - 1))
+
+
+def mix_lambda(
+    R_eval: np.ndarray | None,
+    R_train: np.ndarray | None,
+    rule: Any,
+    d: int,
+    crossing_per_65536: float = 1000,
+    *,
+    eig_eval: np.ndarray | None = None,
+    eig_train: np.ndarray | None = None,
+) -> float:
+    """The mixing weight λ of R = λ R_eval + (1 − λ) R_train, in [0, 1].
+
+    Args:
+      R_eval, R_train: the two d×d Gauss-Newton matrices.
+      rule: a number in [0, 1] (a numeric string such as "0.9" is accepted); ``"auto"``: λ so
+        that the descending eigenvalue curves of λ R_eval and (1 − λ) R_train cross at
+        component c = round(d · crossing_per_65536 / 65536); ``"auto_trace"``:
+        λ tr R_eval = (1 − λ) tr R_train.
+      d: the vector dimension (checked against the matrices).
+      crossing_per_65536: see ``"auto"``.
+      eig_eval, eig_train: precomputed eigenvalues (any order) to skip the decompositions.
+    """
+    parsed = _parse_rule(rule)
+    if isinstance(parsed, float):
+        return parsed
+    for name, R in (("R_eval", R_eval), ("R_train", R_train)):
+        if R is not None and np.shape(R) != (d, d):
+            raise HessianError(f"{name} has shape {np.shape(R)}, expected ({d}, {d})")
+    if parsed == "auto_trace":
+        t_eval = float(np.trace(R_eval)) if R_eval is not None else float(np.sum(eig_eval))
+        t_train = float(np.trace(R_train)) if R_train is not None else float(np.sum(eig_train))
+        if t_eval + t_train <= 0:
+            raise HessianError("both traces are zero; the stores hold only zero vectors")
+        return t_train / (t_eval + t_train)
+    e_eval = np.sort(eig_eval)[::-1] if eig_eval is not None else _descending_eigvals(R_eval)
+    e_train = np.sort(eig_train)[::-1] if eig_train is not None else _descending_eigvals(R_train)
+    if len(e_eval) != d or len(e_train) != d:
+        raise HessianError(f"expected {d} eigenvalues, got {len(e_eval)} and {len(e_train)}")
+    c = crossing_component(d, crossing_per_65536)
+    a, b = max(float(e_eval[c]), 0.0), max(float(e_train[c]), 0.0)
+    if a + b <= 0:
+        raise HessianError(
+            f"both spectra are zero at component c = {c}, so 'auto' has no crossing; use a "
+            "numeric lambda_mix, 'auto_trace', a smaller crossing_per_65536 or more eval rows"
+        )
+    return b / (a + b)
+
+
+def _damped_eigh(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (eigenvalues ascending clipped, eigenvectors, damped eigenvalues)."""
+    if not (math.isfinite(damping) and damping >= 0):
+        raise HessianError(f"damping must be a finite number >= 0, got {damping}")
+    evals, evecs = np.linalg.eigh(_symmetric(R))
+    # R is a mean of outer products (PSD); negatives are round-off.
+    evals = np.clip(evals, 0.0, None)
+    damped = evals + damping * float(np.mean(evals))
+    if np.any(damped <= 0):
+        raise HessianError(
+            "R is singular and damping is 0, so its inverse does not exist; set "
+            "hessian.damping > 0 (default 0.1) or use more rows"
+        )
+    return evals, evecs, damped
+
+
+def inverse_sqrt(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``(R^{-1/2} float64 d×d, eigenvalues of R descending)``.
+
+    Symmetric eigendecomposition R = V diag(l) Vᵀ with l clipped at 0, then
+    V diag((l + damping · mean l)^{-1/2}) Vᵀ.
+    """
+    evals, evecs, damped = _damped_eigh(R, damping)
+    return (evecs * damped**-0.5) @ evecs.T, evals[::-1].copy()
+
+
+def inverse(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``(R^{-1} float64 d×d, eigenvalues descending)``, damped like ``inverse_sqrt``."""
+    evals, evecs, damped = _damped_eigh(R, damping)
+    return (evecs / damped) @ evecs.T, evals[::-1].copy()
+
+
+# ----------------------------------------------------------------------------- the fit
+
+
+@dataclasses.dataclass
+class HessianFit:
+    """A fitted Hessian approximation: λ, spectra, the transforms for scoring, provenance.
+
+    ``transforms`` maps names in ``TRANSFORM_NAMES`` to d×d float32 matrices (symmetric, applied
+    as ``vectors_NxD @ T``). Spectra are float64, descending.
+    """
+
+    dim: int
+    lambda_mix: float | None
+    damping: float
+    rule: str
+    eigenvalues: np.ndarray
+    eig_train: np.ndarray
+    eig_eval: np.ndarray | None
+    transforms: dict[str, np.ndarray]
+    provenance: dict = dataclasses.field(default_factory=dict)
+
+    def transform(self, name: str) -> np.ndarray:
+        """The d×d matrix ``name``; a missing one is an error that says how to refit."""
+        if name not in self.transforms:
+            raise HessianError(
+                f"this Hessian fit has no {name!r} transform (it has {sorted(self.transforms)}); "
+                f"refit with scripts/fit_hessian.py including {name!r}"
+                + (" and an eval (query) store" if name.startswith("mixed") else "")
+            )
+        return self.transforms[name]
+
+    def check_dim(self, dim: int, what: str = "the vectors") -> None:
+        """Refuses vectors whose dimension differs from the fit's."""
+        if int(dim) != self.dim:
+            raise HessianError(
+                f"the Hessian fit has d = {self.dim} but {what} have d = {dim}; the store was "
+                "featurized with another projection: refit with scripts/fit_hessian.py"
+            )
+
+    def check_compatible(self, meta: Mapping | None, what: str = "the store") -> None:
+        """Refuses a store whose dim, model/optimizer fingerprints or projection differ.
+
+        Only keys present in both the fit's train-store metadata and ``meta`` are compared, so
+        vectors without metadata (plain arrays) are checked on dimension alone.
+        """
+        if meta is None:
+            return
+        if "dim" in meta:
+            self.check_dim(meta["dim"], what)
+        fitted = self.provenance.get("train_meta") or {}
+        diffs = [
+            f"{key}: fit {fitted[key]!r} vs {what} {meta[key]!r}"
+            for key in _IDENTITY_KEYS
+            if key in fitted and key in meta and fitted[key] != meta[key]
+        ]
+        if diffs:
+            raise HessianError(
+                "the Hessian fit was made from vectors of another model or projection ("
+                + "; ".join(diffs)
+                + "); refit with scripts/fit_hessian.py on the stores you score"
+            )
+
+    def save(self, path: str) -> None:
+        """Writes ``path`` (.npz: arrays + metadata) and a readable ``.json`` beside it.
+
+        Both files are written to temporaries and renamed, so a crash leaves either the old
+        pair or the new npz; ``load`` reads the npz alone.
+        """
+        if not path.endswith(".npz"):
+            raise HessianError(f"a Hessian fit is saved as .npz; got {path!r}")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "dim": self.dim,
+            "lambda_mix": self.lambda_mix,
+            "damping": self.damping,
+            "rule": self.rule,
+            "transforms": sorted(self.transforms),
+            "has_eig_eval": self.eig_eval is not None,
+            "provenance": self.provenance,
+        }
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
+        arrays = {
+            "eigenvalues": self.eigenvalues,
+            "eig_train": self.eig_train,
+            "meta_json": np.array(meta_text),
+        }
+        if self.eig_eval is not None:
+            arrays["eig_eval"] = self.eig_eval
+        for name, mat in self.transforms.items():
+            arrays[f"transform_{name}"] = np.asarray(mat, np.float32)
+        _atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+        _atomic_write(path[: -len(".npz")] + ".json", lambda f: f.write(meta_text + "\n"))
+
+    @classmethod
+    def load(cls, path: str) -> HessianFit:
+        """Reads a fit written by ``save``; other schema versions are refused."""
+        if not os.path.isfile(path):
+            raise HessianError(f"no Hessian fit at {path!r}; run scripts/fit_hessian.py first")
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta_json"]))
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise HessianError(
+                    f"{path!r} has schema version {meta.get('schema_version')}, this code reads "
+                    f"{SCHEMA_VERSION}; refit with scripts/fit_hessian.py"
+                )
+            transforms = {name: z[f"transform_{name}"] for name in meta["transforms"]}
+            return cls(
+                dim=int(meta["dim"]),
+                lambda_mix=meta["lambda_mix"],
+                damping=float(meta["damping"]),
+                rule=str(meta["rule"]),
+                eigenvalues=z["eigenvalues"],
+                eig_train=z["eig_train"],
+                eig_eval=z["eig_eval"] if meta["has_eig_eval"] else None,
+                transforms=transforms,
+                provenance=meta["provenance"],
+            )
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+def _atomic_write(path: str, write, binary: bool = False) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def fit_hessian(
+    train_chunks: Any,
+    eval_vectors: Any | None,
+    cfg_hessian: Any,
+    dim: int,
+    *,
+    transforms: Sequence[str] | None = None,
+    provenance: Mapping | None = None,
+    rows_per_step: int | None = None,
+) -> HessianFit:
+    """Fits R_train (sampled), R_eval, λ and the scoring transforms.
+
+    Args:
+      train_chunks: the train vectors (array, chunk iterable or store).
+      eval_vectors: the query vectors for R_eval (array, chunk iterable or store), or None to
+        fit R_train alone (presets with ``hessian="train"``).
+      cfg_hessian: the ``hessian`` config section (lambda_mix, crossing_per_65536, damping,
+        train_sample, sample_seed); a dict works too.
+      dim: the expected vector dimension; vectors of another d are refused.
+      transforms: names from ``TRANSFORM_NAMES`` to compute; None = every one the inputs allow.
+      provenance: extra facts to record (store paths, ...); store metadata is added
+        automatically as ``train_meta`` / ``eval_meta``.
+      rows_per_step: chunk size for arrays / store reads.
+    """
+    wanted = list(transforms) if transforms is not None else list(TRANSFORM_NAMES)
+    if transforms is None and eval_vectors is None:
+        wanted.remove("mixed_inv_sqrt")
+    unknown = sorted(set(wanted) - set(TRANSFORM_NAMES))
+    if unknown:
+        raise HessianError(f"unknown transforms {unknown}; choose from {TRANSFORM_NAMES}")
+    if "mixed_inv_sqrt" in wanted and eval_vectors is None:
+        raise HessianError("the mixed R needs eval (query) vectors; pass an eval store")
+    damping = float(_cfg_get(cfg_hessian, "damping", 0.1))
+    rule = _cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
+    crossing = float(_cfg_get(cfg_hessian, "crossing_per_65536", 1000))
+    n_sample = int(_cfg_get(cfg_hessian, "train_sample", 0))
+    seed = int(_cfg_get(cfg_hessian, "sample_seed", 0))
+
+    prov: dict[str, Any] = dict(provenance or {})
+    for key, src in (("train_meta", train_chunks), ("eval_meta", eval_vectors)):
+        meta = source_meta(src) if src is not None else None
+        if meta is not None:
+            prov.setdefault(key, meta)
+            if "dim" in meta and int(meta["dim"]) != int(dim):
+                raise HessianError(
+                    f"{key[:-5]} store has d = {meta['dim']} but d = {dim} was asked for; "
+                    "refeaturize or fit with the store's d"
+                )
+
+    positions = None
+    num_rows = source_num_rows(train_chunks)
+    if n_sample > 0:
+        if num_rows is None:
+            raise HessianError(
+                "hessian.train_sample > 0 needs a train source with a known row count (a store "
+                "or an array); set train_sample = 0 to use every row of a chunk iterable"
+            )
+        positions = sample_rows(num_rows, n_sample, seed)
+    R_train, n_train = gauss_newton(
+        train_chunks, sample_positions=positions, rows_per_step=rows_per_step
+    )
+    if R_train.shape[0] != dim:
+        raise HessianError(
+            f"train vectors have d = {R_train.shape[0]} but d = {dim} was asked for; refit "
+            "against the store's projection"
+        )
+    prov.update(train_rows_total=num_rows, train_rows_used=n_train, train_sample_seed=seed)
+
+    out: dict[str, np.ndarray] = {}
+    evals, evecs, damped = _damped_eigh(R_train, damping)
+    eig_train = evals[::-1].copy()
+    if "train_inv_sqrt" in wanted:
+        out["train_inv_sqrt"] = ((evecs * damped**-0.5) @ evecs.T).astype(np.float32)
+    if "train_inv" in wanted:
+        out["train_inv"] = ((evecs / damped) @ evecs.T).astype(np.float32)
+    del evecs
+
+    eig_eval = None
+    lam = None
+    eigenvalues = eig_train
+    if eval_vectors is not None:
+        R_eval, n_eval = gauss_newton(eval_vectors, rows_per_step=rows_per_step)
+        if R_eval.shape[0] != dim:
+            raise HessianError(
+                f"eval vectors have d = {R_eval.shape[0]} but train vectors have d = {dim}; "
+                "featurize both with the same projection"
+            )
+        prov["eval_rows_used"] = n_eval
+        eig_eval = _descending_eigvals(R_eval)
+        lam = mix_lambda(
+            R_eval, R_train, rule, dim, crossing, eig_eval=eig_eval, eig_train=eig_train
+        )
+        if "mixed_inv_sqrt" in wanted:
+            mixed, eigenvalues = inverse_sqrt(lam * R_eval + (1.0 - lam) * R_train, damping)
+            out["mixed_inv_sqrt"] = mixed.astype(np.float32)
+        else:
+            eigenvalues = _descending_eigvals(lam * R_eval + (1.0 - lam) * R_train)
+    return HessianFit(
+        dim=int(dim),
+        lambda_mix=lam,
+        damping=damping,
+        rule=str(rule),
+        eigenvalues=eigenvalues,
+        eig_train=eig_train,
+        eig_eval=eig_eval,
+        transforms=out,
+        provenance=prov,
+    )
