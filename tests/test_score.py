@@ -1,0 +1,185 @@
+"""Streaming scorer and presets against dense numpy formulas."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trackstar.hessian import HessianError, fit_hessian
+from trackstar.score import (
+    PRESETS,
+    ScoreError,
+    get_preset,
+    score_preset,
+    top_k_scores,
+    write_proponents,
+)
+
+D, N, Q, K = 8, 50, 5, 6
+
+
+def _full_sort(scores_QxN, ids_N, k):
+    """Reference top-k: score descending, then id ascending."""
+    out_ids, out_scores = [], []
+    for row in scores_QxN:
+        order = np.lexsort((ids_N, -row))[:k]
+        out_ids.append(ids_N[order])
+        out_scores.append(row[order])
+    return np.array(out_ids), np.array(out_scores)
+
+
+class _FakeStore:
+    """The parts of VectorStore the scorer reads: iter_chunks, num_rows, meta."""
+
+    def __init__(self, ids, vectors, meta, chunk):
+        self.ids, self.vectors, self.meta, self.chunk = ids, vectors, meta, chunk
+
+    @property
+    def num_rows(self):
+        return len(self.ids)
+
+    def iter_chunks(self, rows_per_step=None, prefetch=2):
+        step = rows_per_step or self.chunk
+        for s in range(0, len(self.ids), step):
+            yield self.ids[s : s + step], self.vectors[s : s + step]
+
+
+def test_streaming_top_k_equals_full_sort_with_ties():
+    rng = np.random.default_rng(0)
+    # Small integers: exact float32 dot products with many exact ties.
+    train = rng.integers(-1, 2, size=(N, D)).astype(np.float32)
+    train[10] = train[3]  # duplicate rows tie on every query
+    queries = rng.integers(-1, 2, size=(Q, D)).astype(np.float32)
+    ids = 7 + 2 * np.arange(N)  # non-contiguous ids
+    dense = queries @ train.T
+    ref_ids, ref_scores = _full_sort(dense, ids, K)
+    assert any(len(set(r)) < K for r in ref_scores)  # the reference does contain ties
+
+    for chunk in (1, 7, 16, 64):
+        chunks = [(ids[s : s + chunk], train[s : s + chunk]) for s in range(0, N, chunk)]
+        got_ids, got_scores = top_k_scores(chunks, queries, None, None, False, K)
+        assert got_ids.dtype == np.int64 and got_scores.dtype == np.float32
+        np.testing.assert_array_equal(got_ids, ref_ids, err_msg=f"chunk={chunk}")
+        np.testing.assert_array_equal(got_scores, ref_scores)
+
+    # A fixed step size that splits the store's chunks and pads the last piece.
+    calls = []
+    store = _FakeStore(ids, train, None, chunk=20)
+    got_ids, _ = top_k_scores(
+        store, queries, None, None, False, K, rows_per_step=16, progress=lambda *a: calls.append(a)
+    )
+    np.testing.assert_array_equal(got_ids, ref_ids)
+    assert calls[-1] == (N, N) and len(calls) == 4
+
+    # Fewer rows than k: everything, sorted.
+    few_ids, few_scores = top_k_scores(train[:3], queries, None, None, False, K)
+    assert few_ids.shape == (Q, 3)
+    np.testing.assert_array_equal(few_ids, _full_sort(dense[:, :3], np.arange(3), 3)[0])
+
+
+def test_top_k_rejects_bad_input():
+    q = np.ones((2, D), np.float32)
+    with pytest.raises(ScoreError, match="ascending"):
+        top_k_scores([(np.array([3, 1]), np.ones((2, D)))], q, None, None, False, 2)
+    with pytest.raises(ScoreError, match="d = "):
+        top_k_scores(np.ones((4, D + 1)), q, None, None, False, 2)
+    with pytest.raises(ScoreError, match="refit"):
+        top_k_scores(np.ones((4, D)), q, np.eye(D + 1), None, False, 2)
+    with pytest.raises(ScoreError, match="top_k"):
+        top_k_scores(np.ones((4, D)), q, None, None, False, 0)
+
+
+def _inv_root(R, power, damping=0.1):
+    lam, V = np.linalg.eigh(R)
+    lam = np.clip(lam, 0, None)
+    return V @ np.diag((lam + damping * lam.mean()) ** power) @ V.T
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_presets_match_dense_formulas():
+    rng = np.random.default_rng(1)
+    scale = np.geomspace(3, 0.2, D)
+    raw = (rng.normal(size=(N, D)) * scale).astype(np.float32)  # uncorrected train store
+    cor = (rng.normal(size=(N, D)) * scale[::-1]).astype(np.float32)  # corrected train store
+    q_raw = rng.normal(size=(Q, D)).astype(np.float32)
+    q_cor = (rng.normal(size=(Q, D)) * scale).astype(np.float32)
+    held = (rng.normal(size=(12, D)) * scale).astype(np.float32)  # R_eval source
+    cfg = dict(lambda_mix="auto_trace", crossing_per_65536=1000, damping=0.1, train_sample=0)
+    raw_store = _FakeStore(np.arange(N), raw, {"dim": D, "correction": "none"}, chunk=16)
+    cor_store = _FakeStore(np.arange(N), cor, {"dim": D, "correction": "adam"}, chunk=16)
+    fit_raw = fit_hessian(raw_store, None, cfg, D)
+    fit_cor = fit_hessian(cor_store, held, cfg, D)
+
+    R_raw = raw.astype(np.float64).T @ raw / N
+    R_tr = cor.astype(np.float64).T @ cor / N
+    R_ev = held.astype(np.float64).T @ held / len(held)
+    lam = np.trace(R_tr) / (np.trace(R_ev) + np.trace(R_tr))
+    R_mix = lam * R_ev + (1 - lam) * R_tr
+    qr, qc = q_raw.astype(np.float64), q_cor.astype(np.float64)
+    expected = {
+        "grad_dot": qr @ raw.T,
+        "grad_cosine": _unit(qr) @ _unit(raw).T,
+        "trak": qr @ _inv_root(R_raw, -1.0) @ raw.T,
+        "exp_opt": qc @ cor.T,
+        "exp_opt_norm": _unit(qc) @ _unit(cor).T,
+        "exp_opt_norm_rtrain": _unit(qc @ _inv_root(R_tr, -0.5))
+        @ _unit(cor @ _inv_root(R_tr, -0.5)).T,
+        "trackstar": _unit(qc @ _inv_root(R_mix, -0.5)) @ _unit(cor @ _inv_root(R_mix, -0.5)).T,
+    }
+    assert set(expected) == set(PRESETS)
+    for name, dense in expected.items():
+        spec = get_preset(name)
+        store, q, fit = (
+            (cor_store, q_cor, fit_cor) if spec.corrected else (raw_store, q_raw, fit_raw)
+        )
+        ids, scores = score_preset(store, q, name, fit, K)
+        ref_ids, ref_scores = _full_sort(dense, np.arange(N), K)
+        tol = 1e-4 * np.abs(dense).max()
+        np.testing.assert_allclose(scores, ref_scores, atol=tol, err_msg=name)
+        np.testing.assert_allclose(np.take_along_axis(dense, ids, 1), scores, atol=tol)
+        assert (ids == ref_ids).mean() > 0.9, name  # only float32 near-ties may swap
+
+    # The wrong store for the preset, a missing fit or a mismatched fit are refused.
+    with pytest.raises(ScoreError, match="optimizer correction"):
+        score_preset(raw_store, q_raw, "trackstar", fit_cor, K)
+    with pytest.raises(ScoreError, match="fit_hessian"):
+        score_preset(cor_store, q_cor, "exp_opt_norm_rtrain", None, K)
+    with pytest.raises(ScoreError, match="refit"):
+        score_preset(cor_store, q_cor, "trackstar", fit_raw, K)  # no mixed transform
+    with pytest.raises(ScoreError, match="refit"):
+        score_preset(np.ones((4, D + 2)), np.ones((2, D + 2)), "trackstar", fit_cor, K)
+    with pytest.raises(ScoreError, match="unknown preset"):
+        get_preset("trackstar2")
+    assert not isinstance(ScoreError("x"), HessianError) and isinstance(ScoreError("x"), ValueError)
+
+
+def test_write_proponents(tmp_path):
+    ids = np.array([[2, 0], [1, 2]])
+    scores = np.array([[0.5, 0.25], [1.0, -1.0]], np.float32)
+    queries = [
+        {"query_id": "q0", "prompt": "Ada was born in", "target": "Paris"},
+        {"query_id": "q1", "prompt": "Bo speaks", "target": "Greek"},
+    ]
+    texts = {0: "zero", 1: "one", 2: "two"}
+    jl, nz = str(tmp_path / "out" / "p.jsonl"), str(tmp_path / "out" / "p.npz")
+    write_proponents(jl, nz, queries, ids, scores, texts)
+    rows = [json.loads(line) for line in open(jl)]
+    assert rows[1] == {
+        "query_id": "q1",
+        "prompt": "Bo speaks",
+        "target": "Greek",
+        "proponent_ids": [1, 2],
+        "scores": [1.0, -1.0],
+        "texts": ["one", "two"],
+    }
+    with np.load(nz) as z:
+        np.testing.assert_array_equal(z["ids"], ids)
+        np.testing.assert_array_equal(z["scores"], scores)
+        assert list(z["query_ids"]) == ["q0", "q1"]
+    with pytest.raises(ScoreError, match="no text"):
+        write_proponents(jl, nz, queries, ids, scores, {0: "zero"})
+    with pytest.raises(ScoreError, match="line up"):
+        write_proponents(jl, nz, queries[:1], ids, scores, texts)

@@ -1,0 +1,372 @@
+"""Streaming scoring: method presets and a running top-k over the train store (SPEC §2.6, §3).
+
+Every preset is one formula, score(m, q) = (T_q u_q) · (T_m u_m), optionally with both sides
+scaled to unit length: T = R^{-1/2} on both sides (R_train or the mixed R), T = I when the
+preset has no Hessian, and for the one-sided TRAK preset T_q = R_train^{-1}, T_m = I.
+
+The train store streams through a jitted step: transform the chunk with one matmul, normalize,
+multiply by the prepared query block and merge with the running top-k by ``jax.lax.top_k``.
+Memory is O(chunk·d + Q·k + d²) whatever the store's size. Chunks are padded to one fixed
+row count so the step compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trackstar.hessian import (
+    HessianError,
+    HessianFit,
+    iter_vector_chunks,
+    source_meta,
+    source_num_rows,
+)
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class ScoreError(ValueError):
+    """Bad input to scoring; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetSpec:
+    """One row of SPEC §3.
+
+    corrected: score the store built with the optimizer correction (True) or without it.
+    hessian: "none", "train" (R_train) or "mixed" (λ R_eval + (1 − λ) R_train).
+    normalize: scale both transformed vectors to unit length (cosine).
+    one_sided: T_q = R^{-1}, T_m = I (TRAK) instead of R^{-1/2} on both sides.
+    """
+
+    corrected: bool
+    hessian: str
+    normalize: bool
+    one_sided: bool = False
+
+    def transform_names(self) -> tuple[str | None, str | None]:
+        """The ``HessianFit`` transform names for (train side, query side); None = identity."""
+        if self.hessian == "none":
+            return None, None
+        if self.one_sided:
+            return None, f"{self.hessian}_inv"
+        name = f"{self.hessian}_inv_sqrt"
+        return name, name
+
+
+PRESETS: dict[str, PresetSpec] = {
+    "grad_dot": PresetSpec(corrected=False, hessian="none", normalize=False),
+    "grad_cosine": PresetSpec(corrected=False, hessian="none", normalize=True),
+    "trak": PresetSpec(corrected=False, hessian="train", normalize=False, one_sided=True),
+    "exp_opt": PresetSpec(corrected=True, hessian="none", normalize=False),
+    "exp_opt_norm": PresetSpec(corrected=True, hessian="none", normalize=True),
+    "exp_opt_norm_rtrain": PresetSpec(corrected=True, hessian="train", normalize=True),
+    "trackstar": PresetSpec(corrected=True, hessian="mixed", normalize=True),
+}
+
+
+def get_preset(name: str | PresetSpec) -> PresetSpec:
+    """Looks up a preset by name (a ``PresetSpec`` passes through)."""
+    if isinstance(name, PresetSpec):
+        return name
+    if name not in PRESETS:
+        raise ScoreError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------- jitted kernels
+
+
+def _unit_rows(x_NxD: jax.Array) -> jax.Array:
+    # A zero row stays zero (score 0) instead of turning into NaN.
+    sq = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
+    return x_NxD * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x_NxD.dtype).tiny))
+
+
+@partial(jax.jit, static_argnames=("normalize",))
+def _prepare_queries(q_QxD: jax.Array, t_DxD: jax.Array | None, normalize: bool) -> jax.Array:
+    if t_DxD is not None:
+        q_QxD = q_QxD @ t_DxD.T
+    return _unit_rows(q_QxD) if normalize else q_QxD
+
+
+@partial(jax.jit, static_argnames=("normalize", "k"), donate_argnums=(0, 1))
+def _merge_step(
+    best_QxK: jax.Array,
+    best_ids_QxK: jax.Array,
+    ids_N: jax.Array,
+    valid_N: jax.Array,
+    vecs_NxD: jax.Array,
+    t_DxD: jax.Array | None,
+    q_QxD: jax.Array,
+    normalize: bool,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
+    if t_DxD is not None:
+        vecs_NxD = vecs_NxD @ t_DxD.T
+    if normalize:
+        vecs_NxD = _unit_rows(vecs_NxD)
+    s_QxN = q_QxD @ vecs_NxD.T
+    s_QxN = jnp.where(valid_N[None, :], s_QxN, -jnp.inf)
+    # Running entries first: their ids are all lower than this chunk's, and top_k puts the
+    # lower position first on equal scores, so ties resolve to the lower example id.
+    cand_QxC = jnp.concatenate([best_QxK, s_QxN], axis=1)
+    cand_ids_QxC = jnp.concatenate(
+        [best_ids_QxK, jnp.broadcast_to(ids_N[None, :], s_QxN.shape)], axis=1
+    )
+    top_QxK, pos_QxK = jax.lax.top_k(cand_QxC, k)
+    return top_QxK, jnp.take_along_axis(cand_ids_QxC, pos_QxK, axis=1)
+
+
+# ----------------------------------------------------------------------------- streaming top-k
+
+
+def _progress_bar(progress: Any, total: int | None):
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="row", desc="score", smoothing=0.1)
+        return (lambda done, _total: bar.update(done - bar.n)), bar.close
+    if callable(progress):
+        return progress, lambda: None
+    return None, lambda: None
+
+
+def top_k_scores(
+    train_chunks: Any,
+    query_vectors_QxD: Any,
+    train_transform: np.ndarray | None,
+    query_transform: np.ndarray | None,
+    normalize: bool,
+    k: int,
+    *,
+    rows_per_step: int | None = None,
+    progress: bool | Callable[[int, int | None], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k train examples per query by (T_q u_q) · (T_m u_m), streamed chunk by chunk.
+
+    Args:
+      train_chunks: train vectors as an array, an iterable of ``(ids_N, vectors_NxD)`` chunks
+        in ascending id order, or a store with ``iter_chunks``.
+      query_vectors_QxD: the query vectors.
+      train_transform, query_transform: d×d matrices applied as ``T u`` (None = identity).
+      normalize: scale both transformed vectors to unit length.
+      k: proponents kept per query (fewer when the store holds fewer rows).
+      rows_per_step: rows per jitted step (default: the first chunk's size); larger chunks are
+        split and shorter ones padded so the step compiles once.
+      progress: True for a tqdm bar (rate, ETA), or a callback ``(rows_done, total_or_None)``.
+
+    Returns:
+      ``(ids_QxK int64, scores_QxK float32)``, best first; ties go to the lower example id.
+    """
+    q = np.asarray(query_vectors_QxD, np.float32)
+    if q.ndim != 2 or q.shape[0] == 0:
+        raise ScoreError(f"query vectors must have shape (Q, D) with Q > 0, got {q.shape}")
+    if not isinstance(k, int | np.integer) or k <= 0:
+        raise ScoreError(f"top_k must be a positive integer, got {k!r}")
+    d = q.shape[1]
+    for name, t in (("train_transform", train_transform), ("query_transform", query_transform)):
+        if t is not None and np.shape(t) != (d, d):
+            raise ScoreError(
+                f"{name} has shape {np.shape(t)} but the queries have d = {d}; the Hessian fit "
+                "belongs to another projection: refit with scripts/fit_hessian.py"
+            )
+    k = int(k)
+    t_m = None if train_transform is None else jnp.asarray(train_transform, jnp.float32)
+    t_q = None if query_transform is None else jnp.asarray(query_transform, jnp.float32)
+    q_QxD = _prepare_queries(jnp.asarray(q), t_q, normalize)
+    best_QxK = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
+    best_ids_QxK = jnp.full((q.shape[0], k), -1, jnp.int32)
+
+    total = source_num_rows(train_chunks)
+    update, close = _progress_bar(progress, total)
+    step_rows = rows_per_step
+    seen = 0
+    last_id = -1
+    try:
+        for ids, vecs in iter_vector_chunks(train_chunks, rows_per_step):
+            if vecs.shape[1] != d:
+                raise ScoreError(
+                    f"train vectors have d = {vecs.shape[1]} but queries have d = {d}; score "
+                    "stores featurized with the same projection"
+                )
+            if len(ids) == 0:
+                continue
+            if ids[0] <= last_id or np.any(np.diff(ids) <= 0):
+                raise ScoreError(
+                    "train chunks must arrive in strictly ascending id order (ties resolve to "
+                    "the lower id); read the store with iter_chunks()"
+                )
+            if ids[0] < 0 or ids[-1] > _INT32_MAX:
+                raise ScoreError(f"example ids must lie in [0, 2^31); got {ids[0]}..{ids[-1]}")
+            last_id = int(ids[-1])
+            step_rows = step_rows or len(ids)
+            for start in range(0, len(ids), step_rows):
+                piece_ids = ids[start : start + step_rows]
+                piece = vecs[start : start + step_rows]
+                n = len(piece_ids)
+                pad = step_rows - n
+                valid = np.ones(step_rows, bool)
+                if pad:
+                    valid[n:] = False
+                    piece_ids = np.pad(piece_ids, (0, pad), constant_values=-1)
+                    piece = np.pad(piece, ((0, pad), (0, 0)))
+                best_QxK, best_ids_QxK = _merge_step(
+                    best_QxK,
+                    best_ids_QxK,
+                    jnp.asarray(piece_ids, jnp.int32),
+                    jnp.asarray(valid),
+                    jnp.asarray(piece, jnp.float32),
+                    t_m,
+                    q_QxD,
+                    normalize,
+                    k,
+                )
+            seen += len(ids)
+            if update is not None:
+                update(seen, total)
+    finally:
+        close()
+    if seen == 0:
+        raise ScoreError("the train store is empty; featurize the training examples first")
+    kept = min(k, seen)
+    ids_out = np.asarray(best_ids_QxK)[:, :kept].astype(np.int64)
+    scores_out = np.asarray(best_QxK)[:, :kept].astype(np.float32)
+    return ids_out, scores_out
+
+
+def score_preset(
+    train_chunks: Any,
+    query_vectors: Any,
+    preset: str | PresetSpec,
+    hessian_fit: HessianFit | None,
+    k: int,
+    *,
+    rows_per_step: int | None = None,
+    progress: bool | Callable[[int, int | None], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores with a SPEC §3 preset: picks the transforms from ``hessian_fit`` and streams.
+
+    ``query_vectors`` may be an array or a store (read whole: Q is small). When the stores carry
+    metadata, a store whose optimizer correction does not match the preset, or a fit made for
+    another model / projection / correction, is refused.
+    """
+    spec = get_preset(preset)
+    name = preset if isinstance(preset, str) else "custom"
+    train_meta = source_meta(train_chunks)
+    if train_meta is not None and "correction" in train_meta:
+        has_correction = train_meta["correction"] not in (None, "none")
+        if has_correction != spec.corrected:
+            want = "with" if spec.corrected else "without"
+            raise ScoreError(
+                f"preset {name!r} scores vectors {want} the optimizer correction, but the train "
+                f"store has correction = {train_meta['correction']!r}; featurize a store {want} "
+                "it for this preset"
+            )
+    if hasattr(query_vectors, "read_all"):
+        q = query_vectors.read_all()
+        q = q[1] if isinstance(q, tuple) else q
+    else:
+        q = query_vectors
+    q = np.asarray(q, np.float32)
+    train_name, query_name = spec.transform_names()
+    t_m = t_q = None
+    if spec.hessian != "none":
+        if hessian_fit is None:
+            raise ScoreError(
+                f"preset {name!r} needs a Hessian fit ({spec.hessian} R); run "
+                "scripts/fit_hessian.py first"
+            )
+        try:
+            hessian_fit.check_dim(q.shape[1], "the query vectors")
+            hessian_fit.check_compatible(train_meta, "the train store")
+            t_m = None if train_name is None else hessian_fit.transform(train_name)
+            t_q = hessian_fit.transform(query_name)
+        except HessianError as e:
+            raise ScoreError(str(e)) from None
+    return top_k_scores(
+        train_chunks,
+        q,
+        t_m,
+        t_q,
+        spec.normalize,
+        k,
+        rows_per_step=rows_per_step,
+        progress=progress,
+    )
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _atomic_write(path: str, write, binary: bool = False) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_proponents(
+    path_jsonl: str,
+    path_npz: str,
+    queries: Sequence[Mapping[str, Any]],
+    ids: np.ndarray,
+    scores: np.ndarray,
+    texts_by_id: Mapping[int, str] | Sequence[str] | None,
+) -> None:
+    """Writes proponents as jsonl rows and as arrays, each file atomically.
+
+    jsonl rows: ``{query_id, prompt, target, proponent_ids, scores, texts}``; the npz holds
+    ``query_ids`` (str), ``ids`` (int64 Q×K) and ``scores`` (float32 Q×K).
+    """
+    ids = np.asarray(ids, np.int64)
+    scores = np.asarray(scores, np.float32)
+    if ids.shape != scores.shape or ids.ndim != 2 or len(queries) != ids.shape[0]:
+        raise ScoreError(
+            f"{len(queries)} queries, ids of shape {ids.shape} and scores of shape "
+            f"{scores.shape} do not line up; pass the arrays top_k_scores returned"
+        )
+    rows = []
+    for i, query in enumerate(queries):
+        missing = [key for key in ("query_id", "prompt", "target") if key not in query]
+        if missing:
+            raise ScoreError(f"query {i} lacks {missing}; each query needs query_id/prompt/target")
+        texts = None
+        if texts_by_id is not None:
+            try:
+                texts = [texts_by_id[int(j)] for j in ids[i]]
+            except (KeyError, IndexError):
+                raise ScoreError(
+                    f"a proponent id of query {query['query_id']!r} has no text; pass the "
+                    "texts of the store that was scored"
+                ) from None
+        rows.append(
+            {
+                "query_id": query["query_id"],
+                "prompt": query["prompt"],
+                "target": query["target"],
+                "proponent_ids": ids[i].tolist(),
+                "scores": [float(s) for s in scores[i]],
+                "texts": texts,
+            }
+        )
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    query_ids = np.array([str(q["query_id"]) for q in queries])
+    _atomic_write(
+        path_npz,
+        lambda f: np.savez(f, query_ids=query_ids, ids=ids, scores=scores),
+        binary=True,
+    )
+    _atomic_write(path_jsonl, lambda f: f.write(text))
