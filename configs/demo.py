@@ -94,4 +94,21 @@ def get_config() -> ml_collections.ConfigDict:
     #                          exp_opt_norm_rtrain, trackstar.
     s.top_k = 100  # Proponents kept per query.
     s.chunk_rows = 4096  # Train-store rows per scoring step.
+
+    # --- Evaluation: fact-tracing metrics and baselines (SPEC §3, §4) ---
+    e = c.eval = ml_collections.ConfigDict()
+    e.mrr_k = 100  # MRR: 1/rank of the first ground-truth candidate within this many.
+    e.at_k = 10  # Cut-off of Recall@k and Precision@k.
+    e.bm25_stopwords = "english"  # bm25s stopword list: "english" or "none".
+    e.random_seed = 0  # Seed of the random-ranking baseline.
+
+    # --- Tail-patch (SPEC §4) ---
+    tp = c.tailpatch = ml_collections.ConfigDict()
+    tp.scale = "batch_share"  # "batch_share" (1 / tokens per training batch) or "single".
+    tp.lr = -1.0  # Step size eta; < 0 means the final learning rate of training.
+    tp.lr_multipliers = (0.1, 0.3, 1.0, 3.0, 10.0)  # Sweep reported beside every table.
+    tp.ks = (1, 3, 5, 10)  # Tail-patch@k: mean delta over each query's top k proponents.
+    tp.n_queries = 100  # Queries patched (the first n of the task queries; 0 = all).
+    tp.carry_momentum = False  # True: step = U(g) - U(0) with the training optimizer.
+    tp.pair_batch = 32  # (query, proponent) pairs per vmapped call (memory vs speed).
     return c

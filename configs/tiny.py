@@ -39,4 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.hessian.train_sample = 0
     c.score.top_k = 10
     c.score.chunk_rows = 64
+    c.tailpatch.n_queries = 8
+    c.tailpatch.pair_batch = 8
     return c
