@@ -1,0 +1,295 @@
+"""The synthetic fact world, its files, and the LAMA / T-REx loaders."""
+
+import collections
+import json
+import os
+import re
+
+import pytest
+
+from trackstar import world as W
+from trackstar.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def _cfg(name="tiny"):
+    return load_config_file(os.path.join(ROOT, "configs", f"{name}.py")).world
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return _cfg()
+
+
+@pytest.fixture(scope="module")
+def world(cfg):
+    return W.make_world(cfg)
+
+
+@pytest.fixture(scope="module")
+def lama_world():
+    cfg = _cfg()
+    cfg.n_queries = 8
+    cfg.n_heldout_queries = 8
+    return W.load_lama_world(
+        os.path.join(FIXTURES, "lama_facts.jsonl"),
+        os.path.join(FIXTURES, "lama_templates.jsonl"),
+        cfg,
+    )
+
+
+def test_deterministic_under_seed(cfg, world):
+    assert W.make_world(cfg) == world
+    other = cfg.copy_and_resolve_references()
+    other.seed = cfg.seed + 1
+    w2 = W.make_world(other)
+    assert [f.object for f in w2.facts] != [f.object for f in world.facts]
+    assert w2.subjects != world.subjects
+
+
+def test_names_unique_and_not_template_words(world):
+    words = []
+    for s in world.subjects:
+        assert len(s.split()) == 2
+    for o in world.objects:
+        assert len(o.split()) == 1
+        words.append(o)
+    assert len(set(world.subjects)) == len(world.subjects)
+    assert len(set(world.objects)) == len(world.objects)
+    template_words = W._template_words(
+        [t for r in world.relations for t in r.corpus_templates + r.query_templates]
+        + list(W._DISTRACTOR_TEMPLATES)
+        + list(W._FILLERS)
+    )
+    names = {w.lower() for s in world.subjects for w in s.split()} | {o.lower() for o in words}
+    assert not names & template_words
+
+
+def test_relations_templates(cfg, world):
+    assert len(world.relations) == cfg.n_relations
+    for r in world.relations:
+        assert len(r.corpus_templates) == 5 * cfg.n_prefixes
+        assert len(set(r.corpus_templates)) == len(r.corpus_templates)
+        for qt in r.query_templates:
+            assert W._is_query_template(qt)
+            assert qt not in r.corpus_templates
+
+
+def test_every_fact_is_stated_its_frequency(cfg, world):
+    assert len(world.facts) == cfg.n_subjects * cfg.n_relations
+    counts = collections.Counter(
+        fid for d in world.documents for fid in d.sentence_fact_ids if fid >= 0
+    )
+    for f in world.facts:
+        assert f.freq in cfg.freq_buckets
+        assert counts[f.fact_id] == f.freq
+    lo, hi = cfg.doc_sentences
+    for d in world.documents:
+        n_fact = sum(x >= 0 for x in d.sentence_fact_ids)
+        assert 1 <= n_fact <= hi + lo
+        assert {world.facts[i].subject for i in d.fact_ids} == {d.subject}
+        assert d.text == " ".join(d.sentences)
+        assert d.fact_ids == tuple(sorted({x for x in d.sentence_fact_ids if x >= 0}))
+
+
+def test_corpus_sentences_state_their_annotated_facts(world):
+    parser = W.FactParser(world)
+    for d in world.documents:
+        for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
+            assert parser.fact_ids(sent) == ({fid} if fid >= 0 else set()), sent
+
+
+def test_candidates_state_exactly_their_facts(cfg, world):
+    parser = W.FactParser(world)
+    assert [c.cand_id for c in world.candidates] == list(range(len(world.candidates)))
+    texts = [c.text for c in world.candidates]
+    assert len(set(texts)) == len(texts)
+    for c in world.candidates:
+        assert parser.fact_ids(c.text) == set(c.fact_ids), c.text
+        assert (c.kind == "fact") == bool(c.fact_ids)
+    corpus_fact_sents = {
+        s
+        for d in world.documents
+        for s, f in zip(d.sentences, d.sentence_fact_ids, strict=True)
+        if f >= 0
+    }
+    assert {c.text for c in world.candidates if c.kind == "fact"} == corpus_fact_sents
+    assert sum(c.kind == "distractor" for c in world.candidates) == cfg.n_distractor_candidates
+
+
+def test_queries_ground_truth_and_splits(cfg, world):
+    by_fact = collections.defaultdict(set)
+    for c in world.candidates:
+        for fid in c.fact_ids:
+            by_fact[fid].add(c.cand_id)
+    task, held = world.task_queries, world.heldout_queries
+    assert len(task) == cfg.n_queries and len(held) == cfg.n_heldout_queries
+    assert not {q.fact_id for q in task} & {q.fact_id for q in held}
+    assert len({q.fact_id for q in world.queries}) == len(world.queries)
+    for q in world.queries:
+        f = world.facts[q.fact_id]
+        assert not f.anchor
+        assert q.target == f.object and q.bucket == f.freq
+        assert set(q.candidate_ids) == by_fact[q.fact_id] and q.candidate_ids
+        qt = world.relation(f.relation).query_templates[0]
+        assert q.prompt == W.query_prompt(qt, f.subject) and q.prompt.startswith("The ")
+        assert f.subject in q.prompt
+    for split in (task, held):  # Stratified evenly over buckets.
+        per = collections.Counter(q.bucket for q in split)
+        assert set(per) == set(cfg.freq_buckets)
+        assert max(per.values()) - min(per.values()) <= 1
+
+
+def test_query_form_only_for_anchors(world):
+    forms = {
+        W.query_sentence(q.prompt, q.target) for q in world.queries
+    }  # Queried facts' own query-form sentences never appear in training.
+    anchor_uses = 0
+    for d in world.documents:
+        for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
+            if fid < 0:
+                continue
+            f = world.facts[fid]
+            qt = world.relation(f.relation).query_templates[0]
+            is_query_form = sent == W.query_sentence(W.query_prompt(qt, f.subject), f.object)
+            assert not (is_query_form and not f.anchor)
+            assert sent not in forms
+            anchor_uses += is_query_form
+    assert anchor_uses > 0
+
+
+def test_zipf_objects():
+    cfg = _cfg()
+    cfg.n_subjects = 200
+    skewed = W.make_world(cfg)
+    cfg.zipf_exponent = 0.0
+    flat = W.make_world(cfg)
+
+    def top_share(w):
+        c = collections.Counter(f.object for f in w.facts if f.relation == "born_in")
+        return c.most_common(1)[0][1] / sum(c.values())
+
+    # Zipf(1) over 8 objects puts ~37% on the first; uniform ~12.5%.
+    assert top_share(skewed) > 0.28 and top_share(flat) < 0.22
+
+
+def test_save_load_round_trip(tmp_path, world):
+    h = W.save_world(world, str(tmp_path))
+    for name in ("facts.jsonl", "documents.jsonl", "candidates.jsonl", "queries.jsonl"):
+        assert os.path.isfile(tmp_path / name)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["content_hash"] == h == W.world_hash(world)
+    assert manifest["counts"]["facts"] == len(world.facts)
+    assert manifest["seed"] == world.config["seed"]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert W.load_world(str(tmp_path)) == world
+    # A tampered file no longer matches the manifest.
+    p = tmp_path / "queries.jsonl"
+    p.write_text(p.read_text().replace('"split": "task"', '"split": "heldout"', 1))
+    with pytest.raises(W.WorldError, match="content hash"):
+        W.load_world(str(tmp_path))
+    os.remove(tmp_path / "manifest.json")
+    with pytest.raises(W.WorldError, match="manifest.json missing"):
+        W.load_world(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n_subjects", 0),
+        ("n_relations", 0),
+        ("n_relations", W.MAX_RELATIONS + 1),
+        ("n_objects_per_type", 0),
+        ("n_queries", 10_000),
+        ("n_heldout_queries", 10_000),
+        ("freq_buckets", ()),
+        ("anchor_frac", 1.0),
+        ("n_prefixes", 0),
+        ("doc_sentences", (3, 2)),
+        ("filler_p", 1.5),
+        ("n_distractor_candidates", 10**9),
+    ],
+)
+def test_impossible_configs_raise_naming_field(field, value):
+    cfg = _cfg()
+    cfg[field] = value
+    with pytest.raises(W.WorldError, match=re.escape(f"world.{field}")):
+        W.make_world(cfg)
+
+
+def test_demo_scale():
+    w = W.make_world(_cfg("demo"))
+    assert len(w.facts) == 3200
+    assert 10_000 <= len(w.candidates) <= 20_000
+    words = set()
+    for t in W.world_texts(w):
+        words.update(re.findall(r"\w+|[^\w\s]", t))
+    assert 450 <= len(words) <= 800
+
+
+# --- LAMA / T-REx ---------------------------------------------------------------------------
+
+
+def test_lama_world_facts_and_templates(lama_world):
+    rows = [json.loads(x) for x in open(os.path.join(FIXTURES, "lama_facts.jsonl"))]
+    first = {}
+    for r in rows:
+        first.setdefault((r["sub_label"], r["predicate_id"]), r["obj_label"])
+    got = {(f.subject, f.relation): f.object for f in lama_world.facts}
+    assert got == first  # Functional: the repeated Einstein/P27 row keeps its first object.
+    assert got[("Albert Einstein", "P27")] == "Germany"
+    rel = {r.name: r for r in lama_world.relations}
+    assert rel["P19"].query_templates == ("[X] was born in [Y] .",)  # Marked; "[Y]." normalized.
+    assert rel["P103"].query_templates == ("The native language of [X] is [Y] .",)  # First fit.
+    assert "[X] grew up speaking [Y] ." in rel["P103"].corpus_templates
+    assert "The native language of [X] is [Y] ." not in rel["P103"].corpus_templates
+    q = lama_world.task_queries[0]
+    assert q.target == lama_world.facts[q.fact_id].object and not q.prompt.endswith(" ")
+
+
+def test_lama_world_candidates_and_round_trip(tmp_path, lama_world):
+    parser = W.FactParser(lama_world)
+    for c in lama_world.candidates:
+        assert parser.fact_ids(c.text) == set(c.fact_ids), c.text
+    counts = collections.Counter(
+        fid for d in lama_world.documents for fid in d.sentence_fact_ids if fid >= 0
+    )
+    assert all(counts[f.fact_id] == f.freq for f in lama_world.facts)
+    for q in lama_world.queries:
+        assert not lama_world.facts[q.fact_id].anchor and q.candidate_ids
+    W.save_world(lama_world, str(tmp_path))
+    assert W.load_world(str(tmp_path)) == lama_world
+
+
+def test_trex_candidates(lama_world):
+    cands = W.read_trex_candidates(os.path.join(FIXTURES, "trex_sentences.jsonl"), lama_world)
+    fid = {(f.subject, f.relation): f.fact_id for f in lama_world.facts}
+    assert [c.source_id for c in cands] == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    assert cands[0].fact_ids == (fid[("Marie Curie", "P19")],)
+    assert set(cands[1].fact_ids) == {
+        fid[("Albert Einstein", "P19")],
+        fid[("Albert Einstein", "P106")],
+    }
+    assert cands[2].fact_ids == () and cands[2].kind == "distractor"
+    assert cands[3].fact_ids == ()  # Wrong object: not the world's fact.
+    assert cands[4].fact_ids == ()  # Unknown subject.
+    assert len(cands[5].fact_ids) == 2
+    w2 = W.with_candidates(lama_world, cands)
+    for q in w2.queries:
+        assert q.candidate_ids == tuple(c.cand_id for c in cands if q.fact_id in c.fact_ids)
+
+
+def test_lama_bad_input(tmp_path):
+    cfg = _cfg()
+    facts = tmp_path / "f.jsonl"
+    facts.write_text(json.dumps({"sub_label": "A", "obj_label": "B", "predicate_id": "P9"}) + "\n")
+    templates = os.path.join(FIXTURES, "lama_templates.jsonl")
+    with pytest.raises(W.WorldError, match="P9"):
+        W.load_lama_world(str(facts), templates, cfg)
+    with pytest.raises(W.WorldError, match="does not exist"):
+        W.load_lama_world(str(tmp_path / "nope.jsonl"), templates, cfg)
+    cfg.n_queries = 1000
+    with pytest.raises(W.WorldError, match="world.n_queries"):
+        W.load_lama_world(os.path.join(FIXTURES, "lama_facts.jsonl"), templates, cfg)
