@@ -1,0 +1,758 @@
+"""Vector store: projected, optimizer-corrected per-example vectors on disk (SPEC §2, step 4).
+
+Vectors are stored *before* R and before normalization, so the Hessian mix and the scoring
+preset can change without recomputing gradients.
+
+Layout of a store directory::
+
+    meta.json                    StoreMeta, written once at create (never rewritten)
+    chunks/00000000/             chunk 0: examples [0, chunk_size)
+        vectors/                 zarr3 array (rows, dim), float32 or bfloat16, one zarr chunk
+        ids/                     zarr3 array (rows,), int64 example positions, ascending
+        chunk.json               rows, dtype and the chunk's skipped examples
+    chunks/.tmp-00000003-.../    a chunk being written (ignored by readers)
+    complete.json                written last by finalize(): row count and all skipped examples
+
+Example ids are example *positions* 0..num_examples-1 in the sequence that was featurized
+(map them back to world ids through that sequence). Chunk c accounts for every position in
+[c*chunk_size, (c+1)*chunk_size): each is either a row or a skipped entry, so finalize() can
+prove that no example was lost and none was written twice.
+
+Atomic commit: a chunk is written under a temporary name and renamed (``os.replace``) to its
+final name once its arrays and ``chunk.json`` are on disk, so a killed writer leaves only a
+temporary, never a chunk that looks finished. Chunk c's temporaries are removed by the next
+writer of chunk c and by finalize(). Writers of disjoint chunk sets (process p writes chunks
+with ``c % n == p``, see ``chunks_for_process``) need no coordination; one process then calls
+finalize(). Renaming a directory is atomic on local POSIX filesystems, which is what this
+layout assumes.
+
+Why raw tensorstore arrays rather than one Orbax checkpoint per chunk (measured by
+scripts/store_read_benchmark.py on 2 CPU cores, local disk, warm page cache, 65,536 rows x 4,096
+float32 = 1 GiB in 16 chunks of 4,096 rows)::
+
+    MEASUREMENTS_PLACEHOLDER
+
+Orbax's PyTreeCheckpointer is built on the same tensorstore driver, but each save/restore adds
+its own metadata files, an async commit protocol and a per-call thread-pool round trip, which
+costs throughput on both sides and gives nothing here: a chunk is two fixed arrays, and this
+module needs its own commit marker and coverage check anyway (Orbax's directory-level commit
+does not know which example positions a chunk covers). The arrays stay ordinary zarr3, so any
+tensorstore or zarr reader can open them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+try:
+    from trackstar import __version__
+except ImportError:  # An editable install that resolves `trackstar` as a namespace package.
+    from importlib.metadata import version as _dist_version
+
+    __version__ = _dist_version("trackstar")
+
+SCHEMA_VERSION = 1
+KINDS = ("train", "query")
+DTYPES = ("float32", "bfloat16")
+CORRECTIONS = ("adam", "adafactor", "none")
+
+_META = "meta.json"
+_COMPLETE = "complete.json"
+_CHUNKS = "chunks"
+_CHUNK_INFO = "chunk.json"
+_CHUNK_RE = re.compile(r"^\d{8}$")
+_TMP_PREFIX = ".tmp-"
+_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; the message says what to do instead."""
+
+
+class StoreMismatchError(StoreError):
+    """Two stores (or a store and its requested metadata) disagree on fields that must match."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store whose featurize run has not finished (missing chunks or no finalize)."""
+
+
+class SchemaVersionError(StoreError):
+    """A store written by another version of the on-disk format."""
+
+
+class NonFiniteVectorError(StoreError):
+    """Rows with NaN or inf values; nothing was committed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreMeta:
+    """What a store holds and how its vectors were made (``meta.json``).
+
+    ``skipped`` lists examples known to be skipped at create time; examples skipped while
+    writing are passed to ``write_chunk`` and merged in by ``finalize``; ``VectorStore.meta`` of
+    a finished store returns the merged list.
+    """
+
+    kind: str  # "train" or "query".
+    dim: int  # Vector length d.
+    dtype: str  # Row dtype on disk: "float32" or "bfloat16".
+    num_examples: int  # Example positions covered: rows + skipped.
+    chunk_size: int  # Example positions per chunk.
+    model_fingerprint: str
+    optimizer_fingerprint: str
+    projection: dict  # mode, seed, k_in, k_out, dim, structure_hash.
+    output_fn: str  # "train_loss" for corpus examples; "loss", "margin", "logit" for queries.
+    correction: str  # "adam", "adafactor" or "none".
+    created_by: str = __version__
+    skipped: list = dataclasses.field(default_factory=list)  # [{"id": int, "reason": str}]
+    extra: dict = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks that cover ``num_examples`` positions."""
+        return -(-self.num_examples // self.chunk_size)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """Example positions ``[lo, hi)`` that chunk ``chunk`` accounts for."""
+        lo = chunk * self.chunk_size
+        return lo, min(lo + self.chunk_size, self.num_examples)
+
+    def validate(self) -> None:
+        """Raises ``StoreError`` naming the first field with an unusable value."""
+        if self.schema_version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"schema_version {self.schema_version} is not this library's {SCHEMA_VERSION}"
+            )
+        checks = [
+            (self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}"),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
+            (
+                self.correction in CORRECTIONS,
+                f"correction must be one of {CORRECTIONS}, got {self.correction!r}",
+            ),
+            (_is_int(self.dim) and self.dim > 0, f"dim must be a positive int, got {self.dim!r}"),
+            (
+                _is_int(self.num_examples) and self.num_examples >= 0,
+                f"num_examples must be an int >= 0, got {self.num_examples!r}",
+            ),
+            (
+                _is_int(self.chunk_size) and self.chunk_size > 0,
+                f"chunk_size must be a positive int, got {self.chunk_size!r}",
+            ),
+            (isinstance(self.projection, dict), "projection must be a dict"),
+            (isinstance(self.extra, dict), "extra must be a dict"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise StoreError(f"bad StoreMeta: {message}")
+        _check_skipped(self.skipped, 0, self.num_examples, "StoreMeta.skipped")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (round-trips through ``from_dict``)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "meta") -> StoreMeta:
+        """Builds a ``StoreMeta``; other schema versions and unknown fields are refused."""
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{where} uses store schema version {version}, but this trackstar "
+                f"({__version__}) reads version {SCHEMA_VERSION}. Rerun featurize with this "
+                "version into a new store path, or read it with the trackstar version that "
+                f"wrote it (created_by={d.get('created_by')!r})."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise StoreError(
+                f"{where} has unknown fields {unknown}; was it written by this schema?"
+            )
+        return cls(**d)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _check_skipped(skipped: Any, lo: int, hi: int, where: str) -> list[int]:
+    if not isinstance(skipped, list | tuple):
+        raise StoreError(f"{where} must be a list of {{'id', 'reason'}} dicts")
+    ids = []
+    for s in skipped:
+        if not isinstance(s, dict) or set(s) != {"id", "reason"} or not _is_int(s["id"]):
+            raise StoreError(f"{where} entries must be {{'id': int, 'reason': str}}, got {s!r}")
+        if not lo <= s["id"] < hi:
+            raise StoreError(f"{where} id {s['id']} is outside the positions [{lo}, {hi})")
+        ids.append(int(s["id"]))
+    if len(set(ids)) != len(ids):
+        raise StoreError(f"{where} lists an id more than once: {sorted(ids)}")
+    return ids
+
+
+def _diff_fields(a: dict, b: dict, fields: Sequence[str], names: tuple[str, str]) -> list[str]:
+    out = []
+    for f in fields:
+        va, vb = a.get(f), b.get(f)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            for k in sorted(set(va) | set(vb)):
+                if va.get(k) != vb.get(k):
+                    out.append(f"{f}.{k}: {names[0]}={va.get(k)!r}, {names[1]}={vb.get(k)!r}")
+        elif va != vb:
+            out.append(f"{f}: {names[0]}={va!r}, {names[1]}={vb!r}")
+    return out
+
+
+def check_compatible(train_meta: StoreMeta, query_meta: StoreMeta) -> None:
+    """Refuses to score ``query_meta``'s vectors against ``train_meta``'s unless they agree.
+
+    Compared: model and optimizer fingerprints, every projection field, correction, dim.
+    ``kind`` and ``output_fn`` may differ (queries use their own output function).
+
+    Raises:
+      StoreMismatchError: listing every differing field with both values.
+    """
+    fields = ("model_fingerprint", "optimizer_fingerprint", "projection", "correction", "dim")
+    diffs = _diff_fields(train_meta.to_dict(), query_meta.to_dict(), fields, ("train", "query"))
+    if diffs:
+        raise StoreMismatchError(
+            "train and query stores were not featurized the same way, so their vectors live in "
+            "different spaces:\n  " + "\n  ".join(diffs) + "\nFeaturize both from the same "
+            "checkpoint with the same featurize config (projection, correction)."
+        )
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _zarr_spec(path: str, shape: tuple[int, ...] | None = None, dtype: str | None = None) -> dict:
+    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    if shape is not None:
+        # One zarr chunk per store chunk, raw little-endian bytes: projected vectors do not
+        # compress, and a single uncompressed chunk reads at memcpy speed.
+        spec["metadata"] = {
+            "shape": list(shape),
+            "data_type": dtype,
+            "chunk_grid": {
+                "name": "regular",
+                "configuration": {"chunk_shape": [max(s, 1) for s in shape]},
+            },
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        }
+    return spec
+
+
+def _chunk_name(chunk: int) -> str:
+    return f"{chunk:08d}"
+
+
+class VectorStore:
+    """A chunked, resumable on-disk store of per-example vectors; see the module docstring.
+
+    Build with ``VectorStore.create`` (writers) or ``VectorStore.open`` (readers).
+    """
+
+    def __init__(self, path: str, meta: StoreMeta, complete: dict | None) -> None:
+        self.path = os.fspath(path)
+        self._meta = meta
+        self._complete = complete
+        self._context = ts.Context()
+
+    # ----- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, meta: StoreMeta) -> VectorStore:
+        """Creates a store at ``path``, or opens the one there for resume if its meta is equal.
+
+        Raises:
+          StoreMismatchError: ``path`` holds a store made with different metadata.
+          StoreError: ``path`` exists and is not a store, or ``meta`` is invalid.
+        """
+        path = os.fspath(path)
+        meta.validate()
+        meta_path = os.path.join(path, _META)
+        if not os.path.exists(meta_path):
+            # Entries a concurrent create() of the same store may have made already.
+            foreign = [
+                n
+                for n in (os.listdir(path) if os.path.isdir(path) else [])
+                if n != _CHUNKS and not n.startswith(_META + ".tmp-")
+            ]
+            if foreign:
+                raise StoreError(
+                    f"{path} exists, holds {sorted(foreign)[:5]} and no {_META}, so it is not a "
+                    "vector store; choose another path or delete it"
+                )
+            os.makedirs(path, exist_ok=True)
+            tmp = f"{meta_path}.tmp-{uuid.uuid4().hex}"
+            _write_json(tmp, meta.to_dict())
+            try:
+                # link() fails if meta.json exists: of several processes creating the store at
+                # once, exactly one defines it and the others compare against it below.
+                os.link(tmp, meta_path)
+            except FileExistsError:
+                pass
+            finally:
+                os.remove(tmp)
+        os.makedirs(os.path.join(path, _CHUNKS), exist_ok=True)
+        store = cls._load(path)
+        diffs = _diff_fields(
+            store._raw_meta.to_dict(),
+            meta.to_dict(),
+            [f.name for f in dataclasses.fields(StoreMeta)],
+            ("existing", "requested"),
+        )
+        if diffs:
+            raise StoreMismatchError(
+                f"the store at {path} was created with different metadata:\n  "
+                + "\n  ".join(diffs)
+                + f"\nWrite to a new store path, or delete {path} to start this store over."
+            )
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, require_complete: bool = True) -> VectorStore:
+        """Opens an existing store for reading.
+
+        Raises:
+          IncompleteStoreError: ``require_complete`` and the store was never finalized.
+          SchemaVersionError: the store uses another on-disk schema version.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(os.path.join(path, _META)):
+            raise StoreError(f"no vector store at {path} (no {_META}); run featurize to make one")
+        store = cls._load(path)
+        if require_complete and store._complete is None:
+            missing = store.missing_chunks()
+            raise IncompleteStoreError(
+                f"the store at {path} is incomplete ({len(missing)} of {store.num_chunks} chunks "
+                "missing, or never finalized): its featurize run was interrupted. Rerun the same "
+                "featurize command; it resumes and writes only the missing chunks."
+            )
+        return store
+
+    @classmethod
+    def _load(cls, path: str) -> VectorStore:
+        with open(os.path.join(path, _META)) as f:
+            meta = StoreMeta.from_dict(json.load(f), where=os.path.join(path, _META))
+        meta.validate()
+        complete = None
+        complete_path = os.path.join(path, _COMPLETE)
+        if os.path.exists(complete_path):
+            with open(complete_path) as f:
+                complete = json.load(f)
+        store = cls(path, meta, complete)
+        store._scan()  # Refuses final-named chunk directories without a commit record.
+        return store
+
+    # ----- metadata -----------------------------------------------------------------------
+
+    @property
+    def _raw_meta(self) -> StoreMeta:
+        return self._meta
+
+    @property
+    def meta(self) -> StoreMeta:
+        """The store's metadata; for a finished store, ``skipped`` lists every skipped example."""
+        if self._complete is None:
+            return self._meta
+        return dataclasses.replace(self._meta, skipped=list(self._complete["skipped"]))
+
+    @property
+    def dim(self) -> int:
+        """Vector length d."""
+        return self._meta.dim
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks the finished store holds."""
+        return self._meta.num_chunks
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether finalize() has succeeded."""
+        return self._complete is not None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows stored (examples minus skipped); counts committed chunks if not finished."""
+        if self._complete is not None:
+            return int(self._complete["num_rows"])
+        return sum(self._chunk_info(c)["rows"] for c in self.committed_chunks())
+
+    def _chunks_dir(self) -> str:
+        return os.path.join(self.path, _CHUNKS)
+
+    def _scan(self) -> list[int]:
+        committed = []
+        chunks_dir = self._chunks_dir()
+        names = os.listdir(chunks_dir) if os.path.isdir(chunks_dir) else []
+        for name in names:
+            if not _CHUNK_RE.match(name):
+                continue
+            if not os.path.exists(os.path.join(chunks_dir, name, _CHUNK_INFO)):
+                raise StoreError(
+                    f"chunk directory {os.path.join(chunks_dir, name)} has no {_CHUNK_INFO}: it "
+                    "is partially written (not by this store's atomic writer, e.g. an "
+                    "interrupted copy). Delete that directory and rerun featurize, which "
+                    "rewrites missing chunks only."
+                )
+            committed.append(int(name))
+        return sorted(committed)
+
+    def committed_chunks(self) -> list[int]:
+        """Indices of chunks that are fully written, ascending."""
+        return self._scan()
+
+    def missing_chunks(self) -> list[int]:
+        """Indices of chunks still to write, ascending."""
+        done = set(self._scan())
+        return [c for c in range(self.num_chunks) if c not in done]
+
+    def chunks_for_process(self, process_index: int, process_count: int) -> list[int]:
+        """Missing chunks that process ``process_index`` of ``process_count`` should write."""
+        if not 0 <= process_index < process_count:
+            raise StoreError(f"process_index {process_index} not in [0, {process_count})")
+        return [c for c in self.missing_chunks() if c % process_count == process_index]
+
+    def _chunk_info(self, chunk: int) -> dict:
+        with open(os.path.join(self._chunks_dir(), _chunk_name(chunk), _CHUNK_INFO)) as f:
+            return json.load(f)
+
+    # ----- writing ------------------------------------------------------------------------
+
+    def write_chunk(
+        self,
+        chunk: int,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        skipped: Sequence[dict] = (),
+    ) -> None:
+        """Validates and atomically commits chunk ``chunk``.
+
+        Args:
+          chunk: chunk index in ``[0, num_chunks)``; must not be committed yet.
+          ids: ``ids_N`` int example positions, ascending, inside the chunk's range.
+          vectors: ``vectors_NxD`` float rows (cast to the store dtype).
+          skipped: ``{"id", "reason"}`` for the chunk's positions that have no row; rows and
+            skipped together must cover the chunk's positions exactly once.
+
+        Raises:
+          NonFiniteVectorError: naming the ids of rows with NaN/inf (also after a bfloat16
+            cast overflows); nothing is committed.
+          StoreError: wrong shapes, dims, ids, or an already committed chunk.
+        """
+        meta = self._meta
+        if not (_is_int(chunk) and 0 <= chunk < meta.num_chunks):
+            raise StoreError(f"chunk index {chunk!r} is outside [0, {meta.num_chunks})")
+        lo, hi = meta.chunk_range(chunk)
+        ids_N = np.asarray(ids)
+        vectors_NxD = np.asarray(vectors)
+        if ids_N.ndim != 1 or not np.issubdtype(ids_N.dtype, np.integer):
+            raise StoreError(f"ids must be a 1-D integer array, got {ids_N.dtype}{ids_N.shape}")
+        if vectors_NxD.ndim != 2 or vectors_NxD.shape != (len(ids_N), meta.dim):
+            raise StoreError(
+                f"vectors must have shape (len(ids), dim) = ({len(ids_N)}, {meta.dim}), got "
+                f"{vectors_NxD.shape}"
+            )
+        if not np.issubdtype(vectors_NxD.dtype, np.floating):
+            raise StoreError(f"vectors must be floating point, got {vectors_NxD.dtype}")
+        ids_N = ids_N.astype(np.int64)
+        if len(ids_N) and (np.any(np.diff(ids_N) <= 0) or ids_N[0] < lo or ids_N[-1] >= hi):
+            raise StoreError(
+                f"ids of chunk {chunk} must be strictly ascending positions in [{lo}, {hi}), got "
+                f"{_preview(ids_N)}"
+            )
+        skipped = [dict(s) for s in skipped]
+        skipped_ids = _check_skipped(skipped, lo, hi, f"skipped of chunk {chunk}")
+        covered = np.sort(np.concatenate([ids_N, np.asarray(skipped_ids, np.int64)]))
+        if len(covered) != hi - lo or np.any(covered != np.arange(lo, hi)):
+            missing = sorted(set(range(lo, hi)) - set(covered.tolist()))
+            twice = sorted(set(ids_N.tolist()) & set(skipped_ids))
+            raise StoreError(
+                f"chunk {chunk} must account for each position in [{lo}, {hi}) once, as a row or "
+                f"a skipped entry: missing {missing[:20]}, both row and skipped {twice[:20]}"
+            )
+        stored_NxD = vectors_NxD.astype(_NP_DTYPES[meta.dtype])
+        bad = ~np.isfinite(vectors_NxD).all(axis=1) | ~np.isfinite(
+            stored_NxD.astype(np.float32)
+        ).all(axis=1)
+        if bad.any():
+            raise NonFiniteVectorError(
+                f"non-finite values (NaN/inf, or beyond the {meta.dtype} range) in the vectors of "
+                f"{int(bad.sum())} example(s), ids {_preview(ids_N[bad])}; chunk {chunk} was not "
+                "written. Check those examples (empty or too long?) and the model/optimizer state."
+            )
+        final = os.path.join(self._chunks_dir(), _chunk_name(chunk))
+        if os.path.exists(final):
+            raise StoreError(
+                f"chunk {chunk} is already committed in {self.path}; write only missing_chunks()"
+            )
+        self._remove_temporaries(chunk)
+        tmp = os.path.join(
+            self._chunks_dir(),
+            f"{_TMP_PREFIX}{_chunk_name(chunk)}-{socket.gethostname()}-{os.getpid()}-"
+            f"{uuid.uuid4().hex[:8]}",
+        )
+        os.makedirs(tmp)
+        try:
+            n = len(ids_N)
+            vec_arr = ts.open(
+                _zarr_spec(os.path.join(tmp, "vectors"), (n, meta.dim), meta.dtype),
+                create=True,
+                context=self._context,
+            ).result()
+            ids_arr = ts.open(
+                _zarr_spec(os.path.join(tmp, "ids"), (n,), "int64"),
+                create=True,
+                context=self._context,
+            ).result()
+            if n:
+                futures = [vec_arr.write(stored_NxD), ids_arr.write(ids_N)]
+                for fut in futures:
+                    fut.result()
+            info = {"chunk": chunk, "rows": n, "dtype": meta.dtype, "skipped": skipped}
+            # The info file is written last inside the temporary, so a final-named directory
+            # without it can only come from outside this writer (see _scan).
+            _write_json(os.path.join(tmp, _CHUNK_INFO), info)
+            _fsync_dir(tmp)
+            try:
+                os.replace(tmp, final)  # The commit point.
+            except OSError as e:
+                raise StoreError(
+                    f"chunk {chunk} was committed by another writer while this one wrote it; "
+                    "give each process a disjoint chunk set (chunks_for_process)"
+                ) from e
+            _fsync_dir(self._chunks_dir())
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_temporaries(self, chunk: int | None = None) -> None:
+        prefix = _TMP_PREFIX + ("" if chunk is None else _chunk_name(chunk) + "-")
+        for name in os.listdir(self._chunks_dir()):
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(self._chunks_dir(), name), ignore_errors=True)
+
+    def finalize(self) -> None:
+        """Checks every chunk is present once and covers its positions, then marks complete.
+
+        Call from one process after all writers finished. Idempotent.
+
+        Raises:
+          IncompleteStoreError: chunks are missing (says which, and to rerun featurize).
+          StoreError: a chunk's contents contradict the metadata.
+        """
+        meta = self._meta
+        committed = self._scan()
+        missing = self.missing_chunks()
+        if missing:
+            raise IncompleteStoreError(
+                f"cannot finalize {self.path}: {len(missing)} chunk(s) missing, e.g. "
+                f"{missing[:10]}. Rerun featurize; it writes only the missing chunks."
+            )
+        extra = [c for c in committed if c >= meta.num_chunks]
+        if extra:
+            raise StoreError(f"{self.path} has chunks {extra} beyond num_chunks {meta.num_chunks}")
+        num_rows = 0
+        skipped = [dict(s) for s in meta.skipped]
+        for c in range(meta.num_chunks):
+            info = self._chunk_info(c)
+            lo, hi = meta.chunk_range(c)
+            ids_N = self._open_array(c, "ids").read().result()
+            covered = np.concatenate([ids_N, np.asarray([s["id"] for s in info["skipped"]], int)])
+            if info["rows"] != len(ids_N) or not np.array_equal(
+                np.sort(covered), np.arange(lo, hi)
+            ):
+                raise StoreError(
+                    f"chunk {c} of {self.path} does not cover positions [{lo}, {hi}) exactly "
+                    "once; delete that chunk directory and rerun featurize"
+                )
+            num_rows += info["rows"]
+            skipped.extend(info["skipped"])
+        skipped.sort(key=lambda s: s["id"])
+        _check_skipped(skipped, 0, meta.num_examples, "skipped examples")
+        self._remove_temporaries()
+        complete = {"num_rows": num_rows, "num_chunks": meta.num_chunks, "skipped": skipped}
+        _write_json(os.path.join(self.path, _COMPLETE), complete)
+        self._complete = complete
+
+    # ----- reading ------------------------------------------------------------------------
+
+    def _open_array(self, chunk: int, name: str) -> ts.TensorStore:
+        path = os.path.join(self._chunks_dir(), _chunk_name(chunk), name)
+        return ts.open(_zarr_spec(path), open=True, context=self._context).result()
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Returns chunk ``chunk`` as ``(ids_N int64, vectors_NxD float32)``."""
+        rows = self._chunk_info(chunk)["rows"]
+        ids_arr = self._open_array(chunk, "ids")
+        ids_fut = ids_arr.read()
+        dtype = _NP_DTYPES[self._meta.dtype]
+        # This writer stores the vectors as one uncompressed little-endian zarr3 chunk, whose
+        # file is the C-order array itself: np.fromfile reads it with one copy, about twice
+        # tensorstore's read rate (module docstring). Tensorstore stays the fallback, e.g. for
+        # a chunk elided because every value equals the fill value.
+        raw = os.path.join(self._chunks_dir(), _chunk_name(chunk), "vectors", "c", "0", "0")
+        if (
+            rows
+            and os.path.exists(raw)
+            and os.path.getsize(raw) == rows * self.dim * dtype.itemsize
+        ):
+            vectors_NxD = np.fromfile(raw, dtype=dtype.newbyteorder("<")).reshape(rows, self.dim)
+        else:
+            vec_arr = self._open_array(chunk, "vectors")
+            if tuple(vec_arr.domain.shape) != (rows, self.dim):
+                raise StoreError(
+                    f"chunk {chunk} of {self.path} has vectors {tuple(vec_arr.domain.shape)}, not "
+                    f"({rows}, {self.dim}); delete that chunk directory and rerun featurize"
+                )
+            vectors_NxD = vec_arr.read().result()
+        ids_N = ids_fut.result().astype(np.int64, copy=False)
+        if len(ids_N) != rows:
+            raise StoreError(
+                f"chunk {chunk} of {self.path} has {len(ids_N)} ids for {rows} rows; delete that "
+                "chunk directory and rerun featurize"
+            )
+        return ids_N, vectors_NxD.astype(np.float32, copy=False)
+
+    def _require_complete(self, what: str) -> None:
+        if self._complete is None:
+            raise IncompleteStoreError(
+                f"{what} needs a finished store; {self.path} is incomplete. Rerun featurize."
+            )
+
+    def _blocks(self, rows_per_step: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if rows_per_step is None:
+            for c in range(self.num_chunks):
+                yield self.read_chunk(c)
+            return
+        ids_buf: list[np.ndarray] = []
+        vec_buf: list[np.ndarray] = []
+        held = 0
+        for c in range(self.num_chunks):
+            ids_N, vectors_NxD = self.read_chunk(c)
+            ids_buf.append(ids_N)
+            vec_buf.append(vectors_NxD)
+            held += len(ids_N)
+            while held >= rows_per_step:
+                ids_all = np.concatenate(ids_buf) if len(ids_buf) > 1 else ids_buf[0]
+                vec_all = np.concatenate(vec_buf) if len(vec_buf) > 1 else vec_buf[0]
+                yield ids_all[:rows_per_step], vec_all[:rows_per_step]
+                ids_buf, vec_buf = [ids_all[rows_per_step:]], [vec_all[rows_per_step:]]
+                held -= rows_per_step
+        if held:
+            yield np.concatenate(ids_buf), np.concatenate(vec_buf)
+
+    def iter_chunks(
+        self, rows_per_step: int | None = None, prefetch: int = 2
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields ``(ids_N int64, vectors_NxD float32)`` blocks in ascending id order.
+
+        Args:
+          rows_per_step: rows per block (the last may be shorter); None = one store chunk.
+          prefetch: blocks read ahead by a background thread, so disk reads overlap the
+            caller's compute; 0 reads synchronously.
+        """
+        self._require_complete("iter_chunks")
+        if rows_per_step is not None and rows_per_step <= 0:
+            raise StoreError(f"rows_per_step must be positive or None, got {rows_per_step}")
+        if prefetch <= 0:
+            yield from self._blocks(rows_per_step)
+            return
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for block in self._blocks(rows_per_step):
+                    if not put(block):
+                        return
+                put(done)
+            except BaseException as e:  # Re-raised in the consumer's thread.
+                put(e)
+
+        thread = threading.Thread(target=produce, name="vector-store-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # Lets the producer exit if the consumer stopped early.
+            thread.join()
+
+    def read_ids(self) -> np.ndarray:
+        """All stored example ids ``ids_N`` (int64, ascending)."""
+        self._require_complete("read_ids")
+        parts = [self._open_array(c, "ids").read().result() for c in range(self.num_chunks)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def read_all(self, max_bytes: int = 2**31) -> tuple[np.ndarray, np.ndarray]:
+        """All rows as ``(ids_N, vectors_NxD float32)``; for small stores only.
+
+        Raises:
+          StoreError: the float32 result would exceed ``max_bytes`` (use ``iter_chunks``).
+        """
+        self._require_complete("read_all")
+        nbytes = self.num_rows * self.dim * 4
+        if nbytes > max_bytes:
+            raise StoreError(
+                f"read_all would load {nbytes / 2**20:.0f} MiB (> max_bytes); stream the store "
+                "with iter_chunks() instead, or raise max_bytes"
+            )
+        ids_parts, vec_parts = [np.zeros(0, np.int64)], [np.zeros((0, self.dim), np.float32)]
+        for ids_N, vectors_NxD in self.iter_chunks(prefetch=0):
+            ids_parts.append(ids_N)
+            vec_parts.append(vectors_NxD)
+        return np.concatenate(ids_parts), np.concatenate(vec_parts)
+
+
+def _preview(ids: np.ndarray, n: int = 20) -> str:
+    ids = np.asarray(ids).tolist()
+    more = f" ... ({len(ids)} in all)" if len(ids) > n else ""
+    return f"{ids[:n]}{more}"
