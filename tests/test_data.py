@@ -1,10 +1,15 @@
 """Training stream, example encoding and weight masks against explicit constructions."""
 
+import os
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from trackstar import data as D
+from trackstar import tokenizer as T
+from trackstar import world as W
+from trackstar.config import load_config_file
 from trackstar.tokenizer import BOS, EOS, PAD, encode
 
 
@@ -107,12 +112,6 @@ def test_encode_queries(tok):
 
 
 def test_world_helpers():
-    import os
-
-    from trackstar import tokenizer as T
-    from trackstar import world as W
-    from trackstar.config import load_config_file
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config_file(os.path.join(root, "configs", "tiny.py"))
     world = W.make_world(cfg.world)
