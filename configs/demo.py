@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     w.source = "synthetic"  # "synthetic" or "lama" (facts + templates jsonl, see *_path below).
     w.lama_facts_path = ""  # LAMA/ParaRel-style facts jsonl (sub_label, obj_label, predicate_id).
     w.lama_templates_path = ""  # Templates jsonl ({"relation", "template"} with [X] / [Y]).
+    w.trex_candidates_path = ""  # T-REx-style sentences jsonl as the closed set ("" = built).
     w.n_subjects = 400  # Number of person subjects.
     w.n_relations = 8  # Relations used (of the generator's ~10).
     w.n_objects_per_type = 24  # Object entities per type (cities, countries, ...).

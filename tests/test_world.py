@@ -293,3 +293,17 @@ def test_lama_bad_input(tmp_path):
     cfg.n_queries = 1000
     with pytest.raises(W.WorldError, match="world.n_queries"):
         W.load_lama_world(os.path.join(FIXTURES, "lama_facts.jsonl"), templates, cfg)
+
+
+def test_build_world_dispatch():
+    cfg = _cfg()
+    cfg.source = "lama"
+    cfg.lama_facts_path = os.path.join(FIXTURES, "lama_facts.jsonl")
+    cfg.lama_templates_path = os.path.join(FIXTURES, "lama_templates.jsonl")
+    cfg.trex_candidates_path = os.path.join(FIXTURES, "trex_sentences.jsonl")
+    cfg.n_queries = cfg.n_heldout_queries = 4
+    w = W.build_world(cfg)
+    assert w.source == "lama" and [c.source_id for c in w.candidates][0] == "s0"
+    cfg.source = "wiki"
+    with pytest.raises(W.WorldError, match="world.source"):
+        W.build_world(cfg)

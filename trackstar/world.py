@@ -805,13 +805,21 @@ def world_texts(world: World) -> list[str]:
 
 
 def build_world(cfg: Any) -> World:
-    """The world of ``cfg.world``: synthetic, or LAMA files when ``source == "lama"``."""
+    """The world of ``cfg.world``: synthetic, or LAMA files when ``source == "lama"``.
+
+    With ``trex_candidates_path`` set, that file's sentences replace the closed candidate set.
+    """
     source = _get(cfg, "source")
     if source == "synthetic":
-        return make_world(cfg)
-    if source == "lama":
-        return load_lama_world(cfg.lama_facts_path, cfg.lama_templates_path, cfg)
-    raise WorldError(f"world.source must be 'synthetic' or 'lama', got {source!r}")
+        world = make_world(cfg)
+    elif source == "lama":
+        world = load_lama_world(cfg.lama_facts_path, cfg.lama_templates_path, cfg)
+    else:
+        raise WorldError(f"world.source must be 'synthetic' or 'lama', got {source!r}")
+    trex = cfg.get("trex_candidates_path", "") if hasattr(cfg, "get") else ""
+    if trex:
+        world = with_candidates(world, read_trex_candidates(trex, world))
+    return world
 
 
 # --------------------------------------------------------------------------------------------
