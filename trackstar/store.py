@@ -503,10 +503,11 @@ class VectorStore:
                 f"chunk {chunk} must account for each position in [{lo}, {hi}) once, as a row or "
                 f"a skipped entry: missing {missing[:20]}, both row and skipped {twice[:20]}"
             )
-        stored_NxD = vectors_NxD.astype(_NP_DTYPES[meta.dtype])
-        bad = ~np.isfinite(vectors_NxD).all(axis=1) | ~np.isfinite(
-            stored_NxD.astype(np.float32)
-        ).all(axis=1)
+        stored_NxD = vectors_NxD.astype(_NP_DTYPES[meta.dtype], copy=False)
+        # Checked after the cast too: finite float32 beyond bfloat16's range becomes inf.
+        bad = ~np.isfinite(stored_NxD).all(axis=1)
+        if stored_NxD is not vectors_NxD:
+            bad |= ~np.isfinite(vectors_NxD).all(axis=1)
         if bad.any():
             raise NonFiniteVectorError(
                 f"non-finite values (NaN/inf, or beyond the {meta.dtype} range) in the vectors of "
