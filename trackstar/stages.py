@@ -1,0 +1,322 @@
+"""The pipeline's stages over a run directory (SPEC §1): world -> train -> featurize -> R -> score.
+
+Each stage reads what the previous one wrote under ``cfg.run_dir`` and is resumable: a stage
+whose output is complete is skipped, a partial one continues. Scripts in ``scripts/`` are thin
+wrappers over these functions; ``run_experiment.py`` chains them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from trackstar import checkpoint, correction, data, hessian, score, store, tokenizer, world
+from trackstar import model as model_lib
+from trackstar import train as train_lib
+from trackstar.config import save_config
+from trackstar.featurize import Examples, featurize_into_store
+from trackstar.gradients import make_feature_fn
+from trackstar.projection import Projector
+from trackstar.tree import tree_fingerprint
+
+# Example sets a store can be made of: the closed candidate set, the corpus documents (open
+# set), the task queries and the held-out queries (R_eval source).
+EXAMPLE_SETS = ("candidates", "corpus", "task", "heldout")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run because an earlier one is missing or does not match; says what to run."""
+
+
+# ----- paths ----------------------------------------------------------------------------------
+
+
+def path(cfg: ml_collections.ConfigDict, *parts: str) -> str:
+    """A path inside the run directory."""
+    return os.path.join(cfg.run_dir, *parts)
+
+
+def _write_json(file: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, file)
+
+
+# ----- world + tokenizer ----------------------------------------------------------------------
+
+
+def stage_world(cfg: ml_collections.ConfigDict) -> world.World:
+    """Builds (or reloads) the fact world and its tokenizer; saves the resolved config."""
+    save_config(cfg, path(cfg, "config.json"))
+    world_dir = path(cfg, "world")
+    if os.path.exists(os.path.join(world_dir, "manifest.json")):
+        w = world.load_world(world_dir)
+        fresh = world.build_world(cfg.world)
+        if world.world_hash(fresh) != world.world_hash(w):
+            raise StageError(
+                f"{world_dir} holds a world made with another world config; use a new run_dir "
+                "or delete that directory"
+            )
+    else:
+        w = world.build_world(cfg.world)
+        world.save_world(w, world_dir)
+    tok_path = path(cfg, "tokenizer.json")
+    if not os.path.exists(tok_path):
+        tok = tokenizer.train_tokenizer(world.world_texts(w), cfg.tokenizer)
+        tokenizer.save_tokenizer(tok, tok_path)
+    return w
+
+
+def load_world_and_tokenizer(cfg: ml_collections.ConfigDict):
+    """The saved world and tokenizer of a run, or an error saying to run make_world first."""
+    world_dir, tok_path = path(cfg, "world"), path(cfg, "tokenizer.json")
+    if not (os.path.exists(os.path.join(world_dir, "manifest.json")) and os.path.exists(tok_path)):
+        raise StageError(
+            f"{cfg.run_dir} has no world/tokenizer yet; run scripts/make_world.py with this config"
+        )
+    return world.load_world(world_dir), tokenizer.load_tokenizer(tok_path)
+
+
+# ----- training -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model with everything attribution needs."""
+
+    apply_fn: Any
+    params: Any
+    opt_state: Any
+    optimizer: optax.GradientTransformation
+    tok: Any
+    world: world.World
+    step: int
+
+
+def _model_and_optimizer(cfg, tok):
+    apply_fn, params = model_lib.make_model(cfg.model, tokenizer.vocab_size(tok), cfg.seed)
+    return apply_fn, params, train_lib.make_optimizer(cfg.train)
+
+
+def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """Trains (resuming from the latest checkpoint) and reports greedy accuracy per bucket."""
+    w, tok = load_world_and_tokenizer(cfg)
+    apply_fn, params, optimizer = _model_and_optimizer(cfg, tok)
+    stream = data.train_stream(tok, w, cfg.train.seq_len, cfg.train.batch_size, cfg.seed)
+    params, opt_state, _ = train_lib.train_loop(
+        apply_fn,
+        params,
+        optimizer,
+        stream.batch,
+        cfg.train,
+        path(cfg, "checkpoints"),
+        progress=progress,
+        meta={"data_fingerprint": stream.fingerprint},
+    )
+    acc = accuracy_report(cfg, apply_fn, params, tok, w)
+    _write_json(path(cfg, "results", "accuracy.json"), acc)
+    return acc
+
+
+def load_trained(cfg: ml_collections.ConfigDict) -> Trained:
+    """Restores the final checkpoint of a run (params and full optimizer state)."""
+    w, tok = load_world_and_tokenizer(cfg)
+    apply_fn, params, optimizer = _model_and_optimizer(cfg, tok)
+    ckpt_dir = path(cfg, "checkpoints")
+    step = checkpoint.latest_step(ckpt_dir)
+    if step is None or step < cfg.train.steps:
+        raise StageError(
+            f"{ckpt_dir} holds no final checkpoint (latest: {step}, want {cfg.train.steps}); "
+            "run scripts/train.py with this config first"
+        )
+    abstract_params = jax.eval_shape(lambda p: p, params)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    params, opt_state, _ = checkpoint.restore(ckpt_dir, abstract_params, abstract_opt, step)
+    return Trained(apply_fn, params, opt_state, optimizer, tok, w, step)
+
+
+def query_examples(cfg, tok, queries) -> Examples:
+    """Queries encoded as prompt + target with only the target tokens counted."""
+    tokens, weights = data.encode_queries(
+        tok, [q.prompt for q in queries], [q.target for q in queries], cfg.model.max_len
+    )
+    return Examples(tokens, weights)
+
+
+def accuracy_report(cfg, apply_fn, params, tok, w: world.World) -> dict:
+    """Greedy fact accuracy per frequency bucket on task + held-out queries."""
+    queries = list(w.task_queries) + list(w.heldout_queries)
+    ex = query_examples(cfg, tok, queries)
+    correct = np.asarray(
+        jax.jit(model_lib.greedy_correct, static_argnums=0)(
+            apply_fn, params, ex.tokens_NxT, ex.weights_NxT
+        )
+    )
+    buckets = np.array([q.bucket for q in queries])
+    targets = [q.target for q in queries]
+    per_bucket = {}
+    for b in sorted(set(buckets.tolist())):
+        sel = buckets == b
+        per_bucket[str(b)] = {"accuracy": float(correct[sel].mean()), "n": int(sel.sum())}
+    # Zipf objects make guessing the most common object pay; report that baseline beside it.
+    majority = max(set(targets), key=targets.count)
+    return {
+        "accuracy": float(correct.mean()),
+        "per_bucket": per_bucket,
+        "majority_object_share": float(np.mean([t == majority for t in targets])),
+        "n_queries": len(queries),
+    }
+
+
+# ----- featurize ------------------------------------------------------------------------------
+
+
+def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]:
+    """``(examples, output_fn, kind)`` for one of ``EXAMPLE_SETS``."""
+    w, tok, max_len = trained.world, trained.tok, cfg.model.max_len
+    if which == "candidates":
+        tokens, weights = data.encode_texts(tok, data.candidate_texts(w), max_len)
+        return Examples(tokens, weights), "train", "train"
+    if which == "corpus":
+        tokens, weights = data.encode_texts(tok, data.corpus_texts(w), max_len)
+        return Examples(tokens, weights), "train", "train"
+    if which in ("task", "heldout"):
+        queries = w.task_queries if which == "task" else w.heldout_queries
+        return query_examples(cfg, tok, queries), cfg.featurize.query_output_fn, "query"
+    raise StageError(f"unknown example set {which!r}; choose one of {EXAMPLE_SETS}")
+
+
+def correction_kind(cfg, corrected: bool) -> str:
+    """The store's ``correction`` field: the optimizer's moment kind, or "none"."""
+    if not corrected:
+        return "none"
+    return "adam" if cfg.train.optimizer == "adamw" else "adafactor"
+
+
+def store_path(cfg, which: str, corrected: bool) -> str:
+    return path(cfg, "stores", f"{which}-{correction_kind(cfg, corrected)}")
+
+
+def make_projector(cfg, params) -> Projector:
+    f = cfg.featurize
+    return Projector(params, f.projection_mode, f.k_in, f.k_out, f.projection_seed, f.dense_dim)
+
+
+def make_preconditioner(cfg, trained: Trained):
+    eps = cfg.featurize.eps if cfg.featurize.eps >= 0 else cfg.train.eps
+    return correction.preconditioner(trained.opt_state, trained.params, eps, b2=cfg.train.b2)
+
+
+def stage_featurize(
+    cfg: ml_collections.ConfigDict,
+    which: str,
+    corrected: bool = True,
+    trained: Trained | None = None,
+    progress: bool = True,
+) -> str:
+    """Featurizes an example set into ``stores/<which>-<correction>``; resumes a partial store."""
+    trained = trained or load_trained(cfg)
+    examples, output_fn, kind = examples_for(cfg, trained, which)
+    projector = make_projector(cfg, trained.params)
+    precond = make_preconditioner(cfg, trained) if corrected else None
+    meta = store.StoreMeta(
+        kind=kind,
+        dim=projector.dim,
+        dtype=cfg.featurize.dtype,
+        num_examples=len(examples),
+        chunk_size=cfg.featurize.chunk_size,
+        model_fingerprint=tree_fingerprint(trained.params),
+        optimizer_fingerprint=correction.opt_state_fingerprint(trained.opt_state),
+        projection=projector.config(),
+        output_fn=output_fn,
+        correction=correction_kind(cfg, corrected),
+        extra={"example_set": which, "eps": cfg.featurize.eps},
+    )
+    out = store_path(cfg, which, corrected)
+    vs = store.VectorStore.create(out, meta)
+    if not vs.is_complete:
+        feature_fn = make_feature_fn(trained.apply_fn, output_fn, projector, precond)
+        featurize_into_store(
+            feature_fn,
+            trained.params,
+            examples,
+            vs,
+            cfg.featurize.batch_size,
+            skip_bad_examples=cfg.featurize.skip_bad_examples,
+            progress=progress,
+            desc=f"featurize {which}",
+        )
+        vs.finalize()
+    return out
+
+
+# ----- Hessian + scoring ----------------------------------------------------------------------
+
+
+def open_store(file: str) -> store.VectorStore:
+    try:
+        return store.VectorStore.open(file)
+    except FileNotFoundError as e:
+        raise StageError(f"no store at {file}; run scripts/featurize.py first") from e
+
+
+def hessian_path(cfg, candidates: str, corrected: bool) -> str:
+    return path(cfg, "hessian", f"{candidates}-{correction_kind(cfg, corrected)}.npz")
+
+
+def stage_hessian(cfg, candidates: str = "candidates", corrected: bool = True) -> str:
+    """Fits R_train (from the candidate store), R_eval (task or held-out queries), λ, R^{-1/2}."""
+    train_store = open_store(store_path(cfg, candidates, corrected))
+    eval_source = cfg.hessian.eval_source
+    if eval_source not in ("task", "heldout"):
+        raise StageError(f"hessian.eval_source must be 'task' or 'heldout', got {eval_source!r}")
+    eval_store = open_store(store_path(cfg, eval_source, corrected))
+    fit = hessian.fit_hessian(
+        train_store,
+        eval_store,
+        cfg.hessian,
+        train_store.dim,
+        provenance={"train_store": train_store.path, "eval_store": eval_store.path},
+    )
+    out = hessian_path(cfg, candidates, corrected)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fit.save(out)
+    return out
+
+
+def stage_score(
+    cfg, preset: str | None = None, candidates: str = "candidates", progress: bool = True
+) -> dict:
+    """Scores the task queries against a candidate store with a SPEC §3 preset."""
+    preset = preset or cfg.score.preset
+    spec = score.get_preset(preset)
+    train_store = open_store(store_path(cfg, candidates, spec.corrected))
+    query_store = open_store(store_path(cfg, "task", spec.corrected))
+    store.check_compatible(train_store.meta, query_store.meta)
+    fit = None
+    if spec.hessian != "none":
+        fit = hessian.HessianFit.load(hessian_path(cfg, candidates, spec.corrected))
+    ids, scores = score.score_preset(
+        train_store,
+        query_store,
+        preset,
+        fit,
+        cfg.score.top_k,
+        rows_per_step=cfg.score.chunk_rows,
+        progress=progress,
+    )
+    w, _ = load_world_and_tokenizer(cfg)
+    texts = data.candidate_texts(w) if candidates == "candidates" else data.corpus_texts(w)
+    queries = [dataclasses.asdict(q) for q in w.task_queries]
+    out = path(cfg, "results", f"proponents_{candidates}_{preset}")
+    score.write_proponents(out + ".jsonl", out + ".npz", queries, ids, scores, texts)
+    return {"ids": ids, "scores": scores, "path": out + ".jsonl"}
