@@ -280,8 +280,8 @@ def test_two_processes_write_disjoint_chunks_into_one_store(tmp_path):
 
 def test_zero_and_empty_chunks_and_reader_errors_propagate(tmp_path):
     vectors = _vectors()
-    vectors[:4] = 0.0  # Tensorstore elides all-fill-value chunks; the reader must still work.
-    skipped = {8: "too long", 9: "too long"}  # Chunk 2 has no rows at all.
+    vectors[:4] = 0.0  # All fill value: tensorstore may elide such chunks.
+    skipped = {np.int64(8): "too long", 9: "too long"}  # Chunk 2 has no rows at all.
     store = VectorStore.create(tmp_path / "s", _meta())
     for c in range(3):
         ids, vec, skip = _chunk(c, vectors, skipped)

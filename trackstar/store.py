@@ -26,18 +26,27 @@ with ``c % n == p``, see ``chunks_for_process``) need no coordination; one proce
 finalize(). Renaming a directory is atomic on local POSIX filesystems, which is what this
 layout assumes.
 
-Why raw tensorstore arrays rather than one Orbax checkpoint per chunk (measured by
-scripts/store_read_benchmark.py on 2 CPU cores, local disk, warm page cache, 65,536 rows x 4,096
-float32 = 1 GiB in 16 chunks of 4,096 rows)::
+Why raw tensorstore arrays rather than one Orbax checkpoint per chunk: measured with
+scripts/store_read_benchmark.py, 65,536 rows x 4,096 float32 (1 GiB) in 16 chunks of 4,096 rows,
+local disk, 2 CPU cores shared with other jobs (load average 7-9, so single figures vary up to
+2x between runs; the ranges are over 3-5 runs, page cache dropped or warm; the read order held
+in every run). MiB/s:
 
-    MEASUREMENTS_PLACEHOLDER
+    method                                         write      read
+    np.tofile / np.fromfile (the floor)          100-279   519-1386
+    tensorstore zarr3, one array per chunk        113-285    244-518
+    VectorStore (zarr3 + checks + atomic commit)   70-189   578-1402  (fromfile read path)
+    VectorStore, reading through tensorstore          -      371-695
+    orbax PyTreeCheckpointer save/restore           64-99    138-188
 
-Orbax's PyTreeCheckpointer is built on the same tensorstore driver, but each save/restore adds
-its own metadata files, an async commit protocol and a per-call thread-pool round trip, which
-costs throughput on both sides and gives nothing here: a chunk is two fixed arrays, and this
-module needs its own commit marker and coverage check anyway (Orbax's directory-level commit
-does not know which example positions a chunk covers). The arrays stay ordinary zarr3, so any
-tensorstore or zarr reader can open them.
+Reads decide (scoring streams the whole train store for every query block): the VectorStore
+reads 3-7x faster than Orbax restores, and writes about as fast or faster. Orbax's
+PyTreeCheckpointer runs on the same tensorstore driver but adds its own metadata and commit
+protocol to every save and restore, which buys nothing here: a chunk is two fixed arrays, and
+this module needs its own commit record and coverage check anyway (Orbax's directory-level
+commit does not know which example positions a chunk covers). The arrays stay ordinary zarr3,
+so any tensorstore or zarr reader can open them; reads of this writer's single uncompressed
+zarr chunk go through np.fromfile, which halves the cost of reading through tensorstore.
 """
 
 from __future__ import annotations
@@ -165,7 +174,7 @@ class StoreMeta:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (round-trips through ``from_dict``)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "meta") -> StoreMeta:
@@ -185,6 +194,14 @@ class StoreMeta:
                 f"{where} has unknown fields {unknown}; was it written by this schema?"
             )
         return cls(**d)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.integer | np.floating | np.bool_):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable (in store metadata)")
 
 
 def _is_int(x: Any) -> bool:
@@ -493,8 +510,9 @@ class VectorStore:
                 f"ids of chunk {chunk} must be strictly ascending positions in [{lo}, {hi}), got "
                 f"{_preview(ids_N)}"
             )
-        skipped = [dict(s) for s in skipped]
+        skipped = list(skipped)
         skipped_ids = _check_skipped(skipped, lo, hi, f"skipped of chunk {chunk}")
+        skipped = [{"id": int(s["id"]), "reason": str(s["reason"])} for s in skipped]
         covered = np.sort(np.concatenate([ids_N, np.asarray(skipped_ids, np.int64)]))
         if len(covered) != hi - lo or np.any(covered != np.arange(lo, hi)):
             missing = sorted(set(range(lo, hi)) - set(covered.tolist()))
