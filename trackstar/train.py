@@ -7,6 +7,7 @@ step s replays exactly the batches an uninterrupted run would have seen and ends
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -124,10 +125,12 @@ def mean_token_loss(logits_BxTxV, tokens_BxT, weights_BxT) -> tuple[jax.Array, j
     return jnp.sum(nll_BxT * w_BxT) / jnp.maximum(n, 1.0), n
 
 
+@functools.lru_cache(maxsize=8)
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation):
     """A jitted ``step(params, opt_state, tokens_BxT, weights_BxT) -> (params, opt_state, loss)``.
 
     ``params`` and ``opt_state`` buffers are donated: do not reuse the arrays passed in.
+    Cached per ``(apply_fn, optimizer)`` so repeated loops (resume, tail runs) compile once.
     """
 
     def loss_fn(params, tokens_BxT, weights_BxT):
