@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.n_heads = 4
     m.d_ff = 512
     m.max_len = 64  # Context length; longer examples are an error.
-    m.dtype = "float32"
+    m.dtype = "float32"  # Compute dtype, "float32" or "bfloat16"; params and logits stay float32.
 
     # --- Training (optax AdamW, warmup + cosine) ---
     tr = c.train = ml_collections.ConfigDict()
@@ -58,13 +58,14 @@ def get_config() -> ml_collections.ConfigDict:
     tr.lr = 3e-3  # Peak learning rate.
     tr.final_lr = 3e-4  # Learning rate at the last step (cosine end value).
     tr.warmup_steps = 100
-    tr.b1 = 0.9
-    tr.b2 = 0.98
-    tr.eps = 1e-8
-    tr.weight_decay = 0.01
+    tr.b1 = 0.9  # AdamW first-moment decay.
+    tr.b2 = 0.98  # AdamW second-moment decay (the V of the optimizer correction).
+    tr.eps = 1e-8  # AdamW epsilon (also the default correction epsilon).
+    tr.weight_decay = 0.01  # Decoupled weight decay on matrices (not biases/norms).
+    tr.adafactor_eps = 1e-30  # optimizer="adafactor" only: epsilon of its factored moments.
     tr.checkpoint_every = 500  # Steps between Orbax checkpoints (resume points).
     tr.keep_checkpoints = 2  # Checkpoints kept on disk (the final one is always kept).
-    tr.log_every = 50
+    tr.log_every = 50  # Steps per loss/tokens-per-second log record (one device sync each).
 
     # --- Featurize: per-example gradient -> V correction -> projection -> store (SPEC §2) ---
     f = c.featurize = ml_collections.ConfigDict()
