@@ -172,6 +172,10 @@ def test_fit_hessian_dense_reference_save_load_and_mismatch(tmp_path):
     np.testing.assert_allclose(fit.transform("mixed_inv_sqrt"), mixed, rtol=2e-5, atol=1e-5)
     np.testing.assert_allclose(fit.transform("train_inv"), inverse(Rt, 0.1)[0], rtol=2e-5)
     np.testing.assert_allclose(fit.eigenvalues, evals, rtol=1e-10, atol=1e-12)
+    # 9 eval rows < d: the spectrum comes from the 9×9 Gram matrix, padded with zeros.
+    e_dense = np.clip(np.sort(np.linalg.eigvalsh(Re))[::-1], 0, None)
+    np.testing.assert_allclose(fit.eig_eval, e_dense, rtol=1e-9, atol=1e-12)
+    assert np.all(fit.eig_eval[9:] == 0)
     assert fit.provenance["train_rows_used"] == 25 and fit.provenance["train_path"] == "x"
     assert fit.provenance["train_meta"]["model_fingerprint"] == "abc"
 

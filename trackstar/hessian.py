@@ -186,7 +186,7 @@ def _parse_rule(rule: Any) -> float | str:
 
 
 def _descending_eigvals(R: np.ndarray) -> np.ndarray:
-    return np.linalg.eigvalsh(_symmetric(R))[::-1]
+    return np.clip(np.linalg.eigvalsh(_symmetric(R))[::-1], 0.0, None)
 
 
 def _symmetric(R: np.ndarray) -> np.ndarray:
@@ -422,6 +422,28 @@ def _atomic_write(path: str, write, binary: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def _eval_moments(source: Any, rows_per_step: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """R_eval, its descending spectrum and the row count, for a (small) set of query vectors.
+
+    With n < d rows, R_eval = UᵀU/n has the same nonzero eigenvalues as the n×n Gram matrix
+    UUᵀ/n, so the spectrum costs an n×n decomposition instead of a d×d one.
+    """
+    parts = [np.asarray(v, np.float64) for _, v in iter_vector_chunks(source, rows_per_step)]
+    if not parts or sum(len(p) for p in parts) == 0:
+        raise HessianError("the eval (query) store is empty; featurize the queries first")
+    U_NxD = np.concatenate(parts)
+    if not np.all(np.isfinite(U_NxD)):
+        raise HessianError("non-finite values in the eval vectors; re-featurize the store")
+    n, d = U_NxD.shape
+    R_DxD = U_NxD.T @ U_NxD / n
+    if n < d:
+        gram = np.clip(np.linalg.eigvalsh(_symmetric(U_NxD @ U_NxD.T / n))[::-1], 0.0, None)
+        eigs = np.concatenate([gram, np.zeros(d - n)])
+    else:
+        eigs = _descending_eigvals(R_DxD)
+    return R_DxD, eigs, n
+
+
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
@@ -497,26 +519,29 @@ def fit_hessian(
     prov.update(train_rows_total=num_rows, train_rows_used=n_train, train_sample_seed=seed)
 
     out: dict[str, np.ndarray] = {}
-    evals, evecs, damped = _damped_eigh(R_train, damping)
-    eig_train = evals[::-1].copy()
-    if "train_inv_sqrt" in wanted:
-        out["train_inv_sqrt"] = ((evecs * damped**-0.5) @ evecs.T).astype(np.float32)
-    if "train_inv" in wanted:
-        out["train_inv"] = ((evecs / damped) @ evecs.T).astype(np.float32)
-    del evecs
+    if "train_inv_sqrt" in wanted or "train_inv" in wanted:
+        evals, evecs, damped = _damped_eigh(R_train, damping)
+        eig_train = evals[::-1].copy()
+        if "train_inv_sqrt" in wanted:
+            out["train_inv_sqrt"] = ((evecs * damped**-0.5) @ evecs.T).astype(np.float32)
+        if "train_inv" in wanted:
+            out["train_inv"] = ((evecs / damped) @ evecs.T).astype(np.float32)
+        del evecs
+    else:
+        # Eigenvalues alone cost about a third less than the full decomposition.
+        eig_train = _descending_eigvals(R_train)
 
     eig_eval = None
     lam = None
     eigenvalues = eig_train
     if eval_vectors is not None:
-        R_eval, n_eval = gauss_newton(eval_vectors, rows_per_step=rows_per_step)
+        R_eval, eig_eval, n_eval = _eval_moments(eval_vectors, rows_per_step)
         if R_eval.shape[0] != dim:
             raise HessianError(
                 f"eval vectors have d = {R_eval.shape[0]} but train vectors have d = {dim}; "
                 "featurize both with the same projection"
             )
         prov["eval_rows_used"] = n_eval
-        eig_eval = _descending_eigvals(R_eval)
         lam = mix_lambda(
             R_eval, R_train, rule, dim, crossing, eig_eval=eig_eval, eig_train=eig_train
         )
