@@ -179,6 +179,12 @@ def test_write_proponents(tmp_path):
         np.testing.assert_array_equal(z["ids"], ids)
         np.testing.assert_array_equal(z["scores"], scores)
         assert list(z["query_ids"]) == ["q0", "q1"]
+    write_proponents(
+        jl, nz, [{**q, "query_id": i} for i, q in enumerate(queries)], ids, scores, None
+    )
+    with np.load(nz) as z:
+        assert z["query_ids"].dtype == np.int64 and list(z["query_ids"]) == [0, 1]
+    assert json.loads(open(jl).readline())["texts"] is None
     with pytest.raises(ScoreError, match="no text"):
         write_proponents(jl, nz, queries, ids, scores, {0: "zero"})
     with pytest.raises(ScoreError, match="line up"):

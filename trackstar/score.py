@@ -329,7 +329,7 @@ def write_proponents(
     """Writes proponents as jsonl rows and as arrays, each file atomically.
 
     jsonl rows: ``{query_id, prompt, target, proponent_ids, scores, texts}``; the npz holds
-    ``query_ids`` (str), ``ids`` (int64 Q×K) and ``scores`` (float32 Q×K).
+    ``query_ids`` (int64 when every id is an int, else str), ``ids`` (int64 Q×K) and ``scores`` (float32 Q×K).
     """
     ids = np.asarray(ids, np.int64)
     scores = np.asarray(scores, np.float32)
@@ -363,7 +363,9 @@ def write_proponents(
             }
         )
     text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
-    query_ids = np.array([str(q["query_id"]) for q in queries])
+    raw_ids = [q["query_id"] for q in queries]
+    is_int = all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in raw_ids)
+    query_ids = np.array(raw_ids, np.int64) if is_int else np.array([str(i) for i in raw_ids])
     _atomic_write(
         path_npz,
         lambda f: np.savez(f, query_ids=query_ids, ids=ids, scores=scores),
