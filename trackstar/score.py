@@ -329,7 +329,8 @@ def write_proponents(
     """Writes proponents as jsonl rows and as arrays, each file atomically.
 
     jsonl rows: ``{query_id, prompt, target, proponent_ids, scores, texts}``; the npz holds
-    ``query_ids`` (int64 when every id is an int, else str), ``ids`` (int64 Q×K) and ``scores`` (float32 Q×K).
+    ``query_ids`` (int64 when every id is an int, else str), ``ids`` (int64 Q×K) and
+    ``scores`` (float32 Q×K).
     """
     ids = np.asarray(ids, np.int64)
     scores = np.asarray(scores, np.float32)
