@@ -16,7 +16,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from trackstar.tree import path_name
 
 
 class _Block(nnx.Module):
@@ -68,9 +71,23 @@ def make_toy_transformer(
     seed: int = 0,
 ):
     """A causal nnx Transformer LM as ``(apply_fn, params)`` (params: a nested dict)."""
-    model = _ToyLM(vocab, d_model, n_layers, n_heads, d_ff, max_len, nnx.Rngs(seed))
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
+    # Shapes only, then numpy values: eager jax init would compile dozens of tiny ops.
+    abstract = nnx.eval_shape(
+        lambda: _ToyLM(vocab, d_model, n_layers, n_heads, d_ff, max_len, nnx.Rngs(seed))
+    )
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(seed)
+
+    def init(path, leaf):
+        name = path_name(path)
+        if name.endswith("scale"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name.endswith("bias"):  # small nonzero so bias gradients are not trivial
+            return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
+        std = 0.02 if name == "pos" else 1.0 / math.sqrt(leaf.shape[0])
+        return jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(state))
 
     def apply_fn(p, tokens_BxT: jax.Array) -> jax.Array:
         st = jax.tree.map(lambda x: x, state)  # fresh container: replace_by_pure_dict mutates
@@ -86,17 +103,21 @@ def make_toy_gru(vocab: int = 23, hidden: int = 8, seed: int = 0):
     The three gates share one 3-D tensor ``gates/w`` (3 x H x H) and ``gates/u``; ``temp`` is a
     scalar logit temperature, so every tensor rank from 0 to 3 is present.
     """
-    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+    rng = np.random.default_rng(seed)
     s = 1.0 / math.sqrt(hidden)
+
+    def normal(shape, std):
+        return jnp.asarray(std * rng.standard_normal(shape), jnp.float32)
+
     params = {
-        "embed": jax.random.normal(k[0], (vocab, hidden)) * s,
+        "embed": normal((vocab, hidden), s),
         "gates": {
-            "w": jax.random.normal(k[1], (3, hidden, hidden)) * s,
-            "u": jax.random.normal(k[2], (3, hidden, hidden)) * s,
-            "b": jax.random.normal(k[3], (3, hidden)) * 0.1,
+            "w": normal((3, hidden, hidden), s),
+            "u": normal((3, hidden, hidden), s),
+            "b": normal((3, hidden), 0.1),
         },
-        "out": {"w": jax.random.normal(k[4], (hidden, vocab)) * s, "b": jnp.zeros((vocab,))},
-        "temp": jnp.asarray(1.0),
+        "out": {"w": normal((hidden, vocab), s), "b": normal((vocab,), 0.02)},
+        "temp": jnp.asarray(1.0, jnp.float32),
     }
 
     def apply_fn(p, tokens_BxT: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trackstar.tree import named_leaves
+from trackstar.tree import named_leaves, path_name
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -124,9 +124,12 @@ def make_feature_fn(
         named_grads = named_leaves(grads)
         _check_grad_paths(leaf_paths, [p for p, _ in named_grads])
         scales = dict(_named_scales(precond)) if precond is not None else {}
+        factors = projector.leaf_factors()
         blocks = []
         for path, g in named_grads:
-            blocks.append(_project_corrected_leaf(projector, path, g, scales.get(path)))
+            blocks.append(
+                _project_corrected_leaf(projector, path, g, scales.get(path), factors[path])
+            )
         return projector.combine(blocks)
 
     jitted = jax.jit(features)
@@ -143,8 +146,6 @@ def _named_scales(precond: PyTree) -> list[tuple[str, Any]]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(
         precond, is_leaf=lambda x: hasattr(x, "in_out_factors")
     )
-    from trackstar.tree import path_name
-
     return [(path_name(p), leaf) for p, leaf in leaves]
 
 
@@ -169,17 +170,21 @@ def _check_grad_paths(param_paths: list[str], grad_paths: list[str]) -> None:
         )
 
 
-def _project_corrected_leaf(projector: Any, path: str, g: jax.Array, scale: Any) -> jax.Array:
+def _project_corrected_leaf(
+    projector: Any, path: str, g: jax.Array, scale: Any, factors: tuple
+) -> jax.Array:
     g = g.astype(jnp.float32)
     if scale is None:
-        return projector.project_leaf(path, g)
+        return projector.project_leaf(path, g, factors=factors)
     if hasattr(scale, "in_out_factors"):
         factors = scale.in_out_factors() if projector.can_fold else None
         if factors is not None:
             row_scale, col_scale = factors
-            return projector.project_leaf(path, g, row_scale=row_scale, col_scale=col_scale)
+            return projector.project_leaf(
+                path, g, row_scale=row_scale, col_scale=col_scale, factors=factors
+            )
         scale = scale.dense()
-    return projector.project_leaf(path, g * scale.astype(jnp.float32))
+    return projector.project_leaf(path, g * scale.astype(jnp.float32), factors=factors)
 
 
 def nonfinite_rows(vectors_BxD: Any) -> np.ndarray:

@@ -6,9 +6,10 @@ Each parameter tensor ``G_l`` is viewed as a matrix ``(n_in, n_out)`` (``ndim >=
 (``n_out x k_out``, variance ``1/k_out``), so ``E[P^T P] = I`` and inner products are preserved
 in expectation. In row-major ``vec``, ``vec(A^T G B) = (A^T kron B^T) vec(G)``.
 
-``A_l`` and ``B_l`` come from ``fold_in(PRNGKey(seed), stable_hash(path))`` and are regenerated
-inside every call (cheap: ``(n_in + n_out) * k`` normals per tensor), never stored, so every
-host and run reproduces them.
+``A_l`` and ``B_l`` come from ``fold_in(PRNGKey(seed), stable_hash(path))``, split into one key
+per side; each side's rows are drawn in chunks of 64 keyed by ``fold_in(side_key, chunk)``.
+They are regenerated inside every call (cheap: ``(n_in + n_out) * k`` normals per tensor),
+never stored, so every host and run reproduces them.
 
 Modes: ``"global"`` sums all blocks into one ``k_in x k_out`` grid (``d = k_in * k_out``);
 ``"per_tensor"`` concatenates them (``d = L * k_in * k_out``); ``"dense"`` uses a Gaussian
@@ -59,7 +60,7 @@ class Projector:
       params_like: a pytree with the parameters' paths and shapes (arrays or ShapeDtypeStructs).
       mode: ``"global"``, ``"per_tensor"`` or ``"dense"``.
       k_in, k_out: Kronecker factor widths (``global``/``per_tensor``).
-      seed: projection seed.
+      seed: projection seed (an int; a traced integer works inside jit/vmap).
       dense_dim: ``d`` in ``dense`` mode.
       max_dense_elements: refuse ``dense`` mode when ``d * |theta|`` exceeds this.
     """
@@ -87,7 +88,9 @@ class Projector:
             lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params_like
         )
         self.mode, self.k_in, self.k_out = mode, int(k_in), int(k_out)
-        self.seed, self.dense_dim = int(seed), int(dense_dim)
+        # A traced seed is allowed (e.g. vmapping over seeds in statistical checks).
+        self.seed = seed if isinstance(seed, jax.Array) else int(seed)
+        self.dense_dim = int(dense_dim)
         self.shapes = {path: tuple(leaf.shape) for path, leaf in named_leaves(self.params_like)}
         self.paths = list(self.shapes)
         if not self.paths:
@@ -112,19 +115,39 @@ class Projector:
             return block * len(self.paths)
         return self.dense_dim
 
-    def factors(self, path: str) -> tuple[jax.Array, jax.Array]:
-        """``(A_l, B_l)`` for one tensor, regenerated from (seed, path)."""
-        n_in, n_out = matrix_shape(self._shape(path))
-        key_a, key_b = jax.random.split(leaf_key(self.seed, path))
-        a = jax.random.normal(key_a, (n_in, self.k_in), jnp.float32) / math.sqrt(self.k_in)
-        b = jax.random.normal(key_b, (n_out, self.k_out), jnp.float32) / math.sqrt(self.k_out)
-        return a, b
+    def leaf_factors(self, paths: list[str] | None = None) -> dict[str, tuple[jax.Array, ...]]:
+        """Regenerates the random factors of ``paths`` (default: all tensors) in one batch.
 
-    def dense_leaf_matrix(self, path: str) -> jax.Array:
-        """``dense`` mode's ``d x n_l`` Gaussian block (variance ``1/d``) for one tensor."""
-        n = math.prod(self._shape(path))
-        z = jax.random.normal(leaf_key(self.seed, path), (self.dense_dim, n), jnp.float32)
-        return z / math.sqrt(self.dense_dim)
+        Returns ``{path: (A_l, B_l)}`` in the Kronecker modes and ``{path: (M_l,)}`` with the
+        ``d x n_l`` block in ``dense`` mode. Call it once per traced function and hand the
+        entries to ``project_leaf``: one batched generator compiles far faster than one per
+        tensor, and each tensor's values still depend only on (seed, path).
+        """
+        paths = self.paths if paths is None else list(paths)
+        shapes = [matrix_shape(self._shape(p)) for p in paths]
+        keys = jax.vmap(lambda h: jax.random.fold_in(jax.random.PRNGKey(self.seed), h))(
+            jnp.asarray([stable_hash(p) for p in paths], jnp.uint32)
+        )
+        if self.mode == "dense":
+            sizes = [n_in * n_out for n_in, n_out in shapes]
+            blocks = _chunked_normal(keys, sizes, self.dense_dim, 1.0 / math.sqrt(self.dense_dim))
+            return {p: (blk.T,) for p, blk in zip(paths, blocks, strict=True)}
+        key_a, key_b = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        a_rows = [n_in for n_in, _ in shapes]
+        b_rows = [n_out for _, n_out in shapes]
+        if self.k_in == self.k_out:  # one generator for both sides
+            both = _chunked_normal(
+                jnp.concatenate([key_a, key_b]), a_rows + b_rows, self.k_in, self.k_in**-0.5
+            )
+            a_list, b_list = both[: len(paths)], both[len(paths) :]
+        else:
+            a_list = _chunked_normal(key_a, a_rows, self.k_in, self.k_in**-0.5)
+            b_list = _chunked_normal(key_b, b_rows, self.k_out, self.k_out**-0.5)
+        return {p: (a, b) for p, a, b in zip(paths, a_list, b_list, strict=True)}
+
+    def factors(self, path: str) -> tuple[jax.Array, ...]:
+        """``(A_l, B_l)`` (or dense mode's ``(M_l,)``) for one tensor."""
+        return self.leaf_factors([path])[path]
 
     def project_leaf(
         self,
@@ -132,6 +155,7 @@ class Projector:
         g_Bx: jax.Array,
         row_scale: jax.Array | None = None,
         col_scale: jax.Array | None = None,
+        factors: tuple[jax.Array, ...] | None = None,
     ) -> jax.Array:
         """Projects one tensor's per-example gradients ``g`` (``B x shape``) to its block.
 
@@ -139,7 +163,8 @@ class Projector:
         ``row_scale`` (``n_in``) / ``col_scale`` (``n_out``) it projects
         ``diag(row) G diag(col)`` by folding the scales into the factors
         (``A' = diag(row) A``, ``B' = diag(col) B``), which is how a factored (Adafactor)
-        preconditioner is applied without materializing the scaled gradient.
+        preconditioner is applied without materializing the scaled gradient. ``factors``:
+        this tensor's entry of ``leaf_factors()`` (regenerated here when omitted).
         """
         shape = self._shape(path)
         if tuple(g_Bx.shape[1:]) != shape:
@@ -148,15 +173,17 @@ class Projector:
             )
         batch = g_Bx.shape[0]
         g = g_Bx.astype(jnp.float32)
+        if factors is None:
+            factors = self.factors(path)
         if self.mode == "dense":
             if row_scale is not None or col_scale is not None:
                 raise ProjectionError(
                     "dense mode cannot fold row/col scales; multiply the gradient first"
                 )
-            return g.reshape(batch, -1) @ self.dense_leaf_matrix(path).T
+            return g.reshape(batch, -1) @ factors[0].T
         n_in, n_out = matrix_shape(shape)
         g_BxIxO = g.reshape(batch, n_in, n_out)
-        a, b = self.factors(path)
+        a, b = factors
         if row_scale is not None:
             a = a * jnp.reshape(row_scale, (n_in, 1)).astype(jnp.float32)
         if col_scale is not None:
@@ -190,7 +217,8 @@ class Projector:
                 "gradient paths do not match the projector's parameters: missing "
                 f"{sorted(set(self.paths) - set(got))}, extra {sorted(set(got) - set(self.paths))}"
             )
-        return self.combine([self.project_leaf(p, g) for p, g in named])
+        factors = self.leaf_factors()
+        return self.combine([self.project_leaf(p, g, factors=factors[p]) for p, g in named])
 
     def dense_matrix(self) -> jax.Array:
         """The full ``dim x |theta|`` matrix (columns: leaves in order, each flattened row-major).
@@ -198,11 +226,12 @@ class Projector:
         Built from the same factors (``A_l^T kron B_l^T`` per block); for tests on small models.
         """
         cols = []
+        factors = self.leaf_factors()
         for path in self.paths:
             if self.mode == "dense":
-                cols.append(self.dense_leaf_matrix(path))
+                cols.append(factors[path][0])
                 continue
-            a, b = self.factors(path)
+            a, b = factors[path]
             block = jnp.kron(a.T, b.T)
             if self.mode == "per_tensor":
                 i = self.paths.index(path)
@@ -219,7 +248,7 @@ class Projector:
             h.update(f"{path}:{shape};".encode())
         return {
             "mode": self.mode,
-            "seed": self.seed,
+            "seed": int(self.seed),
             "k_in": self.k_in,
             "k_out": self.k_out,
             "dense_dim": self.dense_dim if self.mode == "dense" else None,
@@ -235,3 +264,26 @@ class Projector:
                 f"no parameter {path!r} in this projector (it has {len(self.paths)} tensors, "
                 f"e.g. {self.paths[:3]}); build the Projector from the same params"
             ) from None
+
+
+# Rows per generated chunk: a tensor's factor is its chunks' rows, cut to length, so its values
+# depend only on its own key while all tensors share one batched normal() call.
+_CHUNK_ROWS = 64
+
+
+def _chunked_normal(
+    keys_Px2: jax.Array, n_rows: list[int], width: int, std: float
+) -> list[jax.Array]:
+    """One ``n_rows[i] x width`` Gaussian matrix per parent key, from a single batched call."""
+    n_chunks = [-(-n // _CHUNK_ROWS) for n in n_rows]
+    parents = jnp.repeat(keys_Px2, np.asarray(n_chunks), axis=0, total_repeat_length=sum(n_chunks))
+    chunk_ids = jnp.asarray(np.concatenate([np.arange(c) for c in n_chunks]), jnp.uint32)
+    chunk_keys = jax.vmap(jax.random.fold_in)(parents, chunk_ids)
+    z_CxRxW = jax.vmap(lambda k: jax.random.normal(k, (_CHUNK_ROWS, width), jnp.float32))(
+        chunk_keys
+    )
+    out, start = [], 0
+    for n, c in zip(n_rows, n_chunks, strict=True):
+        out.append(z_CxRxW[start : start + c].reshape(c * _CHUNK_ROWS, width)[:n] * std)
+        start += c
+    return out
