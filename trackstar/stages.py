@@ -263,10 +263,8 @@ def stage_featurize(
 
 
 def open_store(file: str) -> store.VectorStore:
-    try:
-        return store.VectorStore.open(file)
-    except FileNotFoundError as e:
-        raise StageError(f"no store at {file}; run scripts/featurize.py first") from e
+    """A finished store; a missing or partial one raises ``StoreError`` saying to featurize."""
+    return store.VectorStore.open(file)
 
 
 def hessian_path(cfg, candidates: str, corrected: bool) -> str:
