@@ -177,9 +177,9 @@ def _project_corrected_leaf(
     if scale is None:
         return projector.project_leaf(path, g, factors=factors)
     if hasattr(scale, "in_out_factors"):
-        factors = scale.in_out_factors() if projector.can_fold else None
-        if factors is not None:
-            row_scale, col_scale = factors
+        in_out = scale.in_out_factors() if projector.can_fold else None
+        if in_out is not None:
+            row_scale, col_scale = in_out
             return projector.project_leaf(
                 path, g, row_scale=row_scale, col_scale=col_scale, factors=factors
             )
