@@ -26,8 +26,9 @@ from trackstar.gradients import make_feature_fn
 from trackstar.projection import Projector
 from trackstar.tree import tree_fingerprint
 
-# Example sets a store can be made of: the closed candidate set, the corpus documents (open
-# set), the task queries and the held-out queries (R_eval source).
+# Example sets a store can be made of: the closed candidate set, the corpus passages (open
+# set: documents, split at sentence boundaries where longer than model.max_len), the task
+# queries and the held-out queries (R_eval source).
 EXAMPLE_SETS = ("candidates", "corpus", "task", "heldout")
 
 
@@ -177,6 +178,61 @@ def accuracy_report(cfg, apply_fn, params, tok, w: world.World) -> dict:
     }
 
 
+# ----- open-set passages ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """An open-set candidate: a corpus document, or a sentence-aligned piece of a long one."""
+
+    doc_id: int
+    text: str
+    fact_ids: tuple[int, ...]
+
+
+def corpus_passages(w: world.World, tok, max_len: int) -> list[Passage]:
+    """The corpus documents as open-set candidates, each fitting ``max_len`` tokens with BOS.
+
+    The model's learned position table has ``max_len`` rows, so a longer document cannot be
+    one example; it is cut at sentence boundaries into the fewest greedy pieces that fit. A
+    passage's ``fact_ids`` are the facts its own sentences state.
+    """
+    out: list[Passage] = []
+    for doc in w.documents:
+        if 1 + len(tokenizer.encode(tok, doc.text)) <= max_len:
+            out.append(Passage(doc.doc_id, doc.text, tuple(doc.fact_ids)))
+            continue
+        groups: list[list[int]] = [[]]
+        for i in range(len(doc.sentences)):
+            trial = " ".join(doc.sentences[j] for j in [*groups[-1], i])
+            if groups[-1] and 1 + len(tokenizer.encode(tok, trial)) > max_len:
+                groups.append([])
+            groups[-1].append(i)
+        for g in groups:
+            text = " ".join(doc.sentences[i] for i in g)
+            facts = sorted({doc.sentence_fact_ids[i] for i in g} - {-1})
+            out.append(Passage(doc.doc_id, text, tuple(facts)))
+    return out
+
+
+def candidate_pool(cfg, w: world.World, tok, candidates: str) -> tuple[list[str], list[set]]:
+    """``(texts, ground_truth)`` of a candidate pool: ground truth per task query as id sets.
+
+    ``"candidates"`` is the closed set (the world's annotated ground truth); ``"corpus"`` the
+    open set, where a passage is ground truth for a query when it states the query's fact.
+    """
+    if candidates == "candidates":
+        return data.candidate_texts(w), [set(q.candidate_ids) for q in w.task_queries]
+    if candidates == "corpus":
+        passages = corpus_passages(w, tok, cfg.model.max_len)
+        by_fact: dict[int, set] = {}
+        for i, p in enumerate(passages):
+            for f in p.fact_ids:
+                by_fact.setdefault(f, set()).add(i)
+        return [p.text for p in passages], [by_fact.get(q.fact_id, set()) for q in w.task_queries]
+    raise StageError(f"unknown candidate pool {candidates!r}; use 'candidates' or 'corpus'")
+
+
 # ----- featurize ------------------------------------------------------------------------------
 
 
@@ -187,7 +243,8 @@ def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]
         tokens, weights = data.encode_texts(tok, data.candidate_texts(w), max_len)
         return Examples(tokens, weights), "train", "train"
     if which == "corpus":
-        tokens, weights = data.encode_texts(tok, data.corpus_texts(w), max_len)
+        texts = [p.text for p in corpus_passages(w, tok, max_len)]
+        tokens, weights = data.encode_texts(tok, texts, max_len)
         return Examples(tokens, weights), "train", "train"
     if which in ("task", "heldout"):
         queries = w.task_queries if which == "task" else w.heldout_queries
@@ -202,8 +259,14 @@ def correction_kind(cfg, corrected: bool) -> str:
     return "adam" if cfg.train.optimizer == "adamw" else "adafactor"
 
 
-def store_path(cfg, which: str, corrected: bool) -> str:
-    return path(cfg, "stores", f"{which}-{correction_kind(cfg, corrected)}")
+def _tagged(name: str, *tags: str) -> str:
+    return "-".join([name, *[t for t in tags if t]])
+
+
+def store_path(cfg, which: str, corrected: bool, tag: str = "") -> str:
+    """``stores/<which>-<correction>[-<tag>]``; a tag keeps variants (another output function,
+    projection or model) apart from the default store."""
+    return path(cfg, "stores", _tagged(f"{which}-{correction_kind(cfg, corrected)}", tag))
 
 
 def make_projector(cfg, params) -> Projector:
@@ -222,8 +285,10 @@ def stage_featurize(
     corrected: bool = True,
     trained: Trained | None = None,
     progress: bool = True,
+    tag: str = "",
 ) -> str:
-    """Featurizes an example set into ``stores/<which>-<correction>``; resumes a partial store."""
+    """Featurizes an example set into ``stores/<which>-<correction>[-<tag>]``; resumes a
+    partial store. Use a new ``tag`` whenever the featurize config differs from the store's."""
     trained = trained or load_trained(cfg)
     examples, output_fn, kind = examples_for(cfg, trained, which)
     projector = make_projector(cfg, trained.params)
@@ -241,7 +306,7 @@ def stage_featurize(
         correction=correction_kind(cfg, corrected),
         extra={"example_set": which, "eps": cfg.featurize.eps},
     )
-    out = store_path(cfg, which, corrected)
+    out = store_path(cfg, which, corrected, tag)
     vs = store.VectorStore.create(out, meta)
     if not vs.is_complete:
         feature_fn = make_feature_fn(trained.apply_fn, output_fn, projector, precond)
@@ -267,17 +332,29 @@ def open_store(file: str) -> store.VectorStore:
     return store.VectorStore.open(file)
 
 
-def hessian_path(cfg, candidates: str, corrected: bool) -> str:
-    return path(cfg, "hessian", f"{candidates}-{correction_kind(cfg, corrected)}.npz")
+def hessian_path(
+    cfg, candidates: str, corrected: bool, train_tag: str = "", query_tag: str = ""
+) -> str:
+    name = _tagged(f"{candidates}-{correction_kind(cfg, corrected)}", train_tag, query_tag)
+    return path(cfg, "hessian", f"{name}.npz")
 
 
-def stage_hessian(cfg, candidates: str = "candidates", corrected: bool = True) -> str:
-    """Fits R_train (from the candidate store), R_eval (task or held-out queries), λ, R^{-1/2}."""
-    train_store = open_store(store_path(cfg, candidates, corrected))
+def stage_hessian(
+    cfg,
+    candidates: str = "candidates",
+    corrected: bool = True,
+    train_tag: str = "",
+    query_tag: str = "",
+) -> str:
+    """Fits R_train (from the candidate store), R_eval (task or held-out queries), λ, R^{-1/2}.
+
+    ``train_tag`` / ``query_tag`` pick tagged candidate / query stores (see ``store_path``).
+    """
+    train_store = open_store(store_path(cfg, candidates, corrected, train_tag))
     eval_source = cfg.hessian.eval_source
     if eval_source not in ("task", "heldout"):
         raise StageError(f"hessian.eval_source must be 'task' or 'heldout', got {eval_source!r}")
-    eval_store = open_store(store_path(cfg, eval_source, corrected))
+    eval_store = open_store(store_path(cfg, eval_source, corrected, query_tag))
     fit = hessian.fit_hessian(
         train_store,
         eval_store,
@@ -285,24 +362,35 @@ def stage_hessian(cfg, candidates: str = "candidates", corrected: bool = True) -
         train_store.dim,
         provenance={"train_store": train_store.path, "eval_store": eval_store.path},
     )
-    out = hessian_path(cfg, candidates, corrected)
+    out = hessian_path(cfg, candidates, corrected, train_tag, query_tag)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fit.save(out)
     return out
 
 
 def stage_score(
-    cfg, preset: str | None = None, candidates: str = "candidates", progress: bool = True
+    cfg,
+    preset: str | None = None,
+    candidates: str = "candidates",
+    progress: bool = True,
+    train_tag: str = "",
+    query_tag: str = "",
 ) -> dict:
-    """Scores the task queries against a candidate store with a SPEC §3 preset."""
+    """Scores the task queries against a candidate store with a SPEC §3 preset.
+
+    Tagged stores (and their Hessian fit) are used when ``train_tag`` / ``query_tag`` are given;
+    the proponents file then carries the tags in its name.
+    """
     preset = preset or cfg.score.preset
     spec = score.get_preset(preset)
-    train_store = open_store(store_path(cfg, candidates, spec.corrected))
-    query_store = open_store(store_path(cfg, "task", spec.corrected))
+    train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
+    query_store = open_store(store_path(cfg, "task", spec.corrected, query_tag))
     store.check_compatible(train_store.meta, query_store.meta)
     fit = None
     if spec.hessian != "none":
-        fit = hessian.HessianFit.load(hessian_path(cfg, candidates, spec.corrected))
+        fit = hessian.HessianFit.load(
+            hessian_path(cfg, candidates, spec.corrected, train_tag, query_tag)
+        )
     ids, scores = score.score_preset(
         train_store,
         query_store,
@@ -312,9 +400,9 @@ def stage_score(
         rows_per_step=cfg.score.chunk_rows,
         progress=progress,
     )
-    w, _ = load_world_and_tokenizer(cfg)
-    texts = data.candidate_texts(w) if candidates == "candidates" else data.corpus_texts(w)
+    w, tok = load_world_and_tokenizer(cfg)
+    texts, _ = candidate_pool(cfg, w, tok, candidates)
     queries = [dataclasses.asdict(q) for q in w.task_queries]
-    out = path(cfg, "results", f"proponents_{candidates}_{preset}")
+    out = path(cfg, "results", _tagged(f"proponents_{candidates}_{preset}", train_tag, query_tag))
     score.write_proponents(out + ".jsonl", out + ".npz", queries, ids, scores, texts)
     return {"ids": ids, "scores": scores, "path": out + ".jsonl"}
