@@ -103,14 +103,20 @@ def test_loss_decreases_on_learnable_toy(lm, tmp_path, optimizer):
     apply_fn, params = lm
     cfg = dict(TRAIN, optimizer=optimizer, steps=60, lr=1e-2, final_lr=1e-3, checkpoint_every=60)
     cfg["log_every"] = 10
-    _, _, hist = T.train_loop(
-        apply_fn, params, T.make_optimizer(cfg), counting_batch, cfg, str(tmp_path), progress=False
+    opt = T.make_optimizer(cfg)
+    p_end, s_end, hist = T.train_loop(
+        apply_fn, params, opt, counting_batch, cfg, str(tmp_path), progress=False
     )
     losses = [h["loss"] for h in hist]
     assert len(losses) == 6 and all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
     assert hist[-1]["tokens_per_s"] > 0 and hist[-1]["step"] == 60
     assert C.all_steps(str(tmp_path)) == [60]
+    # The final checkpoint restores this optimizer's full state exactly.
+    abstract = jax.eval_shape(lambda q: q, params)
+    p_ck, s_ck, _ = C.restore(str(tmp_path), abstract, jax.eval_shape(opt.init, abstract))
+    _assert_trees_identical(p_ck, p_end)
+    _assert_trees_identical(s_ck, s_end)
 
 
 def test_interrupted_runs_resume_bit_identical(lm, tmp_path):
