@@ -1,0 +1,143 @@
+"""Optimizer correction against optax's real AdamW / Adafactor states and optax's own math."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from toy_models import make_toy_gru
+
+from trackstar.correction import (
+    CorrectionError,
+    FactoredScale,
+    PathMismatchError,
+    dense,
+    opt_state_fingerprint,
+    preconditioner,
+)
+from trackstar.gradients import output_loss
+from trackstar.tree import named_leaves
+
+VOCAB, HIDDEN = 29, 6
+B2, EPS = 0.95, 1e-6
+
+
+@pytest.fixture(scope="module")
+def model():
+    apply_fn, params = make_toy_gru(vocab=VOCAB, hidden=HIDDEN)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.integers(1, VOCAB, (4, 8)), jnp.int32) for _ in range(5)]
+
+    @jax.jit
+    def grad_fn(p, tokens):
+        weights = jnp.ones(tokens.shape).at[:, 0].set(0.0)
+        return jax.grad(lambda p: output_loss(apply_fn(p, tokens), tokens, weights, "loss").mean())(
+            p
+        )
+
+    return params, batches, grad_fn
+
+
+def _train(opt, params, batches, grad_fn):
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for tokens in batches[:-1]:
+        updates, state = update(grad_fn(params, tokens), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state, grad_fn(params, batches[-1])
+
+
+@pytest.fixture(scope="module")
+def adamw_run(model):
+    return _train(optax.adamw(1e-2, b1=0.9, b2=B2, eps=EPS, weight_decay=0.01), *model)
+
+
+def test_adamw_preconditioner_equals_formula_and_optax_update(adamw_run):
+    params, state, g = adamw_run
+    pre = preconditioner(state, params, eps=EPS, b2=B2)
+    adam = state[0]
+    t = int(adam.count)
+    assert t == 4
+    for (path, got), (_, nu) in zip(named_leaves(pre), named_leaves(adam.nu), strict=True):
+        want = 1.0 / (np.sqrt(np.asarray(nu, np.float64) / (1 - B2**t)) + EPS)
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=path)
+    # optax's own step with b1 = 0 is exactly g / (sqrt(nu_hat) + eps) on the updated state.
+    updates, new_adam = optax.scale_by_adam(b1=0.0, b2=B2, eps=EPS).update(g, adam, params)
+    new_pre = preconditioner((new_adam,), params, eps=EPS, b2=B2)
+    want = jax.tree.map(lambda x, s: x * s, g, new_pre)
+    for (path, u), (_, w) in zip(named_leaves(updates), named_leaves(want), strict=True):
+        np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-9, err_msg=path)
+
+
+def test_restored_dict_state_gives_the_same_factor(adamw_run):
+    params, state, _ = adamw_run
+    adam = state[0]
+    as_dicts = [{"count": adam.count, "mu": adam.mu, "nu": adam.nu}, {"other": jnp.zeros(())}]
+    a = preconditioner(state, params, eps=EPS, b2=B2)
+    b = preconditioner(as_dicts, params, eps=EPS, b2=B2)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_adafactor_factor_equals_optax_scaling(model):
+    params, batches, grad_fn = model
+    opt = optax.adafactor(learning_rate=1e-2, min_dim_size_to_factor=4)
+    params, state, g = _train(opt, params, batches, grad_fn)
+    pre = preconditioner(state, params, eps=EPS, b2=B2)  # eps/b2 unused for Adafactor
+    kinds = {p: type(s).__name__ for p, s in named_leaves_keep_factored(pre)}
+    assert kinds["embed"] == kinds["out/w"] == kinds["gates/w"] == "FactoredScale"
+    assert kinds["gates/b"] == kinds["temp"] == "ArrayImpl"  # 3 < 4: not factored
+    for path in ("embed", "out/w"):
+        scale = dict(named_leaves_keep_factored(pre))[path]
+        row, col = scale.in_out_factors()
+        np.testing.assert_allclose(np.outer(row, col), scale.dense(), rtol=1e-6, err_msg=path)
+    assert pre["gates"]["w"].in_out_factors() is None  # 3-D: not a matrix outer product
+    # optax's scaling of a gradient with the stored moments (decay 1 keeps them unchanged;
+    # momentum, clipping and parameter scaling are separate transforms in adafactor's chain).
+    rms = optax.scale_by_factored_rms(
+        min_dim_size_to_factor=4, decay_rate_fn=lambda step, rate: jnp.asarray(1.0)
+    )
+    updates, _ = rms.update(g, state[0], params)
+    want = jax.tree.map(lambda x, s: x * s, g, dense(pre))
+    for (path, u), (_, w) in zip(named_leaves(updates), named_leaves(want), strict=True):
+        np.testing.assert_allclose(u, w, rtol=2e-5, err_msg=path)
+
+
+def named_leaves_keep_factored(tree):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, FactoredScale)
+    )
+    return [("/".join(str(k.key) for k in p), x) for p, x in leaves]
+
+
+def test_path_mismatch_names_the_paths(adamw_run):
+    params, state, _ = adamw_run
+    missing = copy.copy(params)
+    del missing["temp"]
+    with pytest.raises(PathMismatchError, match=r"extra in state \['temp'\]"):
+        preconditioner(state, missing, eps=EPS, b2=B2)
+    extra = dict(params, head=jnp.zeros(3))
+    with pytest.raises(PathMismatchError, match=r"missing in state \['head'\]"):
+        preconditioner(state, extra, eps=EPS, b2=B2)
+
+
+def test_bad_states_raise(adamw_run, model):
+    params, state, _ = adamw_run
+    with pytest.raises(CorrectionError, match="b2"):
+        preconditioner(state, params, eps=EPS)
+    with pytest.raises(CorrectionError, match="found 2"):
+        preconditioner((state[0], state[0]), params, eps=EPS, b2=B2)
+    with pytest.raises(CorrectionError, match="found 0"):
+        preconditioner(optax.sgd(0.1).init(params), params, eps=EPS, b2=B2)
+    fresh = optax.adam(1e-3).init(params)
+    with pytest.raises(CorrectionError, match="step count 0"):
+        preconditioner(fresh, params, eps=EPS, b2=B2)
+
+
+def test_fingerprint_is_stable_and_sensitive(adamw_run):
+    params, state, g = adamw_run
+    fp = opt_state_fingerprint(state)
+    assert len(fp) == 16 and fp == opt_state_fingerprint(copy.deepcopy(state))
+    _, later = optax.adamw(1e-2, b2=B2).update(g, state, params)
+    assert opt_state_fingerprint(later) != fp
