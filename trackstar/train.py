@@ -239,7 +239,7 @@ def train_loop(
     bar = tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step")
     window_losses: list[jax.Array] = []
     window_tokens, t0 = 0, time.perf_counter()
-    with checkpoint.Checkpointer(ckpt_dir, keep=c.get("keep_checkpoints")) as ck:
+    with checkpoint.Checkpointer(ckpt_dir, keep=c.get("keep_checkpoints")) as ck, bar:
         for step in range(start, end):
             tokens_BxT, weights_BxT = batch_fn(step)
             tokens_BxT = jnp.asarray(tokens_BxT, dtype=jnp.int32)
@@ -268,5 +268,4 @@ def train_loop(
                 window_losses, window_tokens, t0 = [], 0, time.perf_counter()
             if done % every == 0 or done == end:
                 ck.save(done, params, opt_state, dict(ckpt_meta, data_position=done))
-    bar.close()
     return params, opt_state, history
