@@ -113,4 +113,14 @@ def get_config() -> ml_collections.ConfigDict:
     tp.n_queries = 100  # Queries patched (the first n of the task queries; 0 = all).
     tp.carry_momentum = False  # True: step = U(g) - U(0) with the training optimizer.
     tp.pair_batch = 32  # (query, proponent) pairs per vmapped call (memory vs speed).
+
+    # --- Experiments E1-E7 (SPEC §6); configs/e1.py ... e7.py set these per experiment ---
+    ex = c.experiment = ml_collections.ConfigDict()
+    ex.name = "e1"  # Which runner: e1 ... e7 (trackstar.experiments.RUNNERS).
+    ex.methods = ()  # Methods to compare (presets, "bm25", "random"); () = the runner's default.
+    ex.tailpatch_methods = ("trackstar",)  # e3/e5: methods tail-patched at every setting.
+    ex.k_values = (8, 16, 32, 64)  # e3: sub-grid sides k (d = k * k, k <= featurize.k_in).
+    ex.output_fns = ("loss", "margin", "logit")  # e5: query output functions compared.
+    # e4: name -> config overrides of each model variant ({} = this run); each has its own run_dir.
+    ex.variants = ml_collections.ConfigDict({"base": {}})
     return c

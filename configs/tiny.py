@@ -41,4 +41,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.score.chunk_rows = 64
     c.tailpatch.n_queries = 8
     c.tailpatch.pair_batch = 8
+    c.experiment.k_values = (2, 4, 8)  # e3: sub-grids of the 8 x 8 tiny projection.
     return c
