@@ -9,8 +9,10 @@ correction key on and a later sharding pass can match by name.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +29,36 @@ SIZES: dict[str, dict[str, int]] = {
     "base": dict(d_model=256, n_layers=4, n_heads=8, d_ff=1024, max_len=128),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# Optional layer tap, off unless ``LMApply.tapped`` installs one for the duration of a trace: the
+# activation-based per-example gradient path reads each parameterized op's input and adds a
+# (zero) perturbation to its output, instead of differentiating per example w.r.t. weights.
+_TAP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("layer_tap", default=None)
+
+
+def _tap(kind: str, layer: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    tap = _TAP.get()
+    return y if tap is None else tap(kind, layer, x, y)
+
+
+def _dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    return _tap("dense", layer, x, layer(x))
+
+
+def _embed(layer: nnx.Embed, ids: jax.Array) -> jax.Array:
+    return _tap("embed", layer, ids, layer(ids))
+
+
+def _norm(layer: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+    y = layer(x)
+    if _TAP.get() is None:
+        return y
+    # y = xhat * scale + bias: the tap needs xhat, the input the scale multiplies.
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return _tap("scale_shift", layer, (x32 - mean) * jax.lax.rsqrt(var + layer.epsilon), y)
 
 
 class ModelConfigError(ValueError):
@@ -97,7 +129,7 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         B, T, D = x_BxTxD.shape
         H = self.n_heads
-        qkv_BxTx3xHxK = self.qkv(x_BxTxD).reshape(B, T, 3, H, D // H)
+        qkv_BxTx3xHxK = _dense(self.qkv, x_BxTxD).reshape(B, T, 3, H, D // H)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
         scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(D // H)
         # Softmax in float32 with a finite mask value: no row can become NaN, in any dtype.
@@ -105,7 +137,7 @@ class CausalSelfAttention(nnx.Module):
         scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS.astype(jnp.float32), -1e30)
         attn_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxTxHxK.dtype)
         y_BxTxHxK = jnp.einsum("bhts,bshk->bthk", attn_BxHxTxS, v_BxTxHxK)
-        return self.out(y_BxTxHxK.reshape(B, T, D))
+        return _dense(self.out, y_BxTxHxK.reshape(B, T, D))
 
 
 class MLP(nnx.Module):
@@ -117,7 +149,7 @@ class MLP(nnx.Module):
         self.fc_out = nnx.Linear(spec.d_ff, spec.d_model, dtype=dt, rngs=rngs)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        return self.fc_out(jax.nn.gelu(self.fc_in(x_BxTxD)))
+        return _dense(self.fc_out, jax.nn.gelu(_dense(self.fc_in, x_BxTxD)))
 
 
 class Block(nnx.Module):
@@ -131,8 +163,8 @@ class Block(nnx.Module):
         self.mlp = MLP(spec, rngs=rngs)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD))
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        x_BxTxD = x_BxTxD + self.attn(_norm(self.attn_norm, x_BxTxD))
+        return x_BxTxD + self.mlp(_norm(self.mlp_norm, x_BxTxD))
 
 
 class TransformerLM(nnx.Module):
@@ -160,10 +192,10 @@ class TransformerLM(nnx.Module):
                 f"sequence length {T} exceeds the model's max_len {self.spec.max_len}; "
                 "truncate the examples or raise model.max_len"
             )
-        x_BxTxD = self.embed(tokens_BxT) + self.pos_embed(jnp.arange(T))
+        x_BxTxD = _embed(self.embed, tokens_BxT) + _embed(self.pos_embed, jnp.arange(T))
         for block in self.blocks:
             x_BxTxD = block(x_BxTxD)
-        return self.unembed(self.final_norm(x_BxTxD)).astype(jnp.float32)
+        return _dense(self.unembed, _norm(self.final_norm, x_BxTxD)).astype(jnp.float32)
 
 
 class LMApply:
@@ -183,6 +215,29 @@ class LMApply:
 
     def __call__(self, params: Params, tokens_BxT: jax.Array) -> jax.Array:
         return self.module(params)(tokens_BxT)
+
+    def tapped(self, params: Params, tokens_BxT: jax.Array, tap: Callable) -> jax.Array:
+        """Like ``__call__``, but routes every parameterized op through ``tap``.
+
+        ``tap(kind, path, x, y) -> y'`` is called at trace time with the layer's parameter path
+        prefix (e.g. ``"blocks/0/attn/qkv"``) and its output ``y``, which it may replace:
+          - ``"dense"``: ``y = x @ params[path]["kernel"] + params[path]["bias"]``;
+          - ``"embed"``: ``y = params[path]["embedding"][x]`` (``x`` integer ids);
+          - ``"scale_shift"``: ``y = x * params[path]["scale"] + params[path]["bias"]``
+            (``x`` the normalized input of a LayerNorm).
+        Used by ``trackstar.gradients``' activation-based per-example features.
+        """
+        module = self.module(params)
+        names = {
+            id(node): "/".join(str(k) for k in path)
+            for path, node in nnx.iter_graph(module)
+            if isinstance(node, nnx.Module)
+        }
+        token = _TAP.set(lambda kind, layer, x, y: tap(kind, names[id(layer)], x, y))
+        try:
+            return module(tokens_BxT)
+        finally:
+            _TAP.reset(token)
 
     def __repr__(self) -> str:
         return f"LMApply({self.spec})"
