@@ -22,7 +22,7 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
         {
             "base": {},  # The run dir's own model.
             "small": {  # Half the width, one layer fewer.
-                "run_dir": c.run_dir + "_small",
+                "run_dir_suffix": "_small",  # Its run dir: <run_dir>_small.
                 "model": {
                     "d_model": m.d_model // 2,
                     "n_layers": max(1, m.n_layers - 1),

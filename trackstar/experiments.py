@@ -40,7 +40,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from trackstar import hessian, metrics, report, score, stages, tailpatch
+from trackstar import checkpoint, hessian, metrics, report, score, stages, tailpatch
 from trackstar import model as model_lib
 from trackstar.baselines import bm25_rank, query_text, random_rank
 
@@ -158,13 +158,36 @@ class Setup:
         return self.n_queries if n <= 0 else min(n, self.n_queries)
 
 
+# Restored checkpoints by (run dir, model/train config): experiments run in one process share
+# one ``Trained`` and so one apply function, whose jitted kernels then compile only once.
+_TRAINED: dict[str, stages.Trained] = {}
+
+
+def load_trained(cfg: ml_collections.ConfigDict) -> stages.Trained:
+    """``stages.load_trained``, memoized per run dir, model and train config and final step."""
+    key = _hash(
+        os.path.abspath(cfg.run_dir),
+        _section(cfg, "model"),
+        _section(cfg, "train"),
+        checkpoint_step(cfg),
+    )
+    if key not in _TRAINED:
+        _TRAINED[key] = stages.load_trained(cfg)
+    return _TRAINED[key]
+
+
+def checkpoint_step(cfg: ml_collections.ConfigDict) -> int | None:
+    """The latest checkpoint step of a run dir (None when there is none)."""
+    return checkpoint.latest_step(stages.path(cfg, "checkpoints"))
+
+
 def make_setup(
     cfg: ml_collections.ConfigDict,
     candidates: str = "candidates",
     trained: stages.Trained | None = None,
 ) -> Setup:
     """Loads the final checkpoint and encodes the candidate pool and the task queries."""
-    trained = trained or stages.load_trained(cfg)
+    trained = trained or load_trained(cfg)
     texts, gt = stages.candidate_pool(cfg, trained.world, trained.tok, candidates)
     cand, _, _ = stages.examples_for(cfg, trained, candidates)
     queries = stages.query_examples(cfg, trained.tok, trained.world.task_queries)
@@ -884,18 +907,24 @@ def run_e3(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
 def run_e4(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """E4 (paper Fig. 2 right): the comparison across model sizes.
 
-    ``experiment.variants`` maps a name to config overrides (its own ``run_dir`` and ``model``
-    sizes); each variant is trained (or resumed) in its run dir on the same world.
+    ``experiment.variants`` maps a name to config overrides (``model`` sizes, and its own run
+    dir as ``run_dir`` or ``run_dir_suffix`` appended to the base one); each variant is trained
+    (or resumed) in its run dir on the same world.
     """
     t0 = time.perf_counter()
     ex = experiment_section(cfg)
     methods = _methods(cfg, ("bm25", "random", "grad_cosine", "exp_opt_norm", "trackstar"))
     variants: dict[str, dict] = {}
     for name, overrides in ex.variants.items():
+        overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+        # A suffix keeps a variant's run dir beside the base one whatever run_dir is set to.
+        suffix = overrides.pop("run_dir_suffix", "")
         vcfg = with_overrides(cfg, overrides)
+        if suffix:
+            vcfg.run_dir = cfg.run_dir + suffix
         stages.stage_world(vcfg)
         acc = stages.stage_train(vcfg, progress=progress)
-        trained = stages.load_trained(vcfg)
+        trained = load_trained(vcfg)
         res, _, _ = retrieval_results(vcfg, "candidates", methods, trained, progress=progress)
         res["n_params"] = model_lib.count_params(trained.params)
         res["accuracy_report"] = acc
