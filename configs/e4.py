@@ -16,7 +16,8 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     c = load_config_file(os.path.join(os.path.dirname(__file__), f"{base}.py"))
     e = c.experiment
     e.name = "e4"
-    e.methods = ("bm25", "random", "grad_cosine", "exp_opt_norm", "trackstar")
+    # Corrected presets only: the second model then needs one candidate store, not two.
+    e.methods = ("bm25", "random", "exp_opt_norm", "trackstar")
     m = c.model
     e.variants = ml_collections.ConfigDict(
         {

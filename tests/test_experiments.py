@@ -1,0 +1,231 @@
+"""Experiments E1-E7 in a tiny setting: one tiny trained run shared by every test.
+
+Checks the results' shapes (E1's exact results.json layout), that the numbers are wired to the
+right inputs (tail-patch against an explicit one-step update, MRR against the saved ranking),
+the exact sub-grid projection of E3, open-set passages, and that caches are keyed by config.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trackstar import experiments, metrics, model, stages, tokenizer, world
+from trackstar.config import load_config_file
+from trackstar.projection import Projector
+from trackstar.tree import named_leaves
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def tiny_config(name: str, run_dir: str):
+    cfg = load_config_file(os.path.join(CONFIGS, f"{name}.py:tiny"))
+    cfg.run_dir = run_dir
+    # Fewer tail-patched queries and sweep points keep the whole file inside the CI budget.
+    cfg.tailpatch.n_queries = 4
+    cfg.tailpatch.lr_multipliers = (1.0, 30.0)
+    cfg.tailpatch.ks = (1, 3)
+    # R_eval from the task queries: no held-out store to featurize (one compile less each).
+    cfg.hessian.eval_source = "task"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("exp") / "tiny")
+    cfg = tiny_config("e1", path)
+    stages.stage_world(cfg)
+    stages.stage_train(cfg, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def e1(run_dir):
+    cfg = tiny_config("e1", run_dir)
+    cfg.experiment.methods = ("bm25", "random", "exp_opt_norm", "trackstar")
+    return cfg, experiments.run(cfg, progress=False)
+
+
+def test_e1_results_json_shape_and_files(e1):
+    cfg, res = e1
+    out = experiments.output_dir(cfg)
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert list(saved["methods"]) == list(cfg.experiment.methods)
+    assert saved["n_queries"] == cfg.world.n_queries
+    for row in saved["methods"].values():
+        for key in ("mrr", "recall@10", "tailpatch@1", "tailpatch@3"):
+            assert isinstance(row[key], float), key
+        assert 0.0 <= row["mrr"] <= 1.0
+        assert [r["lr_multiplier"] for r in row["sweep"]] == [1.0, 30.0]
+    assert "tailpatch@1" in saved["ground_truth"] and "mrr" not in saved["ground_truth"]
+    for file in ("table.md", "methods.png", "sweep.png"):
+        assert os.path.getsize(os.path.join(out, file)) > 0
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| trackstar |" in table and "30× lr" in table
+
+
+def test_e1_mrr_matches_saved_ranking(e1):
+    cfg, res = e1
+    w = world.load_world(stages.path(cfg, "world"))
+    with np.load(stages.path(cfg, "results", "proponents_candidates_trackstar.npz")) as z:
+        ids = z["ids"]
+    gt = [set(q.candidate_ids) for q in w.task_queries]
+    assert res["methods"]["trackstar"]["mrr"] == pytest.approx(metrics.mrr(ids, gt, 100))
+    # BM25 sees the target word itself; on the tiny world it must beat random by far.
+    assert res["methods"]["bm25"]["mrr"] > res["methods"]["random"]["mrr"] + 0.2
+
+
+def test_tailpatch_top1_equals_explicit_step(e1):
+    """Query 0's tail-patch@1 (pp) = 100 (p(θ') - p(θ)), θ' = θ - lr/tokens · g ⊙ precond."""
+    cfg, res = e1
+    setup = experiments.make_setup(cfg)
+    ids = experiments.rank(setup, "trackstar", progress=False)
+    t = setup.trained
+    m = ids[0, 0]
+    ct, cw = setup.cand_tokens_NxS[m : m + 1], setup.cand_weights_NxS[m : m + 1]
+    qt, qw = setup.query_tokens_QxT[:1], setup.query_weights_QxT[:1]
+
+    def loss(p):
+        return -model.target_logprob(t.apply_fn, p, ct, cw)[0]
+
+    g = jax.grad(loss)(t.params)
+    assert setup.lr == pytest.approx(cfg.train.final_lr)
+    assert setup.tokens_per_batch == cfg.train.batch_size * (cfg.train.seq_len - 1)
+    step = setup.lr / setup.tokens_per_batch
+    patched = jax.tree.map(lambda p, gi, c: p - step * gi * c, t.params, g, setup.precond)
+    before = jnp.exp(model.target_logprob(t.apply_fn, t.params, qt, qw)[0])
+    after = jnp.exp(model.target_logprob(t.apply_fn, patched, qt, qw)[0])
+    deltas = experiments.tailpatch_deltas(setup, ids)
+    _, pq = experiments.evaluate(setup, ids, with_retrieval=False)
+    assert deltas.shape == (2, 4, 3)
+    want = 100.0 * float(after - before)
+    assert pq["tailpatch@1"][0] == pytest.approx(want, rel=2e-2, abs=1e-7)
+
+
+def test_e6_and_e7_reuse_e1_caches(e1, run_dir):
+    cfg6 = tiny_config("e6", run_dir)
+    cfg6.tailpatch.ks = (1, 3)
+    cfg6.experiment.methods = ("random", "trackstar")
+    r6 = experiments.run(cfg6, progress=False)
+    assert r6["methods"]["trackstar"]["tailpatch@3"] == pytest.approx(
+        e1[1]["methods"]["trackstar"]["tailpatch@3"]
+    )
+    cfg7 = tiny_config("e7", run_dir)
+    cfg7.experiment.methods = ("bm25", "trackstar")
+    r7 = experiments.run(cfg7, progress=False)
+    sizes = r7["split_sizes"]
+    assert sum(sizes["correct"].values()) == sum(sizes["bucket"].values()) == cfg7.world.n_queries
+    by_bucket = r7["splits"]["bm25"]["mrr"]["by"]["bucket"]
+    n_weighted = sum(v["mean"] * v["n"] for v in by_bucket.values())
+    assert n_weighted / cfg7.world.n_queries == pytest.approx(r7["methods"]["bm25"]["mrr"])
+    out = experiments.output_dir(cfg7)
+    assert os.path.exists(os.path.join(out, "mrr_by_bucket.png"))
+
+
+def test_subgrid_is_the_projection_with_truncated_factors():
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.zeros((6, 5))}, "b": {"bias": jnp.zeros((7,))}}
+    proj = Projector(params, "global", 8, 8, seed=3)
+    grads = {
+        "a": {"kernel": jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)},
+        "b": {"bias": jnp.asarray(rng.normal(size=(2, 7)), jnp.float32)},
+    }
+    full = np.asarray(proj.project(grads))
+    k = 4
+    want = np.zeros((2, k, k), np.float32)
+    factors = proj.leaf_factors()
+    for path, g in named_leaves(grads):
+        a, b = (np.asarray(x)[:, :k] * np.sqrt(8 / k) for x in factors[path])
+        g3 = np.asarray(g).reshape(2, a.shape[0], b.shape[0])
+        want += np.einsum("ik,bio,oj->bkj", a, g3, b)
+    got = experiments.subgrid(full, 8, 8, k)
+    np.testing.assert_allclose(got, want.reshape(2, k * k), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(experiments.subgrid(full, 8, 8, 8), full)
+    with pytest.raises(experiments.ExperimentError, match="sub-grid"):
+        experiments.subgrid(full, 8, 8, 9)
+
+
+def test_e3_dims_and_full_d_equals_e1(e1, run_dir):
+    cfg = tiny_config("e3", run_dir)
+    cfg.experiment.methods = ("exp_opt_norm", "trackstar")
+    res = experiments.run(cfg, progress=False)
+    assert res["d_values"] == [4, 16, 64]
+    full = res["methods"]["trackstar"]["64"]
+    assert full["mrr"] == pytest.approx(e1[1]["methods"]["trackstar"]["mrr"])
+    assert "tailpatch@3" in full and "tailpatch@3" not in res["methods"]["exp_opt_norm"]["64"]
+    assert os.path.exists(os.path.join(experiments.output_dir(cfg), "mrr_vs_d.png"))
+
+
+def test_e5_output_fns_use_their_own_stores(e1, run_dir):
+    cfg = tiny_config("e5", run_dir)
+    cfg.experiment.methods = ("trackstar",)
+    cfg.experiment.output_fns = ("loss", "margin")
+    res = experiments.run(cfg, progress=False)
+    assert list(res["output_fns"]) == ["loss", "margin"]
+    assert res["output_fns"]["loss"]["trackstar"]["mrr"] == pytest.approx(
+        e1[1]["methods"]["trackstar"]["mrr"]
+    )
+    assert res["lambda_mix"]["margin"] != res["lambda_mix"]["loss"]
+    for fn in ("margin",):
+        meta = json.load(open(os.path.join(stages.store_path(cfg, "task", True, fn), "meta.json")))
+        assert fn in json.dumps(meta)
+
+
+def test_e2_open_set_passages(run_dir):
+    cfg = tiny_config("e2", run_dir)
+    cfg.experiment.methods = ("bm25", "grad_cosine")
+    res = experiments.run(cfg, progress=False)
+    assert res["candidates"] == "corpus"
+    w = world.load_world(stages.path(cfg, "world"))
+    assert res["n_candidates"] >= len(w.documents)
+    assert res["methods"]["bm25"]["mrr"] > 0.2
+
+
+def test_corpus_passages_split_long_documents(run_dir):
+    cfg = tiny_config("e1", run_dir)
+    w = world.load_world(stages.path(cfg, "world"))
+    tok = tokenizer.load_tokenizer(stages.path(cfg, "tokenizer.json"))
+    max_len = 24  # shorter than many tiny documents, so some must split
+    passages = stages.corpus_passages(w, tok, max_len)
+    assert len(passages) > len(w.documents)
+    by_doc: dict[int, list] = {}
+    for p in passages:
+        assert 1 + len(tokenizer.encode(tok, p.text)) <= max_len or "." not in p.text[:-1]
+        by_doc.setdefault(p.doc_id, []).append(p)
+    for doc in w.documents:
+        parts = by_doc[doc.doc_id]
+        assert " ".join(p.text for p in parts) == " ".join(doc.sentences)
+        assert set().union(*[set(p.fact_ids) for p in parts]) == set(doc.fact_ids)
+
+
+def test_e4_trains_and_compares_a_smaller_model(run_dir):
+    cfg = tiny_config("e4", run_dir)
+    cfg.experiment.methods = ("bm25", "exp_opt_norm")
+    res = experiments.run(cfg, progress=False)
+    base, small = res["variants"]["base"], res["variants"]["small"]
+    assert small["run_dir"] == run_dir + "_small"
+    assert small["n_params"] < base["n_params"]
+    assert base["methods"]["bm25"]["mrr"] == pytest.approx(small["methods"]["bm25"]["mrr"])
+
+
+def test_config_errors_and_cache_keys(e1, run_dir):
+    cfg = tiny_config("e1", run_dir)
+    cfg.experiment.name = "e9"
+    with pytest.raises(experiments.ExperimentError, match="e1, e2"):
+        experiments.run(cfg)
+    cfg = tiny_config("e1", run_dir)
+    cfg.tailpatch.lr_multipliers = (0.5, 2.0)
+    setup = experiments.make_setup(cfg)
+    ids = experiments.rank(setup, "random")
+    with pytest.raises(experiments.ExperimentError, match="lacks 1.0"):
+        experiments.evaluate(setup, ids)
+    # Another damping is another R: the cached trackstar ranking must not be reused.
+    before = set(os.listdir(stages.path(cfg, "results", "cache")))
+    cfg.hessian.damping = 0.5
+    experiments.rank(experiments.make_setup(cfg), "trackstar", progress=False)
+    after = set(os.listdir(stages.path(cfg, "results", "cache")))
+    assert any(f.startswith("rank_candidates_trackstar") for f in after - before)
