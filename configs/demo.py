@@ -123,4 +123,18 @@ def get_config() -> ml_collections.ConfigDict:
     ex.output_fns = ("loss", "margin", "logit")  # e5: query output functions compared.
     # e4: name -> config overrides of each model variant ({} = this run); each has its own run_dir.
     ex.variants = ml_collections.ConfigDict({"base": {}})
+
+    # --- Mesh and multi-host (trackstar.sharding; docs/scaling.md) ---
+    mh = c.mesh = ml_collections.ConfigDict()
+    mh.data = -1  # Devices on the data axis (examples, store rows); -1 = all the model axis leaves.
+    mh.model = 1  # Devices on the parameter axis (tensor-parallel / FSDP); must divide the count.
+    mh.rules = "tensor"  # Parameter-path rule preset: "tensor", "fsdp" or "replicated".
+    mh.rule_overrides = ()  # "regex=spec" rules tried before the preset, e.g. "head$=None,model".
+    mh.featurize_scope = "local"  # Featurize mesh: "local" (this process's devices) or "global".
+    mh.distributed = "auto"  # jax.distributed: "auto" (when a coordinator is set), "on", "off".
+    mh.coordinator = ""  # "host:port" of process 0; "" = TRACKSTAR_COORDINATOR or auto-detect.
+    mh.num_processes = 0  # Processes in the run; 0 = TRACKSTAR_NUM_PROCESSES / auto-detect.
+    mh.process_id = -1  # This process's index; -1 = TRACKSTAR_PROCESS_ID / auto-detect.
+    mh.cpu_collectives = "gloo"  # CPU cross-process collectives ("" = JAX default).
+    mh.memory_vocab_size = 32000  # Vocab assumed by the memory report (real runs: the tokenizer).
     return c
