@@ -181,6 +181,23 @@ def checkpoint_step(cfg: ml_collections.ConfigDict) -> int | None:
     return checkpoint.latest_step(stages.path(cfg, "checkpoints"))
 
 
+def ensure_trained(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """Trains the run unless it has a final checkpoint; returns the greedy-accuracy report.
+
+    A finished run is used as it is (its saved ``results/accuracy.json`` when present), so an
+    added config field that does not change training does not force a retrain.
+    """
+    step = checkpoint_step(cfg)
+    if step is None or step < int(cfg.train.steps):
+        return stages.stage_train(cfg, progress=progress)
+    file = stages.path(cfg, "results", "accuracy.json")
+    if os.path.exists(file):
+        with open(file) as f:
+            return json.load(f)
+    t = load_trained(cfg)
+    return stages.accuracy_report(cfg, t.apply_fn, t.params, t.tok, t.world)
+
+
 def make_setup(
     cfg: ml_collections.ConfigDict,
     candidates: str = "candidates",
@@ -923,7 +940,7 @@ def run_e4(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         if suffix:
             vcfg.run_dir = cfg.run_dir + suffix
         stages.stage_world(vcfg)
-        acc = stages.stage_train(vcfg, progress=progress)
+        acc = ensure_trained(vcfg, progress=progress)
         trained = load_trained(vcfg)
         res, _, _ = retrieval_results(vcfg, "candidates", methods, trained, progress=progress)
         res["n_params"] = model_lib.count_params(trained.params)
