@@ -32,13 +32,20 @@ PROJ = dict(mode="global", k_in=8, k_out=8, seed=0)
 def build():
     """``(apply_fn, params, precond, projector, train examples, query examples)``."""
     import jax
+    from flax import nnx
 
     from trackstar import model as model_lib
     from trackstar.projection import Projector
 
-    apply_fn, params = model_lib.make_model(MODEL_CFG, VOCAB, 0)
-    params = jax.tree.map(np.asarray, params)
+    # The project's LM, initialized from numpy (eager nnx init dispatches dozens of tiny ops).
+    abstract = nnx.eval_shape(lambda: model_lib.build_module(MODEL_CFG, VOCAB, 0))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    apply_fn = model_lib.LMApply(graphdef, abstract.spec)
     rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(np.float32),
+        nnx.to_pure_dict(state),
+    )
     # A positive Adam-like correction factor per parameter.
     precond = jax.tree.map(lambda p: rng.uniform(0.5, 2.0, np.shape(p)).astype(np.float32), params)
     projector = Projector(params, PROJ["mode"], PROJ["k_in"], PROJ["k_out"], PROJ["seed"])
@@ -157,6 +164,28 @@ def run_devices(out_path: str) -> None:
             p1["blocks"][0]["attn"]["qkv"]["kernel"].addressable_shards[0].data.shape
         ),
     }
+    # The ~1B-parameter config: arithmetic bytes per device vs the real NamedShardings.
+    from jax.sharding import NamedSharding
+
+    from trackstar.config import load_config_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    large = load_config_file(os.path.join(root, "configs", "large.py"))
+    abstract = sh.abstract_lm_params(large.model, large.mesh.memory_vocab_size)
+    lmesh = sh.make_mesh(-1, large.mesh.model, devices)
+    specs = sh.param_specs(abstract, sh.rules_from_config(large.mesh), dict(lmesh.shape))
+    spec_leaves = jax.tree.leaves(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    named = sum(
+        int(np.prod(NamedSharding(lmesh, s).shard_shape(x.shape))) * x.dtype.itemsize
+        for x, s in zip(jax.tree.leaves(abstract), spec_leaves, strict=True)
+    )
+    report["large"] = {
+        "n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))),
+        "arith_param_bytes": sh.bytes_per_device(abstract, specs, dict(lmesh.shape)),
+        "named_sharding_param_bytes": named,
+    }
     report["timings"] = timings
     with open(out_path, "w") as f:
         json.dump(report, f, indent=1)
@@ -214,8 +243,12 @@ def run_featurize(args) -> None:
     vs = store.VectorStore.create(args.store, meta)
     sh.featurize_distributed(feature_fn, placed, Examples(tok, w), vs, args.batch, progress=False)
     vs = store.VectorStore.open(args.store)
-    # Queries: one small replicated batch (every process computes the same vectors).
-    q = np.asarray(fn(placed, np.tile(qtok, (2, 1))[:8], np.tile(qw, (2, 1))[:8]))[:N_QUERY]
+    if args.no_score:
+        return
+    # Queries: featurized by every process alike, at the store's batch size (no new compile).
+    qt, qwt = np.tile(qtok, (2, 1))[:8], np.tile(qw, (2, 1))[:8]
+    q = np.concatenate([np.asarray(fn(placed, qt[i : i + 4], qwt[i : i + 4])) for i in (0, 4)])
+    q = q[:N_QUERY]
     gmesh = sh.make_mesh(-1, args.model)
     R, used = sh.gauss_newton_sharded(vs, gmesh)
     t, _ = hessian.inverse_sqrt(R, 0.1)
@@ -251,6 +284,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--kill-after", type=int, default=-1)
     p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--no-score", action="store_true", help="featurize only")
     args = p.parse_args()
     if args.mode == "devices":
         run_devices(args.out)
