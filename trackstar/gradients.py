@@ -101,6 +101,8 @@ def make_feature_fn(
     output_fn: str,
     projector: Any,
     preconditioner: PyTree | None = None,
+    *,
+    fast: bool | None = None,
 ) -> Callable[[PyTree, jax.Array, jax.Array], jax.Array]:
     """Builds the jitted per-example feature map ``fn(params, tokens_BxT, weights_BxT)``.
 
@@ -113,13 +115,28 @@ def make_feature_fn(
     scales are folded into the projection factors instead of materialized where the projector
     supports it. The preconditioner is a jit argument, not a baked-in constant, so large
     optimizer states do not bloat the compiled program.
+
+    ``fast``: ``None`` (default) uses ``activation_features`` when ``apply_fn`` has a
+    ``tapped`` method (the project's model does) and the vmap-of-grad reference otherwise;
+    ``True`` requires the fast path, ``False`` forces the reference. Both give the same vectors.
     """
     _check_kind(output_fn)
     leaf_paths = [path for path, _ in named_leaves(projector.params_like)]
     if preconditioner is not None:
         _check_same_paths(leaf_paths, preconditioner)
+    has_taps = callable(getattr(apply_fn, "tapped", None))
+    if fast and not has_taps:
+        raise ValueError(
+            "fast=True needs an apply_fn with a tapped(params, tokens, tap) method (see "
+            "trackstar.model.LMApply.tapped); pass fast=None to fall back to the reference path"
+        )
+    use_fast = has_taps if fast is None else bool(fast)
 
     def features(params: PyTree, precond: PyTree, tokens_BxT, weights_BxT) -> jax.Array:
+        if use_fast:
+            return activation_features(
+                apply_fn, params, precond, tokens_BxT, weights_BxT, output_fn, projector
+            )
         grads = per_example_grads(apply_fn, params, tokens_BxT, weights_BxT, output_fn)
         named_grads = named_leaves(grads)
         _check_grad_paths(leaf_paths, [p for p, _ in named_grads])
@@ -138,7 +155,197 @@ def make_feature_fn(
         return jitted(params, preconditioner, tokens_BxT, weights_BxT)
 
     feature_fn.jitted = jitted  # exposed for lowering / cost inspection
+    feature_fn.fast = use_fast
     return feature_fn
+
+
+def activation_features(
+    apply_fn: Any,
+    params: PyTree,
+    precond: PyTree | None,
+    tokens_BxT: jax.Array,
+    weights_BxT: jax.Array,
+    output_fn: str,
+    projector: Any,
+) -> jax.Array:
+    """``P(g * precond)`` per example from layer inputs and output-gradients (``B x D``).
+
+    Equals the reference (vmap of grad, then correct and project) without a per-example
+    backward pass: one batched forward/backward of the summed per-example losses w.r.t. a zero
+    perturbation added to every parameterized op's output (``apply_fn.tapped``) yields each
+    example's output-gradients ``delta_t``; the inputs ``x_t`` come from the same forward. Rows
+    of the batch never mix (the model is row-independent), so each row's ``delta`` is its own.
+    Per leaf, with ``G = sum_t x_t delta_t^T``:
+
+    - dense kernel, no or factored (Adafactor) V: ``A'^T G B' = sum_t (A'^T x_t)(B'^T delta_t)^T``
+      with the scales folded into ``A' = diag(r) A`` and ``B' = diag(c) B``; ``G`` never exists.
+      Elementwise (Adam) V: ``G`` is materialized for this one layer (``B x n_in x n_out``),
+      corrected and projected, so memory is O(batch x largest layer), never O(batch x |theta|).
+      Whichever of the two is cheaper in FLOPs is used where both are exact.
+    - embedding (``x`` = ids): ``G`` has one row per token, so any V is applied per token by
+      gathering its rows: ``sum_t A[id_t]^T ((V[id_t] * delta_t) B)`` (scatter-add in dense
+      projection mode).
+    - biases and norm scales: the per-example vector (``sum_t delta_t``, ``sum_t x_t * delta_t``)
+      is small and is corrected and projected directly.
+
+    ``apply_fn.tapped(params, tokens_BxT, tap)`` must call ``tap(kind, path, x, y) -> y'`` for
+    every parameterized op (``trackstar.model.LMApply.tapped`` documents the kinds), with
+    ``x``/``y`` whose leading axes broadcast to ``(B, T)``; every parameter must be covered.
+    """
+    _check_kind(output_fn)
+    batch, seq = tokens_BxT.shape
+    calls = _discover_taps(apply_fn, params, tokens_BxT)
+    leaf_set = set(projector.paths)
+
+    def total_loss(perturb: list[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+        inputs: list[jax.Array] = []
+
+        def tap(kind: str, path: str, x: jax.Array, y: jax.Array) -> jax.Array:
+            inputs.append(x)
+            return y + perturb[len(inputs) - 1].astype(y.dtype)
+
+        logits = apply_fn.tapped(params, tokens_BxT, tap)
+        return jnp.sum(output_loss(logits, tokens_BxT, weights_BxT, output_fn)), inputs
+
+    zeros = [jnp.zeros((batch, seq, n_out), jnp.float32) for _, _, n_out in calls]
+    deltas, inputs = jax.grad(total_loss, has_aux=True)(zeros)
+
+    scales = dict(_named_scales(precond)) if precond is not None else {}
+    factors = projector.leaf_factors()
+    blocks: dict[str, jax.Array] = {}
+
+    def add(path: str, block: jax.Array) -> None:
+        blocks[path] = block if path not in blocks else blocks[path] + block
+
+    def vector(path: str, g_BxN: jax.Array) -> None:
+        if path in leaf_set:
+            add(
+                path,
+                _project_corrected_leaf(projector, path, g_BxN, scales.get(path), factors[path]),
+            )
+
+    last = jnp.zeros((), jnp.float32)
+    for (kind, path, _), x, d in zip(calls, inputs, deltas, strict=True):
+        d_BxTxO = d.astype(jnp.float32)
+        if kind == "dense":
+            x_BxTxI = jnp.broadcast_to(x, (batch, seq, x.shape[-1])).astype(jnp.float32)
+            kernel = f"{path}/kernel"
+            if _materializes(projector, kernel, seq, scales.get(kernel)):
+                # Order the layers that materialize G: without the barrier XLA may schedule all
+                # of them at once and hold B x |theta| floats, the cost this path exists to avoid.
+                (x_BxTxI, d_BxTxO), _ = jax.lax.optimization_barrier(((x_BxTxI, d_BxTxO), last))
+            block = _kernel_block(
+                projector, kernel, x_BxTxI, d_BxTxO, scales.get(kernel), factors[kernel]
+            )
+            add(kernel, block)
+            last = block[0, 0]
+            vector(f"{path}/bias", jnp.sum(d_BxTxO, axis=1))
+        elif kind == "embed":
+            ids_BxT = jnp.broadcast_to(x, (batch, seq))
+            table = f"{path}/embedding"
+            if projector.mode == "dense":  # scatter-adds a B x V x D gradient: order it too
+                (ids_BxT, d_BxTxO), _ = jax.lax.optimization_barrier(((ids_BxT, d_BxTxO), last))
+            block = _embed_block(
+                projector, table, ids_BxT, d_BxTxO, scales.get(table), factors[table]
+            )
+            add(table, block)
+            last = block[0, 0]
+        elif kind == "scale_shift":
+            xhat_BxTxO = jnp.broadcast_to(x, d_BxTxO.shape).astype(jnp.float32)
+            vector(f"{path}/scale", jnp.sum(xhat_BxTxO * d_BxTxO, axis=1))
+            vector(f"{path}/bias", jnp.sum(d_BxTxO, axis=1))
+        else:
+            raise ValueError(f"unknown tap kind {kind!r} at {path!r}; see LMApply.tapped")
+    missing = [p for p in projector.paths if p not in blocks]
+    if missing:
+        raise ValueError(
+            f"the model's taps do not cover parameters {missing[:10]}; route every "
+            "parameterized op through the tap, or use make_feature_fn(..., fast=False)"
+        )
+    return projector.combine([blocks[p] for p in projector.paths])
+
+
+def _discover_taps(apply_fn: Any, params: PyTree, tokens_BxT: jax.Array) -> list[tuple]:
+    """``[(kind, path, n_out), ...]`` in call order, from one abstract trace of the model."""
+    calls: list[tuple] = []
+
+    def record(kind: str, path: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        calls.append((kind, path, int(y.shape[-1])))
+        return y
+
+    jax.eval_shape(lambda p, t: apply_fn.tapped(p, t, record), params, tokens_BxT)
+    return calls
+
+
+def _is_factored(scale: Any) -> bool:
+    return hasattr(scale, "in_out_factors")
+
+
+def _materializes(projector: Any, path: str, seq: int, scale: Any) -> bool:
+    """Whether a dense kernel's corrected gradient must (or had better) be materialized.
+
+    Folding needs a Kronecker projection and no V or a factored V; where both are exact, the
+    cheaper in FLOPs per example wins.
+    """
+    if projector.mode == "dense":
+        return True
+    if scale is not None and not (_is_factored(scale) and scale.in_out_factors() is not None):
+        return True
+    n_in, n_out = projector.shapes[path]
+    k_in, k_out = projector.k_in, projector.k_out
+    folded_cost = seq * (n_in * k_in + n_out * k_out + k_in * k_out)
+    dense_cost = seq * n_in * n_out + min(
+        n_in * n_out * k_out + n_in * k_in * k_out, n_in * n_out * k_in + n_out * k_in * k_out
+    )
+    return folded_cost > dense_cost
+
+
+def _kernel_block(
+    projector: Any, path: str, x_BxTxI: jax.Array, d_BxTxO: jax.Array, scale: Any, factors: tuple
+) -> jax.Array:
+    """Projected, corrected ``sum_t x_t d_t^T`` of one dense kernel (see activation_features)."""
+    batch, seq, n_in = x_BxTxI.shape
+    n_out = d_BxTxO.shape[-1]
+    if (n_in, n_out) != tuple(projector.shapes[path]):
+        raise ValueError(
+            f"tap input/output widths {(n_in, n_out)} do not match kernel {path!r} of shape "
+            f"{projector.shapes[path]}"
+        )
+    if not _materializes(projector, path, seq, scale):
+        k_in, k_out = projector.k_in, projector.k_out
+        row, col = scale.in_out_factors() if scale is not None else (None, None)
+        a, b = factors
+        if row is not None:
+            a = a * jnp.reshape(row, (n_in, 1)).astype(jnp.float32)
+        if col is not None:
+            b = b * jnp.reshape(col, (n_out, 1)).astype(jnp.float32)
+        xa_BxTxK = jnp.einsum("bti,ik->btk", x_BxTxI, a)
+        db_BxTxL = jnp.einsum("bto,ol->btl", d_BxTxO, b)
+        return jnp.einsum("btk,btl->bkl", xa_BxTxK, db_BxTxL).reshape(batch, k_in * k_out)
+    g_BxIxO = jnp.einsum("bti,bto->bio", x_BxTxI, d_BxTxO)
+    return _project_corrected_leaf(projector, path, g_BxIxO, scale, factors)
+
+
+def _embed_block(
+    projector: Any, path: str, ids_BxT: jax.Array, d_BxTxD: jax.Array, scale: Any, factors: tuple
+) -> jax.Array:
+    """Projected, corrected gradient of an embedding table gathered at ``ids``."""
+    batch, seq, width = d_BxTxD.shape
+    shape = tuple(projector.shapes[path])
+    if len(shape) != 2 or shape[1] != width:
+        raise ValueError(f"embedding {path!r} has shape {shape}, tap output width {width}")
+    if scale is not None:
+        dense_scale = scale.dense() if _is_factored(scale) else scale
+        # The gradient's row id_t is delta_t, so any elementwise V applies per token.
+        d_BxTxD = d_BxTxD * dense_scale.astype(jnp.float32)[ids_BxT]
+    if projector.mode == "dense":
+        g_BxVxD = jax.vmap(lambda i, v: jnp.zeros(shape, jnp.float32).at[i].add(v))(
+            ids_BxT, d_BxTxD
+        )
+        return projector.project_leaf(path, g_BxVxD, factors=factors)
+    a, b = factors
+    db_BxTxL = jnp.einsum("btd,dl->btl", d_BxTxD, b)
+    return jnp.einsum("btk,btl->bkl", a[ids_BxT], db_BxTxL).reshape(batch, -1)
 
 
 def _named_scales(precond: PyTree) -> list[tuple[str, Any]]:

@@ -1,0 +1,464 @@
+"""Performance benchmark: featurize against a training step, scoring against a matmul.
+
+One process, one run, on the reference workload of configs/benchmark.py:
+  floor        jitted forward + backward of the mean loss (no optimizer update), examples/s
+  featurize    per-example gradient + V correction + projection + store write, examples/s and
+               its ratio to the floor: exact Adam V (Kronecker "global", d = k_in * k_out),
+               Adafactor-factored V, dense projection (small d), and the vmap-of-grad reference
+  bf16         error of bfloat16 store rows (row error, score error, top-10 overlap)
+  score        streaming top-k from the store (R^-1/2 matmul + normalize + dot + top-k), rows/s,
+               and its ratio to the same computation on an in-memory device array
+  store read   MB/s of iter_chunks vs a raw tensorstore read of the same arrays
+  hessian      R fit + R^-1/2 seconds per d (one subprocess per d, with a time limit)
+  rss          peak RSS of featurize and score at two corpus sizes (one subprocess per stage)
+It prints a table and, with --json PATH, writes every figure.
+
+Run: python scripts/benchmark.py --json results/benchmark.json   (about 15-25 min on 2 cores)
+     python scripts/benchmark.py --tiny --json /tmp/bench.json    (CI smoke run, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorstore as ts
+
+from trackstar import correction
+from trackstar.config import load_config_file
+from trackstar.featurize import Examples, featurize_into_store
+from trackstar.gradients import make_feature_fn
+from trackstar.hessian import gauss_newton, inverse_sqrt
+from trackstar.model import count_params, make_model
+from trackstar.projection import Projector
+from trackstar.score import top_k_scores
+from trackstar.store import StoreMeta, VectorStore
+from trackstar.train import mean_token_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "benchmark.py")
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def load_cfg(path: str, tiny: bool):
+    if tiny and ":" not in os.path.basename(path):
+        path = f"{path}:tiny"
+    return load_config_file(path)
+
+
+def make_data(cfg) -> tuple[Examples, Examples]:
+    """Random-id training sequences (every token after BOS counts) and queries (last tokens)."""
+    rng = np.random.default_rng(cfg.seed)
+    n, q, t = cfg.n_train, cfg.n_queries, cfg.seq_len
+    tokens = rng.integers(4, cfg.vocab_size, (n + q, t)).astype(np.int32)
+    tokens[:, 0] = 1  # BOS
+    w_train = np.ones((n, t), np.float32)
+    w_train[:, 0] = 0.0
+    w_query = np.zeros((q, t), np.float32)
+    w_query[:, t - cfg.query_targets :] = 1.0
+    return Examples(tokens[:n], w_train), Examples(tokens[n:], w_query)
+
+
+def build(cfg):
+    apply_fn, params = make_model(cfg.model.to_dict(), cfg.vocab_size, cfg.seed)
+    return apply_fn, params
+
+
+def optimizer_states(cfg, apply_fn, params, train: Examples) -> dict[str, Any]:
+    """V from a few AdamW and Adafactor steps on the training data: {name: preconditioner}."""
+
+    def loss(p, tok, w):
+        return mean_token_loss(apply_fn(p, tok), tok, w)[0]
+
+    grad_fn = jax.jit(jax.grad(loss))
+    out = {}
+    opts = {
+        "adam": (optax.adamw(cfg.lr, b1=0.9, b2=0.98, eps=1e-8), dict(eps=1e-8, b2=0.98)),
+        "adafactor": (optax.adafactor(cfg.lr, multiply_by_parameter_scale=False), {}),
+    }
+    for name, (opt, kw) in opts.items():
+        p, state = params, opt.init(params)
+        for s in range(cfg.v_steps):
+            lo = (s * cfg.batch_size) % max(1, len(train) - cfg.batch_size + 1)
+            batch = train.take(np.arange(lo, lo + cfg.batch_size))
+            g = grad_fn(p, batch.tokens_NxT, batch.weights_NxT)
+            updates, state = opt.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        out[name] = correction.preconditioner(state, params, **kw)
+    return out
+
+
+def new_store(root: str, name: str, proj: Projector, n: int, cfg, dtype="float32", kind="train"):
+    path = os.path.join(root, name)
+    shutil.rmtree(path, ignore_errors=True)
+    meta = StoreMeta(
+        kind=kind,
+        dim=proj.dim,
+        dtype=dtype,
+        num_examples=n,
+        chunk_size=cfg.chunk_size,
+        model_fingerprint="benchmark",
+        optimizer_fingerprint="benchmark",
+        projection=proj.config(),
+        output_fn="train_loss" if kind == "train" else "loss",
+        correction="adam",
+    )
+    return VectorStore.create(path, meta)
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- timings
+
+
+def time_floor(cfg, apply_fn, params, train: Examples) -> float:
+    """Seconds for fwd + bwd of the mean loss over every training batch (compiled beforehand)."""
+
+    def loss(p, tok, w):
+        return mean_token_loss(apply_fn(p, tok), tok, w)[0]
+
+    step = jax.jit(jax.grad(loss))
+    b = cfg.batch_size
+    batches = [
+        (jnp.asarray(train.tokens_NxT[i : i + b]), jnp.asarray(train.weights_NxT[i : i + b]))
+        for i in range(0, len(train) - b + 1, b)
+    ]
+    jax.block_until_ready(step(params, *batches[0]))
+    t0 = time.perf_counter()
+    out = [step(params, tok, w) for tok, w in batches]  # dispatch all, sync once
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / (len(batches) * b)
+
+
+def time_featurize(cfg, feature_fn, params, examples: Examples, store: VectorStore) -> float:
+    """Seconds per example of featurize_into_store (store write and finalize included)."""
+    b = cfg.batch_size
+    jax.block_until_ready(feature_fn(params, examples.tokens_NxT[:b], examples.weights_NxT[:b]))
+    t0 = time.perf_counter()
+    featurize_into_store(feature_fn, params, examples, store, b, progress=False)
+    store.finalize()
+    return (time.perf_counter() - t0) / len(examples)
+
+
+def featurize_one(cfg, apply_fn, params, pre, proj, examples, root, name, fast=None) -> float:
+    fn = make_feature_fn(apply_fn, "train", proj, pre, fast=fast)
+    store = new_store(root, name, proj, len(examples), cfg)
+    return time_featurize(cfg, fn, params, examples, store)
+
+
+def bf16_error(cfg, root: str, train_store: VectorStore, q_QxD: np.ndarray) -> dict[str, float]:
+    """Rewrites the float32 train store as bfloat16 rows and measures what that changes."""
+    ids, v32 = train_store.read_all()
+    meta = train_store.meta
+    path = os.path.join(root, "train_bf16")
+    shutil.rmtree(path, ignore_errors=True)
+    bf = VectorStore.create(path, StoreMeta(**{**meta.to_dict(), "dtype": "bfloat16"}))
+    for c in range(meta.num_chunks):
+        lo, hi = meta.chunk_range(c)
+        bf.write_chunk(c, ids[lo:hi], v32[lo:hi], [])
+    bf.finalize()
+    _, v16 = bf.read_all()
+    row_err = np.linalg.norm(v16 - v32, axis=1) / np.linalg.norm(v32, axis=1)
+
+    def cos(a, b):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        b = b / np.linalg.norm(b, axis=1, keepdims=True)
+        return b @ a.T
+
+    s32, s16 = cos(v32, q_QxD), cos(v16, q_QxD)
+    k = min(10, len(v32))
+    top32 = np.argsort(-s32, axis=1)[:, :k]
+    top16 = np.argsort(-s16, axis=1)[:, :k]
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top32, top16, strict=True)])
+    return {
+        "bf16_row_rel_error_max": float(row_err.max()),
+        "bf16_row_rel_error_mean": float(row_err.mean()),
+        "bf16_cosine_abs_error_max": float(np.abs(s16 - s32).max()),
+        "bf16_top10_overlap": float(overlap),
+        "bf16_bytes_ratio": 0.5,
+    }
+
+
+def time_scoring(cfg, store: VectorStore, q_QxD: np.ndarray, t_DxD: np.ndarray) -> dict:
+    """Streaming top-k from the store vs the same math on an in-memory device array."""
+    n = store.num_rows
+    kw = dict(rows_per_step=cfg.score_rows_per_step, progress=False)
+    stream = []
+    for _ in range(cfg.score_repeats + 1):  # the first pass compiles
+        t0 = time.perf_counter()
+        ids_s, _ = top_k_scores(store, q_QxD, t_DxD, t_DxD, True, cfg.top_k, **kw)
+        stream.append(time.perf_counter() - t0)
+
+    _, x_NxD = store.read_all()
+    x_dev = jnp.asarray(x_NxD)
+    t_dev = jnp.asarray(t_DxD, jnp.float32)
+    k = min(cfg.top_k, n)
+
+    @jax.jit
+    def in_memory(x_NxD, t_DxD, q_QxD):
+        def unit(v):
+            return v / jnp.linalg.norm(v, axis=1, keepdims=True)
+
+        s_QxN = unit(q_QxD @ t_DxD) @ unit(x_NxD @ t_DxD).T
+        return jax.lax.top_k(s_QxN, k)
+
+    q_dev = jnp.asarray(q_QxD)
+    mem = []
+    for _ in range(cfg.score_repeats + 1):
+        t0 = time.perf_counter()
+        _, ids_m = jax.block_until_ready(in_memory(x_dev, t_dev, q_dev))
+        mem.append(time.perf_counter() - t0)
+    agree = float(np.mean(np.asarray(ids_m)[:, 0] == ids_s[:, 0]))
+
+    # Store read alone: iter_chunks (prefetching reader) vs raw tensorstore reads.
+    nbytes = n * store.dim * 4
+    reads = {"store": [], "raw": []}
+    for _ in range(cfg.score_repeats):
+        t0 = time.perf_counter()
+        for _ids, v in store.iter_chunks():
+            v[0, 0]  # noqa: B018  (touch the data)
+        reads["store"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for c in range(store.num_chunks):
+            vec_path = os.path.join(store.path, "chunks", f"{c:08d}", "vectors")
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": vec_path}}
+            ts.open(spec, open=True).result().read().result()
+        reads["raw"].append(time.perf_counter() - t0)
+    best_stream, best_mem = min(stream[1:]), min(mem[1:])
+    store_mb, raw_mb = (nbytes / 2**20 / min(reads[k]) for k in ("store", "raw"))
+    return {
+        "score_rows_per_s": n / best_stream,
+        "matmul_rows_per_s": n / best_mem,
+        "score_over_matmul": best_mem / best_stream,
+        "score_top1_agreement": agree,
+        "store_read_mb_per_s": store_mb,
+        "raw_tensorstore_read_mb_per_s": raw_mb,
+        "store_read_over_raw": store_mb / raw_mb,
+    }
+
+
+# ----------------------------------------------------------------------------- subprocess stages
+
+
+def stage_hessian(cfg, dim: int) -> dict:
+    rng = np.random.default_rng(cfg.seed)
+    # Decaying column scales give R a spread spectrum like real gradient features.
+    u_NxD = rng.standard_normal((cfg.hessian_rows, dim), dtype=np.float32)
+    u_NxD *= (1.0 + np.arange(dim, dtype=np.float32)) ** -0.5
+    t0 = time.perf_counter()
+    r_DxD, _ = gauss_newton(u_NxD, rows_per_step=512)
+    t1 = time.perf_counter()
+    inverse_sqrt(r_DxD, 0.1)
+    t2 = time.perf_counter()
+    return {"dim": dim, "fit_s": t1 - t0, "inverse_sqrt_s": t2 - t1}
+
+
+def stage_featurize_rss(cfg, n: int, store_path: str) -> dict:
+    cfg.n_train = n
+    apply_fn, params = build(cfg)
+    train, _ = make_data(cfg)
+    pre = optimizer_states(cfg, apply_fn, params, train)["adam"]
+    proj = Projector(params, "global", k_in=cfg.k_in, k_out=cfg.k_out, seed=cfg.seed)
+    root, name = os.path.split(store_path)
+    sec = featurize_one(cfg, apply_fn, params, pre, proj, train, root, name)
+    return {"n": n, "peak_rss_mb": peak_rss_mb(), "s_per_example": sec}
+
+
+def stage_score_rss(cfg, store_path: str) -> dict:
+    store = VectorStore.open(store_path)
+    rng = np.random.default_rng(cfg.seed)
+    d = store.dim
+    q = rng.standard_normal((cfg.n_queries, d), dtype=np.float32)
+    t = np.eye(d, dtype=np.float32) + 0.01 * rng.standard_normal((d, d), dtype=np.float32)
+    top_k_scores(
+        store, q, t, t, True, cfg.top_k, rows_per_step=cfg.score_rows_per_step, progress=False
+    )
+    return {"n": store.num_rows, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_stage(args: argparse.Namespace, extra: list[str], timeout: float) -> dict | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config]
+    cmd += (["--tiny"] if args.tiny else []) + [f"--set={x}" for x in args.set] + extra
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark stage {extra} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace, cfg) -> dict:
+    t_start = time.perf_counter()
+    root = args.workdir or tempfile.mkdtemp(prefix="trackstar_bench_")
+    apply_fn, params = build(cfg)
+    train, queries = make_data(cfg)
+    pres = optimizer_states(cfg, apply_fn, params, train)
+    kron = Projector(params, "global", k_in=cfg.k_in, k_out=cfg.k_out, seed=cfg.seed)
+    r: dict[str, Any] = {
+        "tiny": bool(cfg.tiny),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+        f"({jax.default_backend()}: {jax.devices()[0].device_kind})",
+        "n_params": count_params(params),
+        "n_train": len(train),
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "dim": kron.dim,
+    }
+    floor = time_floor(cfg, apply_fn, params, train)
+    r["floor_examples_per_s"] = 1.0 / floor
+
+    sec = featurize_one(cfg, apply_fn, params, pres["adam"], kron, train, root, "train_exact")
+    r["featurize_exact_examples_per_s"] = 1.0 / sec
+    r["featurize_over_floor_exact"] = sec / floor
+    sec = featurize_one(cfg, apply_fn, params, pres["adafactor"], kron, train, root, "train_fac")
+    r["featurize_factored_examples_per_s"] = 1.0 / sec
+    r["featurize_over_floor_factored"] = sec / floor
+
+    dense = Projector(
+        params, "dense", dense_dim=cfg.dense_dim, seed=cfg.seed, max_dense_elements=1 << 40
+    )
+    sub = train.take(np.arange(cfg.dense_examples))
+    sec = featurize_one(cfg, apply_fn, params, pres["adam"], dense, sub, root, "train_dense")
+    r["dense_dim"] = cfg.dense_dim
+    r["featurize_dense_examples_per_s"] = 1.0 / sec
+    r["featurize_over_floor_dense"] = sec / floor
+    sub = train.take(np.arange(cfg.reference_examples))
+    sec = featurize_one(cfg, apply_fn, params, pres["adam"], kron, sub, root, "train_ref", False)
+    r["featurize_reference_examples_per_s"] = 1.0 / sec
+    r["featurize_over_floor_reference_exact"] = sec / floor
+
+    qfn = make_feature_fn(apply_fn, "loss", kron, pres["adam"])
+    from trackstar.featurize import compute_vectors
+
+    q_QxD = compute_vectors(qfn, params, queries, cfg.batch_size)
+    store = VectorStore.open(os.path.join(root, "train_exact"))
+    r.update(bf16_error(cfg, root, store, q_QxD))
+    r_train, _ = gauss_newton(store)
+    t_DxD, _ = inverse_sqrt(r_train, 0.1)
+    r.update(time_scoring(cfg, store, q_QxD, t_DxD.astype(np.float32)))
+
+    r["hessian"] = []
+    for d in cfg.hessian_dims:
+        res = run_stage(args, ["--stage", "hessian", "--dim", str(d)], cfg.hessian_timeout_s)
+        r["hessian"].append(res or {"dim": d, "timed_out_s": cfg.hessian_timeout_s})
+    rss = {"featurize": [], "score": []}
+    for n in cfg.rss_sizes:
+        path = os.path.join(root, f"rss_{n}")
+        rss["featurize"].append(
+            run_stage(args, ["--stage", "featurize_rss", "--n", str(n), "--store", path], 3600)
+        )
+        rss["score"].append(run_stage(args, ["--stage", "score_rss", "--store", path], 3600))
+    r["rss"] = rss
+    for stage in ("featurize", "score"):
+        small, large = rss[stage][0]["peak_rss_mb"], rss[stage][-1]["peak_rss_mb"]
+        r[f"{stage}_rss_growth"] = large / small
+    r["main_peak_rss_mb"] = peak_rss_mb()
+    r["wall_s"] = time.perf_counter() - t_start
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return r
+
+
+def table(r: dict) -> str:
+    f = r["floor_examples_per_s"]
+    lines = [
+        f"workload: {r['n_params']:,} params, N={r['n_train']}, batch {r['batch_size']}, "
+        f"seq {r['seq_len']}, d={r['dim']}{'  (TINY)' if r['tiny'] else ''}",
+        f"{'stage':44s} {'rate':>14s} {'ratio':>8s}",
+        f"{'floor: fwd+bwd of the mean loss':44s} {f:10.1f} ex/s {'1.00':>8s}",
+    ]
+    for key, label in (
+        ("exact", f"featurize, exact Adam V, global d={r['dim']}"),
+        ("factored", f"featurize, Adafactor V, global d={r['dim']}"),
+        ("dense", f"featurize, Adam V, dense d={r['dense_dim']}"),
+        ("reference", "featurize, Adam V, vmap-of-grad reference"),
+    ):
+        rate = r[f"featurize_{key}_examples_per_s"]
+        lines.append(f"{label:44s} {rate:10.1f} ex/s {f / rate:7.2f}x")
+    lines += [
+        f"{'score: stream store, R^-1/2, norm, dot, top-k':44s} "
+        f"{r['score_rows_per_s']:8.0f} rows/s {r['score_over_matmul']:7.2f}x of in-memory",
+        f"{'score: same math on an in-memory array':44s} {r['matmul_rows_per_s']:8.0f} rows/s",
+        f"{'store read (iter_chunks, prefetch)':44s} {r['store_read_mb_per_s']:9.0f} MB/s "
+        f"{r['store_read_over_raw']:7.2f}x of raw",
+        f"{'raw tensorstore read':44s} {r['raw_tensorstore_read_mb_per_s']:9.0f} MB/s",
+        f"bf16 rows: max row rel. error {r['bf16_row_rel_error_max']:.2e}, max cosine error "
+        f"{r['bf16_cosine_abs_error_max']:.2e}, top-10 overlap {r['bf16_top10_overlap']:.3f}",
+    ]
+    for h in r["hessian"]:
+        if "fit_s" in h:
+            lines.append(
+                f"R fit + R^-1/2 at d={h['dim']:<6d} fit {h['fit_s']:8.2f} s, "
+                f"R^-1/2 {h['inverse_sqrt_s']:8.2f} s"
+            )
+        else:
+            lines.append(f"R fit + R^-1/2 at d={h['dim']:<6d} > {h['timed_out_s']} s (stopped)")
+    for stage in ("featurize", "score"):
+        sizes = ", ".join(f"N={x['n']}: {x['peak_rss_mb']:.0f} MB" for x in r["rss"][stage])
+        lines.append(f"peak RSS {stage:9s} {sizes}  (growth {r[f'{stage}_rss_growth']:.3f}x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=os.path.normpath(DEFAULT_CONFIG))
+    ap.add_argument("--tiny", action="store_true", help="tiny workload (CI smoke run)")
+    ap.add_argument("--json", default="", help="write every figure to this JSON file")
+    ap.add_argument("--workdir", default="", help="keep stores here (default: a temp dir)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set rss_sizes='(256, 1024)' (repeatable)",
+    )  # fmt: skip
+    ap.add_argument("--stage", default="", help=argparse.SUPPRESS)  # subprocess entry points
+    ap.add_argument("--dim", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--store", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cfg = load_cfg(args.config, args.tiny)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        cfg[key] = type(cfg[key])(ast.literal_eval(value))
+    if args.stage:
+        stages = {
+            "hessian": lambda: stage_hessian(cfg, args.dim),
+            "featurize_rss": lambda: stage_featurize_rss(cfg, args.n, args.store),
+            "score_rss": lambda: stage_score_rss(cfg, args.store),
+        }
+        print(json.dumps(stages[args.stage]()))
+        return None
+    r = run(args, cfg)
+    print(table(r), flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return r
+
+
+if __name__ == "__main__":
+    main()
