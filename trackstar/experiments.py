@@ -157,6 +157,16 @@ class Setup:
         n = int(self.cfg.tailpatch.n_queries)
         return self.n_queries if n <= 0 else min(n, self.n_queries)
 
+    @property
+    def tailpatch_index(self) -> np.ndarray:
+        """The tail-patched queries: ``n_tailpatch`` spread evenly over the task queries.
+
+        The world lists task queries bucket by bucket, so the first n would patch only the
+        rare facts; an even stride keeps every frequency bucket in the sample.
+        """
+        n = self.n_tailpatch
+        return np.unique(np.round(np.linspace(0, self.n_queries - 1, n)).astype(np.int64))
+
 
 # Restored checkpoints by (run dir, model/train config): experiments run in one process share
 # one ``Trained`` and so one apply function, whose jitted kernels then compile only once.
@@ -348,12 +358,12 @@ def ground_truth_ids(ground_truth: Sequence[set], k: int) -> np.ndarray:
 
 
 def tailpatch_deltas(setup: Setup, ids_QxK: np.ndarray) -> np.ndarray:
-    """``deltas_MxQxK`` (probability, not pp) for the first ``n_tailpatch`` queries' top
+    """``deltas_MxQxK`` (probability, not pp) for the ``tailpatch_index`` queries' top
     ``max(tailpatch.ks)`` proponents, at every learning-rate multiplier (cached)."""
     cfg = setup.cfg
     tp = cfg.tailpatch
-    n, k = setup.n_tailpatch, max(tp.ks)
-    ids = np.asarray(ids_QxK, np.int64)[:n, :k]
+    index, k = setup.tailpatch_index, max(tp.ks)
+    ids = np.asarray(ids_QxK, np.int64)[index, :k]
     if ids.shape[1] < k:
         ids = np.concatenate([ids, np.full((ids.shape[0], k - ids.shape[1]), -1)], axis=1)
     key = _hash(
@@ -372,8 +382,8 @@ def tailpatch_deltas(setup: Setup, ids_QxK: np.ndarray) -> np.ndarray:
         return tailpatch.tailpatch_sweep(
             t.apply_fn,
             t.params,
-            setup.query_tokens_QxT[:n],
-            setup.query_weights_QxT[:n],
+            setup.query_tokens_QxT[index],
+            setup.query_weights_QxT[index],
             setup.cand_tokens_NxS,
             setup.cand_weights_NxS,
             ids,
@@ -416,7 +426,7 @@ def evaluate(
 
     ``row``: mean and ``_se`` of MRR, Recall@k, Precision@k; tail-patch@k (pp, default step)
     with ``_se``; ``sweep`` (one row per lr multiplier). ``per_query``: the per-query arrays
-    (retrieval metrics over all queries, ``tailpatch@k`` over the first ``n_tailpatch``).
+    (retrieval metrics over all queries, ``tailpatch@k`` over ``setup.tailpatch_index``).
     """
     cfg = setup.cfg
     row: dict[str, Any] = {}
@@ -450,6 +460,7 @@ def _tailpatch_info(setup: Setup) -> dict:
         "ks": list(tp.ks),
         "carry_momentum": bool(tp.carry_momentum),
         "n_queries": setup.n_tailpatch,
+        "query_selection": "evenly spaced over the task queries (all frequency buckets)",
         "unit": "percentage points of p(target | prompt)",
     }
 
@@ -671,9 +682,8 @@ def run_e7(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     results, per_query, setup = retrieval_results(cfg, "candidates", methods, progress=progress)
     results["experiment"] = experiment_section(cfg).name
     at_k, k_max = int(cfg.eval.at_k), max(int(k) for k in cfg.tailpatch.ks)
-    n_tp = setup.n_tailpatch
     groups_all = {"correct": setup.correct_Q, "bucket": setup.buckets_Q}
-    groups_tp = {name: g[:n_tp] for name, g in groups_all.items()}
+    groups_tp = {name: g[setup.tailpatch_index] for name, g in groups_all.items()}
     splits: dict[str, dict] = {}
     for method in [*methods, GROUND_TRUTH]:
         pq = per_query[method]
