@@ -123,6 +123,9 @@ def get_config() -> ml_collections.ConfigDict:
     ex.output_fns = ("loss", "margin", "logit")  # e5: query output functions compared.
     # e4: name -> config overrides of each model variant ({} = this run); each has its own run_dir.
     ex.variants = ml_collections.ConfigDict({"base": {}})
+    # Tag of the stores this experiment featurizes (stores/<set>-<correction>-<tag>), so they
+    # never mix with stores another featurizer version wrote into the same run dir.
+    ex.store_tag = ""
 
     # --- Mesh and multi-host (trackstar.sharding; docs/scaling.md) ---
     mh = c.mesh = ml_collections.ConfigDict()

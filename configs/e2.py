@@ -18,4 +18,5 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     e = c.experiment
     e.name = "e2"
     e.methods = ("bm25", "random", "grad_dot", "grad_cosine", "trackstar")  # SPEC §6 E2 rows.
+    e.store_tag = "v2"  # Fresh candidate and query stores, all from the current featurizer.
     return c

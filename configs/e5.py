@@ -19,4 +19,5 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     e.methods = ("exp_opt_norm", "trackstar")  # Presets scored with each output function.
     e.tailpatch_methods = ("trackstar",)  # Tail-patched for each output function.
     e.output_fns = ("loss", "margin", "logit")
+    e.store_tag = "v2"  # Fresh candidate and query stores, all from the current featurizer.
     return c

@@ -494,8 +494,9 @@ def retrieval_results(
     setup = make_setup(cfg, candidates, trained)
     tp_methods = set(methods if tailpatch_methods is None else tailpatch_methods)
     rows, per_query = {}, {}
+    tag = str(experiment_section(cfg).get("store_tag", "") or "")
     for method in methods:
-        ids = rank(setup, method, progress=progress)
+        ids = rank(setup, method, train_tag=tag, query_tag=tag, progress=progress)
         rows[method], per_query[method] = evaluate(setup, ids, method in tp_methods)
     k_tp = max(int(k) for k in cfg.tailpatch.ks)
     gt_row, gt_pq = evaluate(
@@ -510,7 +511,8 @@ def retrieval_results(
         "candidates": candidates,
         "tailpatch": _tailpatch_info(setup),
         "accuracy": float(np.mean(setup.correct_Q)),
-        "lambda_mix": _lambda(cfg, candidates),
+        "lambda_mix": _lambda(cfg, candidates, tag, tag),
+        "store_tag": tag,
         "wall_s": time.perf_counter() - t0,
     }
     return results, per_query, setup
@@ -1041,14 +1043,15 @@ def run_e5(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     setup = make_setup(cfg, "candidates")
     rows: dict[str, dict[str, dict]] = {}
     lambdas = {}
+    store_tag = str(ex.get("store_tag", "") or "")
     for fn in ex.output_fns:
         vcfg = with_overrides(cfg, {"featurize": {"query_output_fn": fn}})
-        tag = "" if fn == "loss" else fn
+        tag = "-".join(t for t in (store_tag, "" if fn == "loss" else fn) if t)
         rows[fn] = {}
         for method in methods:
-            ids = rank(setup, method, query_tag=tag, cfg=vcfg, progress=progress)
+            ids = rank(setup, method, store_tag, tag, cfg=vcfg, progress=progress)
             rows[fn][method], _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
-        lambdas[fn] = _lambda(vcfg, "candidates", query_tag=tag)
+        lambdas[fn] = _lambda(vcfg, "candidates", store_tag, tag)
     results = {
         "experiment": ex.name,
         "output_fns": rows,
