@@ -171,7 +171,8 @@ def test_e5_output_fns_use_their_own_stores(e1, run_dir):
     )
     assert res["lambda_mix"]["margin"] != res["lambda_mix"]["loss"]
     for fn in ("margin",):
-        meta = json.load(open(os.path.join(stages.store_path(cfg, "task", True, fn), "meta.json")))
+        tag = f"{cfg.experiment.store_tag}-{fn}"  # e5 featurizes fresh, tagged stores
+        meta = json.load(open(os.path.join(stages.store_path(cfg, "task", True, tag), "meta.json")))
         assert fn in json.dumps(meta)
 
 
