@@ -12,12 +12,13 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+
+from trackstar.files import write_json
 
 
 class ConfigError(ValueError):
@@ -135,8 +136,4 @@ def parse_args(argv: Sequence[str], default_config: str | None = None):
 
 def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
     """Writes the resolved config as JSON beside the results it produced."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_json(path, cfg.to_dict(), sort_keys=True, default=str)

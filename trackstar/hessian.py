@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from trackstar.files import atomic_write
+
 SCHEMA_VERSION = 1
 # Names of the d×d transforms a fit can carry; score.py picks the one its preset needs.
 TRANSFORM_NAMES = ("train_inv_sqrt", "train_inv", "mixed_inv_sqrt")
@@ -376,8 +378,8 @@ class HessianFit:
             arrays["eig_eval"] = self.eig_eval
         for name, mat in self.transforms.items():
             arrays[f"transform_{name}"] = np.asarray(mat, np.float32)
-        _atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
-        _atomic_write(path[: -len(".npz")] + ".json", lambda f: f.write(meta_text + "\n"))
+        atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+        atomic_write(path[: -len(".npz")] + ".json", lambda f: f.write(meta_text + "\n"))
 
     @classmethod
     def load(cls, path: str) -> HessianFit:
@@ -411,15 +413,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return str(obj)
-
-
-def _atomic_write(path: str, write, binary: bool = False) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _eval_moments(source: Any, rows_per_step: int | None) -> tuple[np.ndarray, np.ndarray, int]:

@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trackstar.files import write_text
+
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table; floats get 3 significant decimals."""
@@ -46,11 +48,7 @@ def proponents_preview(rows: Sequence[Mapping[str, Any]], n_queries: int = 3, k:
 
 def save_text(text: str, file: str) -> None:
     """Writes a table next to the results (atomically)."""
-    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, file)
+    write_text(file, text)
 
 
 # ----- numbers with errors --------------------------------------------------------------------

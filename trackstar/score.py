@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trackstar.files import atomic_write
 from trackstar.hessian import (
     HessianError,
     HessianFit,
@@ -308,16 +308,6 @@ def score_preset(
 # ----------------------------------------------------------------------------- output
 
 
-def _atomic_write(path: str, write, binary: bool = False) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_proponents(
     path_jsonl: str,
     path_npz: str,
@@ -367,9 +357,9 @@ def write_proponents(
     raw_ids = [q["query_id"] for q in queries]
     is_int = all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in raw_ids)
     query_ids = np.array(raw_ids, np.int64) if is_int else np.array([str(i) for i in raw_ids])
-    _atomic_write(
+    atomic_write(
         path_npz,
         lambda f: np.savez(f, query_ids=query_ids, ids=ids, scores=scores),
         binary=True,
     )
-    _atomic_write(path_jsonl, lambda f: f.write(text))
+    atomic_write(path_jsonl, lambda f: f.write(text))

@@ -67,6 +67,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from trackstar.files import write_json
+
 try:
     from trackstar import __version__
 except ImportError:  # An editable install that resolves `trackstar` as a namespace package.
@@ -256,12 +258,7 @@ def check_compatible(train_meta: StoreMeta, query_meta: StoreMeta) -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, obj, sort_keys=True)
 
 
 def _fsync_dir(path: str) -> None:

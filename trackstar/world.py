@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from trackstar.files import write_bytes
+
 
 class WorldError(ValueError):
     """A world config or input file that cannot give a usable world; the message says why."""
@@ -982,15 +984,6 @@ def _jsonl_bytes(rows: Iterable[Any]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _content_hash(blobs: Sequence[bytes]) -> str:
     h = hashlib.sha256()
     for b in blobs:
@@ -1022,7 +1015,7 @@ def save_world(world: World, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     blobs = _world_blobs(world)
     for name, blob in zip(_FILES, blobs, strict=True):
-        _write_atomic(os.path.join(directory, name), blob)
+        write_bytes(os.path.join(directory, name), blob)
     content_hash = _content_hash(blobs)
     manifest = {
         "format_version": _FORMAT_VERSION,
@@ -1048,7 +1041,7 @@ def save_world(world: World, directory: str) -> str:
         "content_hash": content_hash,
     }
     data = json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8")
-    _write_atomic(os.path.join(directory, "manifest.json"), data)
+    write_bytes(os.path.join(directory, "manifest.json"), data)
     return content_hash
 
 

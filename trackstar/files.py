@@ -1,0 +1,44 @@
+"""Atomic file writes: a file is written under a temporary name, synced, then renamed.
+
+A reader therefore sees either the previous file or the complete new one, never a half-written
+file, even if the writer is killed (rename is atomic on local POSIX filesystems).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from typing import IO, Any
+
+
+def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = False) -> None:
+    """Calls ``write(f)`` on a temporary file and renames it to ``path`` once synced."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically."""
+    dump_kwargs.setdefault("indent", 2)
+    atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs))
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` (newline-terminated), atomically."""
+    atomic_write(path, lambda f: f.write(text if text.endswith("\n") else text + "\n"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data``, atomically."""
+    atomic_write(path, lambda f: f.write(data), binary=True)
