@@ -437,7 +437,7 @@ def _eval_moments(source: Any, rows_per_step: int | None) -> tuple[np.ndarray, n
     return R_DxD, eigs, n
 
 
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
@@ -475,11 +475,8 @@ def fit_hessian(
         raise HessianError(f"unknown transforms {unknown}; choose from {TRANSFORM_NAMES}")
     if "mixed_inv_sqrt" in wanted and eval_vectors is None:
         raise HessianError("the mixed R needs eval (query) vectors; pass an eval store")
-    damping = float(_cfg_get(cfg_hessian, "damping", 0.1))
-    rule = _cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
-    crossing = float(_cfg_get(cfg_hessian, "crossing_per_65536", 1000))
-    n_sample = int(_cfg_get(cfg_hessian, "train_sample", 0))
-    seed = int(_cfg_get(cfg_hessian, "sample_seed", 0))
+    n_sample = int(cfg_get(cfg_hessian, "train_sample", 0))
+    seed = int(cfg_get(cfg_hessian, "sample_seed", 0))
 
     prov: dict[str, Any] = dict(provenance or {})
     for key, src in (("train_meta", train_chunks), ("eval_meta", eval_vectors)):
@@ -511,6 +508,33 @@ def fit_hessian(
         )
     prov.update(train_rows_total=num_rows, train_rows_used=n_train, train_sample_seed=seed)
 
+    R_eval, eig_eval = None, None
+    if eval_vectors is not None:
+        R_eval, eig_eval, n_eval = _eval_moments(eval_vectors, rows_per_step)
+        prov["eval_rows_used"] = n_eval
+    return fit_from_moments(
+        R_train, R_eval, cfg_hessian, dim, wanted=wanted, provenance=prov, eig_eval=eig_eval
+    )
+
+
+def fit_from_moments(
+    R_train: np.ndarray,
+    R_eval: np.ndarray | None,
+    cfg_hessian: Any,
+    dim: int,
+    *,
+    wanted: Sequence[str] = TRANSFORM_NAMES,
+    provenance: Mapping | None = None,
+    eig_eval: np.ndarray | None = None,
+) -> HessianFit:
+    """λ, the damped eigendecompositions and the scoring transforms from R_train and R_eval.
+
+    Shared by the single-host fit and the sharded one (``trackstar.sharding``), which differ
+    only in how the Gauss-Newton sums are accumulated.
+    """
+    damping = float(cfg_get(cfg_hessian, "damping", 0.1))
+    rule = cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
+    crossing = float(cfg_get(cfg_hessian, "crossing_per_65536", 1000))
     out: dict[str, np.ndarray] = {}
     if "train_inv_sqrt" in wanted or "train_inv" in wanted:
         evals, evecs, damped = _damped_eigh(R_train, damping)
@@ -524,17 +548,16 @@ def fit_hessian(
         # Eigenvalues alone cost about a third less than the full decomposition.
         eig_train = _descending_eigvals(R_train)
 
-    eig_eval = None
     lam = None
     eigenvalues = eig_train
-    if eval_vectors is not None:
-        R_eval, eig_eval, n_eval = _eval_moments(eval_vectors, rows_per_step)
+    if R_eval is not None:
         if R_eval.shape[0] != dim:
             raise HessianError(
                 f"eval vectors have d = {R_eval.shape[0]} but train vectors have d = {dim}; "
                 "featurize both with the same projection"
             )
-        prov["eval_rows_used"] = n_eval
+        if eig_eval is None:
+            eig_eval = _descending_eigvals(R_eval)
         lam = mix_lambda(
             R_eval, R_train, rule, dim, crossing, eig_eval=eig_eval, eig_train=eig_train
         )
@@ -552,5 +575,5 @@ def fit_hessian(
         eig_train=eig_train,
         eig_eval=eig_eval,
         transforms=out,
-        provenance=prov,
+        provenance=dict(provenance or {}),
     )

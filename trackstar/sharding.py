@@ -687,15 +687,8 @@ def fit_hessian_sharded(
     """
     from trackstar import hessian as h
 
-    get = (
-        (lambda k, d: cfg_hessian.get(k, d))
-        if isinstance(cfg_hessian, dict)
-        else (lambda k, d: getattr(cfg_hessian, k, d))
-    )
-    damping = float(get("damping", 0.1))
-    rule = get("lambda_mix", "auto_trace")
-    crossing = float(get("crossing_per_65536", 1000))
-    n_sample, seed = int(get("train_sample", 0)), int(get("sample_seed", 0))
+    n_sample = int(h.cfg_get(cfg_hessian, "train_sample", 0))
+    seed = int(h.cfg_get(cfg_hessian, "sample_seed", 0))
     sample_ids = None
     if n_sample > 0:
         if not hasattr(train_source, "read_ids"):
@@ -718,32 +711,11 @@ def fit_hessian_sharded(
         train_sample_seed=seed,
         sharded_devices=mesh_size(mesh),
     )
-    train_inv_sqrt, eig_train = h.inverse_sqrt(R_train, damping)
-    transforms = {
-        "train_inv_sqrt": train_inv_sqrt.astype(np.float32),
-        "train_inv": h.inverse(R_train, damping)[0].astype(np.float32),
-    }
-    lam, eig_eval, eigenvalues = None, None, eig_train
+    R_eval = None
     if eval_source is not None:
         R_eval, n_eval = gauss_newton_sharded(eval_source, mesh, rows_per_step=rows_per_step)
-        eig_eval = np.clip(np.linalg.eigvalsh(0.5 * (R_eval + R_eval.T))[::-1], 0.0, None)
         prov["eval_rows_used"] = n_eval
-        lam = h.mix_lambda(
-            R_eval, R_train, rule, dim, crossing, eig_eval=eig_eval, eig_train=eig_train
-        )
-        mixed, eigenvalues = h.inverse_sqrt(lam * R_eval + (1.0 - lam) * R_train, damping)
-        transforms["mixed_inv_sqrt"] = mixed.astype(np.float32)
-    return h.HessianFit(
-        dim=int(dim),
-        lambda_mix=lam,
-        damping=damping,
-        rule=str(rule),
-        eigenvalues=eigenvalues,
-        eig_train=eig_train,
-        eig_eval=eig_eval,
-        transforms=transforms,
-        provenance=prov,
-    )
+    return h.fit_from_moments(R_train, R_eval, cfg_hessian, dim, provenance=prov)
 
 
 # ----------------------------------------------------------------------------- scoring
