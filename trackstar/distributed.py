@@ -13,8 +13,7 @@ import os
 import jax
 import ml_collections
 
-from trackstar import correction, score, sharding, stages, store
-from trackstar.tree import tree_fingerprint
+from trackstar import score, sharding, stages, store
 
 
 def stage_featurize_distributed(
@@ -31,42 +30,25 @@ def stage_featurize_distributed(
     resume the other's partial store.
     """
     trained = trained or stages.load_trained(cfg)
-    examples, output_fn, kind = stages.examples_for(cfg, trained, which)
-    projector = stages.make_projector(cfg, trained.params)
-    precond = stages.make_preconditioner(cfg, trained) if corrected else None
-    meta = store.StoreMeta(
-        kind=kind,
-        dim=projector.dim,
-        dtype=cfg.featurize.dtype,
-        num_examples=len(examples),
-        chunk_size=cfg.featurize.chunk_size,
-        model_fingerprint=tree_fingerprint(trained.params),
-        optimizer_fingerprint=correction.opt_state_fingerprint(trained.opt_state),
-        projection=projector.config(),
-        output_fn=output_fn,
-        correction=stages.correction_kind(cfg, corrected),
-        extra={"example_set": which, "eps": cfg.featurize.eps},
-    )
-    out = stages.store_path(cfg, which, corrected, tag)
-    vs = store.VectorStore.create(out, meta)
-    if vs.is_complete:
-        return out
+    job = stages.prepare_featurize(cfg, which, corrected, trained, tag)
+    if job.store.is_complete:
+        return job.store.path
     mesh = sharding.mesh_from_config(cfg.mesh, scope=cfg.mesh.featurize_scope)
     shardings = sharding.param_shardings(trained.params, mesh, sharding.rules_from_config(cfg.mesh))
     feature_fn = sharding.make_sharded_feature_fn(
-        trained.apply_fn, output_fn, projector, precond, mesh, shardings
+        trained.apply_fn, job.output_fn, job.projector, job.preconditioner, mesh, shardings
     )
     sharding.featurize_distributed(
         feature_fn,
         sharding.place(trained.params, shardings),
-        examples,
-        vs,
+        job.examples,
+        job.store,
         cfg.featurize.batch_size,
         skip_bad_examples=cfg.featurize.skip_bad_examples,
         progress=progress,
         desc=f"featurize {which}",
     )
-    return out
+    return job.store.path
 
 
 def stage_hessian_distributed(

@@ -282,17 +282,29 @@ def make_preconditioner(cfg, trained: Trained):
     return correction.preconditioner(trained.opt_state, trained.params, eps, b2=cfg.train.b2)
 
 
-def stage_featurize(
+@dataclasses.dataclass
+class FeaturizeJob:
+    """Everything one featurize pass needs; the store is created (or reopened to resume)."""
+
+    examples: Examples
+    output_fn: str
+    projector: Projector
+    preconditioner: Any
+    store: store.VectorStore
+
+
+def prepare_featurize(
     cfg: ml_collections.ConfigDict,
     which: str,
-    corrected: bool = True,
-    trained: Trained | None = None,
-    progress: bool = True,
+    corrected: bool,
+    trained: Trained,
     tag: str = "",
-) -> str:
-    """Featurizes an example set into ``stores/<which>-<correction>[-<tag>]``; resumes a
-    partial store. Use a new ``tag`` whenever the featurize config differs from the store's."""
-    trained = trained or load_trained(cfg)
+) -> FeaturizeJob:
+    """Encodes the example set and creates its store with the metadata that identifies it.
+
+    Single-process and distributed featurize share this, so either can resume the other's
+    partial store, and a store made another way is refused by ``VectorStore.create``.
+    """
     examples, output_fn, kind = examples_for(cfg, trained, which)
     projector = make_projector(cfg, trained.params)
     precond = make_preconditioner(cfg, trained) if corrected else None
@@ -309,22 +321,38 @@ def stage_featurize(
         correction=correction_kind(cfg, corrected),
         extra={"example_set": which, "eps": cfg.featurize.eps},
     )
-    out = store_path(cfg, which, corrected, tag)
-    vs = store.VectorStore.create(out, meta)
-    if not vs.is_complete:
-        feature_fn = make_feature_fn(trained.apply_fn, output_fn, projector, precond)
+    vs = store.VectorStore.create(store_path(cfg, which, corrected, tag), meta)
+    return FeaturizeJob(examples, output_fn, projector, precond, vs)
+
+
+def stage_featurize(
+    cfg: ml_collections.ConfigDict,
+    which: str,
+    corrected: bool = True,
+    trained: Trained | None = None,
+    progress: bool = True,
+    tag: str = "",
+) -> str:
+    """Featurizes an example set into ``stores/<which>-<correction>[-<tag>]``; resumes a
+    partial store. Use a new ``tag`` whenever the featurize config differs from the store's."""
+    trained = trained or load_trained(cfg)
+    job = prepare_featurize(cfg, which, corrected, trained, tag)
+    if not job.store.is_complete:
+        feature_fn = make_feature_fn(
+            trained.apply_fn, job.output_fn, job.projector, job.preconditioner
+        )
         featurize_into_store(
             feature_fn,
             trained.params,
-            examples,
-            vs,
+            job.examples,
+            job.store,
             cfg.featurize.batch_size,
             skip_bad_examples=cfg.featurize.skip_bad_examples,
             progress=progress,
             desc=f"featurize {which}",
         )
-        vs.finalize()
-    return out
+        job.store.finalize()
+    return job.store.path
 
 
 # ----- Hessian + scoring ----------------------------------------------------------------------
