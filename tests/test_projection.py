@@ -113,3 +113,26 @@ def test_bad_inputs_raise_clear_errors():
         proj.project({"v": jnp.zeros((1, 4, 3))})
     with pytest.raises(ProjectionError, match="expected \\(B, \\*\\(4, 3\\)\\)"):
         proj.project_leaf("w", jnp.zeros((1, 3, 4)))
+
+
+def test_config_pins_generated_factor_values(monkeypatch):
+    """Same seed/mode/widths but another factor generator must not look compatible."""
+    import jax.numpy as jnp
+
+    from trackstar import projection
+
+    params = {"a": {"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}}
+    base = projection.Projector(params, k_in=4, k_out=4, seed=0).config()
+    again = projection.Projector(params, k_in=4, k_out=4, seed=0).config()
+    assert base == again
+    original = projection.Projector.leaf_factors
+
+    def other_generator(self, paths=None):
+        return {p: tuple(f * 1.5 for f in fs) for p, fs in original(self, paths).items()}
+
+    monkeypatch.setattr(projection.Projector, "leaf_factors", other_generator)
+    changed = projection.Projector(params, k_in=4, k_out=4, seed=0).config()
+    assert changed["factors_hash"] != base["factors_hash"]
+    assert {k: v for k, v in changed.items() if k != "factors_hash"} == {
+        k: v for k, v in base.items() if k != "factors_hash"
+    }

@@ -254,7 +254,24 @@ class Projector:
             "dense_dim": self.dense_dim if self.mode == "dense" else None,
             "dim": self.dim,
             "params_hash": h.hexdigest()[:16],
+            "factors_hash": self.factors_fingerprint(),
         }
+
+    def factors_fingerprint(self) -> str:
+        """A hash of the generated factors of the smallest tensor.
+
+        Seed, mode and widths do not pin the values: a change in how factors are generated
+        (key derivation, chunking) gives uncorrelated vectors for the same example. Hashing
+        real generated values makes stores from another generator refuse each other.
+        """
+        path = min(self.paths, key=lambda p: (sum(matrix_shape(self.shapes[p])), p))
+        h = hashlib.sha256(path.encode())
+        for factor in self.factors(path):
+            # A few values at 2 decimals: a new generator changes them all, while last-ulp
+            # differences between backends almost never cross a rounding boundary.
+            sample = np.asarray(factor, np.float64).reshape(-1)[:8] * np.sqrt(self.k_in)
+            h.update(np.round(sample, 2).tobytes())
+        return h.hexdigest()[:16]
 
     def _shape(self, path: str) -> tuple[int, ...]:
         try:
