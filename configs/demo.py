@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
     tp.lr = -1.0  # Step size eta; < 0 means the final learning rate of training.
     tp.lr_multipliers = (0.1, 0.3, 1.0, 3.0, 10.0)  # Sweep reported beside every table.
     tp.ks = (1, 3, 5, 10)  # Tail-patch@k: mean delta over each query's top k proponents.
-    tp.n_queries = 100  # Queries patched (the first n of the task queries; 0 = all).
+    tp.n_queries = 100  # Queries patched (n evenly spaced over the task queries; 0 = all).
     tp.carry_momentum = False  # True: step = U(g) - U(0) with the training optimizer.
     tp.pair_batch = 32  # (query, proponent) pairs per vmapped call (memory vs speed).
 
