@@ -9,8 +9,8 @@ a background thread so disk I/O overlaps the next chunk's compute.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,6 +33,8 @@ class Examples:
 
     tokens_NxT: np.ndarray
     weights_NxT: np.ndarray
+    # Positions that could not be encoded (kept as zero-weight rows) and why.
+    skipped: Mapping[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.weights_NxT.shape != self.tokens_NxT.shape or self.tokens_NxT.ndim != 2:
@@ -48,21 +50,23 @@ class Examples:
         return Examples(self.tokens_NxT[index], self.weights_NxT[index])
 
 
-def empty_example_ids(examples: Examples, skip: bool) -> set[int]:
-    """Ids of examples with no counted tokens; an error unless ``skip``.
+def skipped_examples(examples: Examples, skip: bool) -> dict[int, str]:
+    """``{id: reason}`` of examples that cannot be featurized; an error unless ``skip``.
 
     A zero-weight example would featurize to an all-zero vector and, once normalized, to NaN or
     an arbitrary direction; it must never enter a store silently. Checked before any work.
     """
-    empty = [int(i) for i in np.flatnonzero(examples.weights_NxT.sum(axis=1) <= 0)]
-    if empty and not skip:
+    bad = {int(i): "no counted tokens" for i in np.flatnonzero(examples.weights_NxT.sum(1) <= 0)}
+    bad.update(examples.skipped)
+    if bad and not skip:
+        ids = sorted(bad)
         raise BadExampleError(
-            f"{len(empty)} example(s) have no counted tokens (ids {empty[:10]}"
-            f"{' ...' if len(empty) > 10 else ''}); remove them, or set "
+            f"{len(ids)} example(s) cannot be featurized (e.g. id {ids[0]}: {bad[ids[0]]}; ids "
+            f"{ids[:10]}{' ...' if len(ids) > 10 else ''}); remove them, or set "
             "featurize.skip_bad_examples=True to skip them (they are listed in the store's "
             "metadata)"
         )
-    return set(empty)
+    return bad
 
 
 def _pad_batch(tokens: np.ndarray, weights: np.ndarray, batch_size: int):
@@ -117,7 +121,7 @@ def featurize_into_store(
             f"the store at {store.path} expects {meta.num_examples} examples, got "
             f"{len(examples)}; featurize into a new store path"
         )
-    empty = empty_example_ids(examples, skip_bad_examples)
+    bad = skipped_examples(examples, skip_bad_examples)
     todo = list(store.missing_chunks() if chunks is None else chunks)
     total = sum(meta.chunk_range(c)[1] - meta.chunk_range(c)[0] for c in todo)
     written = 0
@@ -128,10 +132,8 @@ def featurize_into_store(
         pending = None
         for c in todo:
             lo, hi = meta.chunk_range(c)
-            ids = np.array([i for i in range(lo, hi) if i not in empty], np.int64)
-            skipped = [
-                {"id": i, "reason": "no counted tokens"} for i in range(lo, hi) if i in empty
-            ]
+            ids = np.array([i for i in range(lo, hi) if i not in bad], np.int64)
+            skipped = [{"id": i, "reason": bad[i]} for i in range(lo, hi) if i in bad]
             vectors = (
                 compute_vectors(feature_fn, params, examples.take(ids), batch_size)
                 if len(ids)

@@ -239,19 +239,41 @@ def candidate_pool(cfg, w: world.World, tok, candidates: str) -> tuple[list[str]
 # ----- featurize ------------------------------------------------------------------------------
 
 
+def _encoded(encode, n: int, skip: bool) -> Examples:
+    """Runs ``encode(skip_too_long)``; with ``skip``, unencodable examples keep their position
+    as zero-weight rows and are listed with the reason, so ids stay the example positions."""
+    if not skip:
+        return Examples(*encode(False))
+    tokens, weights, kept = encode(True)
+    full_t = np.zeros((n, tokens.shape[1]), tokens.dtype)
+    full_w = np.zeros((n, weights.shape[1]), weights.dtype)
+    full_t[kept], full_w[kept] = tokens, weights
+    reason = "empty or longer than model.max_len"
+    return Examples(full_t, full_w, {int(i): reason for i in sorted(set(range(n)) - set(kept))})
+
+
 def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]:
-    """``(examples, output_fn, kind)`` for one of ``EXAMPLE_SETS``."""
+    """``(examples, output_fn, kind)`` for one of ``EXAMPLE_SETS``.
+
+    An example that is empty or longer than the model's context is an error naming it, or with
+    ``featurize.skip_bad_examples`` is skipped and listed in the store's metadata.
+    """
     w, tok, max_len = trained.world, trained.tok, cfg.model.max_len
-    if which == "candidates":
-        tokens, weights = data.encode_texts(tok, data.candidate_texts(w), max_len)
-        return Examples(tokens, weights), "train", "train"
-    if which == "corpus":
-        texts = [p.text for p in corpus_passages(w, tok, max_len)]
-        tokens, weights = data.encode_texts(tok, texts, max_len)
-        return Examples(tokens, weights), "train", "train"
+    skip = bool(cfg.featurize.skip_bad_examples)
+    if which in ("candidates", "corpus"):
+        if which == "candidates":
+            texts = data.candidate_texts(w)
+        else:
+            texts = [p.text for p in corpus_passages(w, tok, max_len)]
+        ex = _encoded(lambda s: data.encode_texts(tok, texts, max_len, s), len(texts), skip)
+        return ex, "train", "train"
     if which in ("task", "heldout"):
-        queries = w.task_queries if which == "task" else w.heldout_queries
-        return query_examples(cfg, tok, queries), cfg.featurize.query_output_fn, "query"
+        qs = w.task_queries if which == "task" else w.heldout_queries
+        prompts, targets = [q.prompt for q in qs], [q.target for q in qs]
+        ex = _encoded(
+            lambda s: data.encode_queries(tok, prompts, targets, max_len, s), len(qs), skip
+        )
+        return ex, cfg.featurize.query_output_fn, "query"
     raise StageError(f"unknown example set {which!r}; choose one of {EXAMPLE_SETS}")
 
 
