@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -24,4 +25,7 @@ def parse(description: str, add_arguments=None, default_config: str = "configs/d
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")
     args = parser.parse_args(rest)
+    # Third-party chatter (index building, read-only checkpoint notices) is not results.
+    for name in ("bm25s", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     return cfg, args
