@@ -1,0 +1,118 @@
+"""End to end: model + AdamW state -> featurize -> store -> R -> scores, against the formula
+
+    score(m, q) = normalize(R^{-1/2} P (g_m / (sqrt(v̂) + eps))) · normalize(R^{-1/2} P (g_q / ...))
+
+computed densely: per-example gradients by a Python loop of ``jax.grad``, the dense projection
+matrix built from the same Kronecker factors, R mixed from dense u uᵀ sums, R^{-1/2} by eigh.
+"""
+
+import jax
+import numpy as np
+import optax
+from toy_models import make_toy_transformer
+
+from trackstar import correction, hessian, score
+from trackstar.featurize import Examples, featurize_into_store
+from trackstar.gradients import make_feature_fn, output_loss
+from trackstar.projection import Projector
+from trackstar.store import StoreMeta, VectorStore, check_compatible
+from trackstar.tree import named_leaves
+
+# EPS is large enough that a parameter whose Adam nu is still 0 after three steps (a token
+# never seen as an input) gets a float32-friendly 1/EPS scale rather than 1e8.
+V, T, B2, EPS, LAMBDA, DAMPING = 29, 10, 0.98, 1e-3, 0.3, 0.1
+
+
+def _examples(n, seed, target_only=False):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, V, size=(n, T)).astype(np.int32)
+    weights = np.zeros((n, T), np.float32)
+    for i in range(n):
+        length = int(rng.integers(4, T + 1))
+        tokens[i, length:] = 0
+        weights[i, (length - 2 if target_only else 1) : length] = 1.0
+    return Examples(tokens, weights)
+
+
+def _store(path, kind, n, dim, projector, output_fn):
+    meta = StoreMeta(
+        kind=kind,
+        dim=dim,
+        dtype="float32",
+        num_examples=n,
+        chunk_size=8,
+        model_fingerprint="toy",
+        optimizer_fingerprint="toy-adamw",
+        projection=projector.config(),
+        output_fn=output_fn,
+        correction="adam",
+    )
+    return VectorStore.create(str(path), meta)
+
+
+def test_trackstar_scores_equal_dense_formula(tmp_path):
+    apply_fn, params = make_toy_transformer(vocab=V, d_model=8, d_ff=16, max_len=T)
+    # A real AdamW state after a few steps, so v̂ is not uniform.
+    opt = optax.adamw(1e-2, b2=B2, eps=EPS)
+    opt_state = opt.init(params)
+    train = _examples(20, seed=1)
+    queries = _examples(6, seed=2, target_only=True)
+    for _ in range(3):
+        grads = jax.grad(
+            lambda p: output_loss(
+                apply_fn(p, train.tokens_NxT), train.tokens_NxT, train.weights_NxT, "train"
+            ).mean()
+        )(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+
+    precond = correction.preconditioner(opt_state, params, EPS, b2=B2)
+    projector = Projector(params, "global", 4, 4, seed=3)
+    d = projector.dim
+    stores = {}
+    for name, ex, fn, kind in (("train", train, "train", "train"), ("q", queries, "loss", "query")):
+        vs = _store(tmp_path / name, kind, len(ex), d, projector, fn)
+        featurize_into_store(
+            make_feature_fn(apply_fn, fn, projector, precond), params, ex, vs, 8, progress=False
+        )
+        vs.finalize()
+        stores[name] = VectorStore.open(str(tmp_path / name))
+    check_compatible(stores["train"].meta, stores["q"].meta)
+    fit = hessian.fit_hessian(
+        stores["train"], stores["q"], {"lambda_mix": LAMBDA, "damping": DAMPING}, d
+    )
+    ids, scores = score.score_preset(stores["train"], stores["q"], "trackstar", fit, k=20)
+
+    # The dense formula, from scratch.
+    P_DxN = np.asarray(projector.dense_matrix(), np.float64)
+    scale = np.concatenate(
+        [np.asarray(c, np.float64).reshape(-1) for _, c in named_leaves(precond)]
+    )
+
+    def u(ex, kind):
+        rows = []
+        for i in range(len(ex)):
+            tok, wts = ex.tokens_NxT[i : i + 1], ex.weights_NxT[i : i + 1]
+            g = jax.grad(
+                lambda p, tok=tok, wts=wts: output_loss(apply_fn(p, tok), tok, wts, kind).sum()
+            )(params)
+            flat = np.concatenate(
+                [np.asarray(x, np.float64).reshape(-1) for _, x in named_leaves(g)]
+            )
+            rows.append(P_DxN @ (flat * scale))
+        return np.stack(rows)
+
+    u_m, u_q = u(train, "train"), u(queries, "loss")
+    R = LAMBDA * (u_q.T @ u_q / len(u_q)) + (1 - LAMBDA) * (u_m.T @ u_m / len(u_m))
+    evals, evecs = np.linalg.eigh(R)
+    evals = np.clip(evals, 0.0, None)
+    R_inv_sqrt = (evecs * (evals + DAMPING * evals.mean()) ** -0.5) @ evecs.T
+
+    def unit(x):
+        x = x @ R_inv_sqrt
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    dense_QxN = unit(u_q) @ unit(u_m).T
+    order = np.argsort(-dense_QxN, axis=1, kind="stable")
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_allclose(scores, np.take_along_axis(dense_QxN, order, 1), atol=1e-4)
