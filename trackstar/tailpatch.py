@@ -230,35 +230,14 @@ def tailpatch_sweep(
 
 
 def tailpatch_deltas(
-    apply_fn: ApplyFn,
-    params: PyTree,
-    query_tokens_QxT: np.ndarray,
-    query_weights_QxT: np.ndarray,
-    cand_tokens_NxS: np.ndarray,
-    cand_weights_NxS: np.ndarray,
-    proponent_ids_QxK: np.ndarray,
-    *,
-    lr: float,
-    lr_multiplier: float = 1.0,
-    **kwargs: Any,
+    *args: Any, lr: float, lr_multiplier: float = 1.0, **kwargs: Any
 ) -> np.ndarray:
     """Tail-patch deltas ``deltas_QxK`` at one learning-rate multiplier.
 
-    Same arguments as :func:`tailpatch_sweep` (``precond``, ``scale``, ``tokens_per_batch``,
-    ``carry_momentum``, ``optimizer``, ``opt_state``, ``pair_batch`` as keywords).
+    Same positional and keyword arguments as :func:`tailpatch_sweep`, with one
+    ``lr_multiplier`` in place of the sweep's ``lr_multipliers``.
     """
-    return tailpatch_sweep(
-        apply_fn,
-        params,
-        query_tokens_QxT,
-        query_weights_QxT,
-        cand_tokens_NxS,
-        cand_weights_NxS,
-        proponent_ids_QxK,
-        lr=lr,
-        lr_multipliers=(lr_multiplier,),
-        **kwargs,
-    )[0]
+    return tailpatch_sweep(*args, lr=lr, lr_multipliers=(lr_multiplier,), **kwargs)[0]
 
 
 def tailpatch_at_k(deltas_QxK: np.ndarray, ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
