@@ -14,6 +14,7 @@ from trackstar.score import (
     top_k_scores,
     write_proponents,
 )
+from trackstar.store import StoreMeta, VectorStore
 
 D, N, Q, K = 8, 50, 5, 6
 
@@ -87,6 +88,104 @@ def test_top_k_rejects_bad_input():
         top_k_scores(np.ones((4, D)), q, np.eye(D + 1), None, False, 2)
     with pytest.raises(ScoreError, match="top_k"):
         top_k_scores(np.ones((4, D)), q, None, None, False, 0)
+
+
+STORE_CHUNK = 16  # example positions per store chunk: N = 50 rows in chunks 0..3
+_CLEAN_READ = VectorStore.read_chunk  # before any test patches it
+
+
+def corrupt_store(path, monkeypatch, vectors_NxD, bad):
+    """A finished VectorStore of ``vectors_NxD`` whose reads return ``bad[id]`` in row ``id``.
+
+    write_chunk refuses NaN/inf rows, so the bad values are put in at read time, as a store
+    corrupted on disk or written outside featurize returns them (independent of any on-disk
+    checksum the store may verify first).
+    """
+    n, d = vectors_NxD.shape
+    meta = StoreMeta(
+        kind="train",
+        dim=d,
+        dtype="float32",
+        num_examples=n,
+        chunk_size=STORE_CHUNK,
+        model_fingerprint="m0",
+        optimizer_fingerprint="o0",
+        projection={"mode": "global", "seed": 0, "k_in": 2, "k_out": 4, "dim": d, "hash": "h"},
+        output_fn="train_loss",
+        correction="adam",
+    )
+    store = VectorStore.create(str(path), meta)
+    for c in range(store.num_chunks):
+        lo, hi = meta.chunk_range(c)
+        store.write_chunk(c, np.arange(lo, hi), vectors_NxD[lo:hi])
+    store.finalize()
+
+    def read_chunk(self, chunk):
+        ids_N, vecs_NxD = _CLEAN_READ(self, chunk)
+        vecs_NxD = vecs_NxD.copy()
+        for i, value in bad.items():
+            vecs_NxD[ids_N == i] = value
+        return ids_N, vecs_NxD
+
+    monkeypatch.setattr(VectorStore, "read_chunk", read_chunk)
+    return VectorStore.open(str(path))
+
+
+def test_non_finite_train_rows_are_refused_naming_their_ids(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    train = rng.normal(size=(N, D)).astype(np.float32)
+    queries = rng.normal(size=(Q, D)).astype(np.float32)
+    store = corrupt_store(tmp_path / "s", monkeypatch, train, {37: np.nan})
+    ids, _ = store.read_all()
+    assert np.isnan(store.read_all()[1][37]).all() and len(ids) == N  # the injection works
+
+    # One NaN row: every score of it is NaN, which top_k would rank first for every query.
+    named = r"example ids \[37\] \(store chunks \[2\]\) against every query.*refeaturize"
+    for rows_per_step in (None, 7):  # store chunks as they are, or split and padded
+        with pytest.raises(ScoreError, match=named):
+            top_k_scores(store, queries, None, None, True, K, rows_per_step=rows_per_step)
+    with pytest.raises(ScoreError, match=named):
+        score_preset(store, queries, "exp_opt_norm", None, K)
+
+    # More rows than the message names: the lowest ids and the exact count.
+    many = {i: np.inf for i in range(3, 45, 2)}
+    store = corrupt_store(tmp_path / "many", monkeypatch, train, many)
+    lowest = list(range(3, 35, 2))
+    with pytest.raises(ScoreError, match=rf"example ids \{lowest}.*\(21 rows in all\)"):
+        top_k_scores(store, queries, None, None, False, K)
+
+    # A finite row that overflows float32 for one query only: that query is named.
+    huge = train[5].copy()
+    huge[0] = 1e30
+    queries_small = queries.copy()
+    queries_small[:, 0] = 0.0
+    queries_small[3, 0] = 1e10
+    store = corrupt_store(tmp_path / "huge", monkeypatch, train, {5: huge})
+    with pytest.raises(ScoreError, match=r"example ids \[5\].*the queries at indices \[3\]"):
+        top_k_scores(store, queries_small, None, None, False, K)
+    # The same store is fine for queries that do not overflow with it.
+    got_ids, got_scores = top_k_scores(store, queries_small[:3], None, None, False, K)
+    assert np.isfinite(got_scores).all()
+
+
+def test_non_finite_queries_and_transforms_are_refused():
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(N, D)).astype(np.float32)
+    queries = rng.normal(size=(Q, D)).astype(np.float32)
+    bad_q = queries.copy()
+    bad_q[2, 1] = np.nan
+    bad_q[4, 0] = -np.inf
+    with pytest.raises(ScoreError, match=r"indices \[2, 4\].*refeaturize the queries"):
+        top_k_scores(train, bad_q, None, None, True, K)
+    bad_t = np.eye(D, dtype=np.float32)
+    bad_t[1, 1] = np.nan
+    with pytest.raises(ScoreError, match="query_transform.*refit"):
+        top_k_scores(train, queries, None, bad_t, True, K)
+    with pytest.raises(ScoreError, match="train_transform.*refit"):
+        top_k_scores(train, queries, bad_t, np.eye(D), True, K)
+    # Finite inputs whose transformed query overflows float32.
+    with pytest.raises(ScoreError, match=r"queries at indices \[0, 1, 2, 3, 4\] overflow"):
+        top_k_scores(train, queries * 1e30, None, np.eye(D) * 1e30, False, K)
 
 
 def _inv_root(R, power, damping=0.1):

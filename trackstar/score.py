@@ -32,6 +32,8 @@ from trackstar.hessian import (
 )
 
 _INT32_MAX = np.iinfo(np.int32).max
+# Non-finite train rows named in the error message (the count it gives is exact).
+NAMED_BAD_ROWS = 16
 
 
 class ScoreError(ValueError):
@@ -99,10 +101,42 @@ def _prepare_queries(q_QxD: jax.Array, t_DxD: jax.Array | None, normalize: bool)
     return _unit_rows(q_QxD) if normalize else q_QxD
 
 
-@partial(jax.jit, static_argnames=("normalize", "k"), donate_argnums=(0, 1))
+def track_non_finite(
+    bad: tuple[jax.Array, jax.Array, jax.Array],
+    s_QxN: jax.Array,
+    ids_N: jax.Array,
+    valid_N: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Folds one block's non-finite scores into the running ``(count, ids_B, queries_Q)``.
+
+    ``count`` counts train rows with any non-finite score, ``ids_B`` keeps the lowest such
+    example ids (``_INT32_MAX`` = empty slot) and ``queries_Q`` marks the queries involved.
+    It stays on device and fuses with the score matmul, so the scoring loop never waits on a
+    per-block check; the caller reads it once at the end (``raise_if_non_finite``).
+    """
+    count, bad_ids_B, bad_q_Q = bad
+    nonfinite_QxN = ~jnp.isfinite(s_QxN) & valid_N[None, :]
+    row_bad_N = jnp.any(nonfinite_QxN, axis=0)
+    count = count + jnp.sum(row_bad_N, dtype=jnp.int32)
+    cand = jnp.concatenate([bad_ids_B, jnp.where(row_bad_N, ids_N, _INT32_MAX)])
+    bad_ids_B = -jax.lax.top_k(-cand, bad_ids_B.shape[0])[0]
+    return count, bad_ids_B, bad_q_Q | jnp.any(nonfinite_QxN, axis=1)
+
+
+def init_non_finite(n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The empty running state for ``track_non_finite`` (host arrays; place them as needed)."""
+    return (
+        np.zeros((), np.int32),
+        np.full(NAMED_BAD_ROWS, _INT32_MAX, np.int32),
+        np.zeros(n_queries, bool),
+    )
+
+
+@partial(jax.jit, static_argnames=("normalize", "k"), donate_argnums=(0, 1, 2))
 def _merge_step(
     best_QxK: jax.Array,
     best_ids_QxK: jax.Array,
+    bad: tuple[jax.Array, jax.Array, jax.Array],
     ids_N: jax.Array,
     valid_N: jax.Array,
     vecs_NxD: jax.Array,
@@ -110,12 +144,13 @@ def _merge_step(
     q_QxD: jax.Array,
     normalize: bool,
     k: int,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     if t_DxD is not None:
         vecs_NxD = vecs_NxD @ t_DxD.T
     if normalize:
         vecs_NxD = _unit_rows(vecs_NxD)
     s_QxN = q_QxD @ vecs_NxD.T
+    bad = track_non_finite(bad, s_QxN, ids_N, valid_N)
     s_QxN = jnp.where(valid_N[None, :], s_QxN, -jnp.inf)
     # Running entries first: their ids are all lower than this chunk's, and top_k puts the
     # lower position first on equal scores, so ties resolve to the lower example id.
@@ -124,7 +159,99 @@ def _merge_step(
         [best_ids_QxK, jnp.broadcast_to(ids_N[None, :], s_QxN.shape)], axis=1
     )
     top_QxK, pos_QxK = jax.lax.top_k(cand_QxC, k)
-    return top_QxK, jnp.take_along_axis(cand_ids_QxC, pos_QxK, axis=1)
+    return top_QxK, jnp.take_along_axis(cand_ids_QxC, pos_QxK, axis=1), bad
+
+
+# ----------------------------------------------------------------------------- finiteness
+
+
+def _preview(values: Sequence[int], n: int = NAMED_BAD_ROWS) -> str:
+    values = [int(v) for v in values]
+    return f"{values[:n]}{f' ... ({len(values)} in all)' if len(values) > n else ''}"
+
+
+def check_finite_inputs(
+    query_vectors_QxD: np.ndarray,
+    transforms: Mapping[str, np.ndarray | None],
+    error: type[Exception] = ValueError,
+    *,
+    prepared: bool = False,
+) -> None:
+    """Raises ``error`` naming the query indices (or the transform) that hold NaN/inf.
+
+    Checked once before streaming, so that a non-finite score found later can only come from
+    the train rows. ``prepared``: the vectors are ``T_q u_q`` (finite inputs that overflowed).
+    """
+    for name, t in transforms.items():
+        if t is not None and not np.isfinite(t).all():
+            raise error(
+                f"{name} holds NaN/inf values, so every score would be NaN; the Hessian fit "
+                "is corrupt: refit it with scripts/fit_hessian.py"
+            )
+    q = np.asarray(query_vectors_QxD)
+    if np.isfinite(q).all():
+        return
+    rows = _preview(np.nonzero(~np.isfinite(q).all(axis=1))[0])
+    if prepared:
+        raise error(
+            f"the queries at indices {rows} overflow float32 after the query transform, so "
+            "their scores would be NaN; check those query vectors and the Hessian fit "
+            "(refit it with scripts/fit_hessian.py)"
+        )
+    raise error(
+        f"the query vectors at indices {rows} hold NaN/inf values, so their scores would be "
+        "NaN; the query store is corrupt or was written outside featurize: refeaturize the "
+        "queries"
+    )
+
+
+def _chunk_size(source: Any) -> int | None:
+    meta = getattr(source, "meta", None)
+    size = getattr(meta, "chunk_size", None)
+    return int(size) if isinstance(size, int | np.integer) and size > 0 else None
+
+
+def raise_if_non_finite(
+    count: int,
+    bad_ids: np.ndarray,
+    bad_queries_Q: np.ndarray,
+    source: Any,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raises ``error`` naming the train rows whose scores were NaN/inf (``count`` > 0).
+
+    ``bad_ids`` holds the lowest offending example ids (``_INT32_MAX`` = empty slot) and
+    ``bad_queries_Q`` the queries with a non-finite score. A store source also gets the
+    chunks those ids live in, which is what to refeaturize.
+    """
+    if count == 0:
+        return
+    bad_ids = np.asarray(bad_ids)
+    # Several devices' lists may be concatenated here: keep the lowest ids overall.
+    ids = np.unique(bad_ids[bad_ids != _INT32_MAX])[:NAMED_BAD_ROWS]
+    more = f" ... ({count} rows in all)" if count > len(ids) else ""
+    where = f"example ids {ids.tolist()}{more}"
+    size = _chunk_size(source)
+    if size is not None:
+        where += f" (store chunks {np.unique(ids // size).tolist()})"
+    queries = np.nonzero(np.asarray(bad_queries_Q))[0]
+    against = (
+        "every query"
+        if len(queries) == len(bad_queries_Q)
+        else f"the queries at indices {_preview(queries)}"
+    )
+    path = getattr(source, "path", None)
+    if path:
+        fix = (
+            f"so the train store at {path} is corrupt or was written outside featurize; "
+            "refeaturize those chunks (delete their chunk directories and rerun featurize)"
+        )
+    else:
+        fix = "so the train vectors are corrupt or were not made by featurize; refeaturize them"
+    raise error(
+        f"scores are NaN/inf for train rows with {where} against {against}: their vectors hold "
+        f"NaN/inf (or overflow float32), {fix}"
+    )
 
 
 # ----------------------------------------------------------------------------- streaming top-k
@@ -167,6 +294,10 @@ def top_k_scores(
 
     Returns:
       ``(ids_QxK int64, scores_QxK float32)``, best first; ties go to the lower example id.
+
+    Raises:
+      ScoreError: bad shapes or order, or non-finite values: the error names the query indices
+        or the train example ids (and store chunks) whose vectors give NaN/inf scores.
     """
     q = np.asarray(query_vectors_QxD, np.float32)
     if q.ndim != 2 or q.shape[0] == 0:
@@ -181,11 +312,16 @@ def top_k_scores(
                 "belongs to another projection: refit with scripts/fit_hessian.py"
             )
     k = int(k)
+    check_finite_inputs(
+        q, {"train_transform": train_transform, "query_transform": query_transform}, ScoreError
+    )
     t_m = None if train_transform is None else jnp.asarray(train_transform, jnp.float32)
     t_q = None if query_transform is None else jnp.asarray(query_transform, jnp.float32)
     q_QxD = _prepare_queries(jnp.asarray(q), t_q, normalize)
+    check_finite_inputs(np.asarray(q_QxD), {}, ScoreError, prepared=True)
     best_QxK = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
     best_ids_QxK = jnp.full((q.shape[0], k), -1, jnp.int32)
+    bad = tuple(jnp.asarray(x) for x in init_non_finite(q.shape[0]))
 
     total = source_num_rows(train_chunks)
     update, close = _progress_bar(progress, total)
@@ -220,9 +356,10 @@ def top_k_scores(
                     valid[n:] = False
                     piece_ids = np.pad(piece_ids, (0, pad), constant_values=-1)
                     piece = np.pad(piece, ((0, pad), (0, 0)))
-                best_QxK, best_ids_QxK = _merge_step(
+                best_QxK, best_ids_QxK, bad = _merge_step(
                     best_QxK,
                     best_ids_QxK,
+                    bad,
                     jnp.asarray(piece_ids, jnp.int32),
                     jnp.asarray(valid),
                     jnp.asarray(piece, jnp.float32),
@@ -238,6 +375,9 @@ def top_k_scores(
         close()
     if seen == 0:
         raise ScoreError("the train store is empty; featurize the training examples first")
+    raise_if_non_finite(
+        int(bad[0]), np.asarray(bad[1]), np.asarray(bad[2]), train_chunks, ScoreError
+    )
     kept = min(k, seen)
     ids_out = np.asarray(best_ids_QxK)[:, :kept].astype(np.int64)
     scores_out = np.asarray(best_QxK)[:, :kept].astype(np.float32)
