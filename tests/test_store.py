@@ -9,12 +9,16 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from trackstar import store as store_module
 from trackstar.store import (
+    SCHEMA_VERSION,
+    CorruptStoreError,
     IncompleteStoreError,
     NonFiniteVectorError,
     SchemaVersionError,
@@ -297,3 +301,226 @@ def test_zero_and_empty_chunks_and_reader_errors_propagate(tmp_path):
     info_path.write_text(json.dumps(info | {"rows": 3}))
     with pytest.raises(StoreError, match="chunk 1 .* delete that chunk directory"):
         list(store.iter_chunks(prefetch=2))
+
+
+# ----- checksums, damaged files, schema version ---------------------------------------------
+
+_VECTORS = os.path.join("vectors", "c", "0", "0")  # The zarr3 data file of a chunk's vectors.
+_IDS = os.path.join("ids", "c", "0")
+
+
+def _flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01  # One bit: the smallest damage a checksum must catch.
+    path.write_bytes(bytes(data))
+
+
+def _reads(store: VectorStore):
+    """Every public read path of a finished store, as zero-argument calls."""
+    return {
+        "read_chunk": lambda: store.read_chunk(1),
+        "iter_chunks prefetch": lambda: list(store.iter_chunks(prefetch=2)),
+        "iter_chunks sync": lambda: list(store.iter_chunks(rows_per_step=2, prefetch=0)),
+        "read_all": store.read_all,
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunk_json_records_size_and_crc32_of_the_files_on_disk(tmp_path, dtype):
+    vectors = _vectors()
+    store = _full_store(tmp_path / "s", vectors, dtype=dtype)
+    itemsize = 4 if dtype == "float32" else 2
+    for c in range(store.num_chunks):
+        chunk_dir = tmp_path / "s" / "chunks" / f"{c:08d}"
+        info = json.loads((chunk_dir / "chunk.json").read_text())
+        for name, rel, row_bytes in (("vectors", _VECTORS, D * itemsize), ("ids", _IDS, 8)):
+            data = (chunk_dir / rel).read_bytes()
+            record = info["files"][name]
+            assert record["nbytes"] == len(data) == info["rows"] * row_bytes
+            assert record["crc32"] == zlib.crc32(data)
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["schema_version"] == 2
+
+
+def test_flipped_byte_in_a_vectors_file_is_refused_by_every_read(tmp_path):
+    vectors = _vectors()
+    path = tmp_path / "s"
+    store = _full_store(path, vectors)
+    ref_ids, ref_vec = store.read_all()
+    vec_file = path / "chunks" / "00000001" / _VECTORS
+    _flip_byte(vec_file, 5)
+    for name, call in _reads(VectorStore.open(path)).items():
+        with pytest.raises(CorruptStoreError) as err:
+            call()
+        msg = str(err.value)
+        assert f"chunk 1 of the store {path}" in msg, name
+        assert "CRC-32" in msg and str(vec_file) in msg, name
+        assert f"delete that chunk directory ({path / 'chunks' / '00000001'})" in msg, name
+        assert "rerun the same featurize command" in msg, name
+    # Chunks other than the damaged one still read.
+    np.testing.assert_array_equal(store.read_chunk(0)[1], ref_vec[:4])
+    # finalize() verifies the whole store, so a damaged store is not (re)marked complete.
+    with pytest.raises(CorruptStoreError, match="chunk 1 .*CRC-32"):
+        store.finalize()
+    # The fix the message gives: delete the chunk directory and rerun featurize. The finished
+    # store then reads as incomplete, so featurize (which skips complete stores) resumes it.
+    shutil.rmtree(path / "chunks" / "00000001")
+    with pytest.raises(IncompleteStoreError, match="Rerun the same featurize"):
+        VectorStore.open(path)
+    resumed = VectorStore.create(path, _meta())
+    assert not resumed.is_complete and resumed.missing_chunks() == [1]
+    _write(resumed, resumed.missing_chunks(), vectors)
+    resumed.finalize()
+    ids, vec = VectorStore.open(path).read_all()
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(vec, ref_vec)
+
+
+def test_flipped_byte_in_an_ids_file_is_refused(tmp_path):
+    path = tmp_path / "s"
+    _full_store(path, _vectors())
+    _flip_byte(path / "chunks" / "00000000" / _IDS, 0)
+    store = VectorStore.open(path)
+    for call in (store.read_ids, lambda: store.read_chunk(0), store.finalize):
+        with pytest.raises(CorruptStoreError, match=r"chunk 0 of the store .* ids data file"):
+            call()
+
+
+@pytest.mark.parametrize("rel", [_VECTORS, _IDS])
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "extended"])
+def test_missing_or_short_data_file_is_refused(tmp_path, rel, damage):
+    vectors = _vectors()
+    vectors[:4] = 0.0  # Chunk 0 is all zeros: a deleted file must not read back as zeros.
+    path = tmp_path / "s"
+    store = _full_store(path, vectors)
+    data_file = path / "chunks" / "00000000" / rel
+    size = data_file.stat().st_size
+    if damage == "deleted":
+        data_file.unlink()
+        expected = "is missing its .* data file"
+    elif damage == "truncated":
+        data_file.write_bytes(data_file.read_bytes()[: size - 3])
+        expected = f"of {size - 3} bytes, but {size} were committed"
+    else:
+        data_file.write_bytes(data_file.read_bytes() + b"\0" * 8)
+        expected = f"of {size + 8} bytes, but {size} were committed"
+    calls = [lambda: store.read_chunk(0), store.read_all, store.finalize]
+    if rel == _IDS:
+        calls.append(store.read_ids)
+    for call in calls:
+        with pytest.raises(CorruptStoreError, match=expected) as err:
+            call()
+        msg = str(err.value)
+        assert f"chunk 0 of the store {path}" in msg and str(data_file) in msg
+        assert "delete that chunk directory" in msg and "featurize" in msg
+
+
+def test_missing_or_damaged_chunk_json_is_refused(tmp_path):
+    path = tmp_path / "s"
+    store = _full_store(path, _vectors())
+    info_path = path / "chunks" / "00000002" / "chunk.json"
+    info = json.loads(info_path.read_text())
+    # Damaged contents: a schema-1 record (no checksums), another chunk's record, bad JSON.
+    for bad, expected in (
+        (json.dumps({k: v for k, v in info.items() if k != "files"}), "not a schema-2 commit"),
+        (json.dumps(info | {"chunk": 1}), "not a schema-2 commit"),
+        ("{not json", "unreadable chunk.json"),
+    ):
+        info_path.write_text(bad)
+        with pytest.raises(CorruptStoreError, match=f"chunk 2 of the store .*{expected}"):
+            store.read_chunk(2)
+    # Removed after the store was opened: the read names the chunk and the fix.
+    info_path.unlink()
+    with pytest.raises(CorruptStoreError, match="chunk 2 .* has no chunk.json.*delete that chunk"):
+        list(store.iter_chunks())
+    # Removed before opening: open() refuses the final-named directory without a commit record.
+    with pytest.raises(CorruptStoreError, match="00000002 has no chunk.json.*rerun featurize"):
+        VectorStore.open(path)
+
+
+def test_write_refuses_when_the_file_on_disk_is_not_the_rows_given(tmp_path, monkeypatch):
+    store = VectorStore.create(tmp_path / "s", _meta())
+    ids, vec, skip = _chunk(0, _vectors())
+    real = store_module._read_raw
+
+    def damaged_read_back(path, dtype):
+        out = real(path, dtype).copy()
+        out.reshape(-1).view(np.uint8)[0] ^= 0x01
+        return out
+
+    monkeypatch.setattr(store_module, "_read_raw", damaged_read_back)
+    with pytest.raises(StoreError, match="chunk 0: the vectors file tensorstore wrote"):
+        store.write_chunk(0, ids, vec, skipped=skip)
+    assert store.committed_chunks() == [] and os.listdir(tmp_path / "s" / "chunks") == []
+
+
+def test_version_1_store_is_refused_with_rerun_advice(tmp_path):
+    assert SCHEMA_VERSION == 2
+    path = tmp_path / "s"
+    _full_store(path, _vectors())
+    meta = json.loads((path / "meta.json").read_text())
+    meta["schema_version"] = 1
+    del meta["correction_settings"]  # As a version-1 store wrote it.
+    (path / "meta.json").write_text(json.dumps(meta))
+    for call in (lambda: VectorStore.open(path), lambda: VectorStore.create(path, _meta())):
+        with pytest.raises(SchemaVersionError, match="schema version 1, .* reads version 2"):
+            call()
+    with pytest.raises(SchemaVersionError, match="Rerun featurize with this version into a new"):
+        VectorStore.open(path)
+
+
+# ----- correction_settings and the compatibility check ----------------------------------------
+
+_SETTINGS = {"optimizer": "adamw", "b2": 0.98, "eps": 1e-8, "count": 1500, "v_floor": 1e-30}
+
+
+def test_correction_settings_round_trip_and_resume_with_other_settings_refused(tmp_path):
+    assert _meta().correction_settings == {}
+    path = tmp_path / "s"
+    store = VectorStore.create(path, _meta(correction_settings=_SETTINGS))
+    _write(store, [0], _vectors())
+    assert VectorStore.open(path, require_complete=False).meta.correction_settings == _SETTINGS
+    VectorStore.create(path, _meta(correction_settings=dict(_SETTINGS)))  # Same: resumes.
+    with pytest.raises(StoreMismatchError) as err:
+        VectorStore.create(path, _meta(correction_settings={**_SETTINGS, "b2": 0.999}))
+    msg = str(err.value)
+    assert "correction_settings.b2: existing=0.98, requested=0.999" in msg
+    assert "new store path" in msg
+    with pytest.raises(StoreMismatchError, match="correction_settings.count: existing=1500, "):
+        VectorStore.create(path, _meta(correction_settings={}))
+    with pytest.raises(StoreError, match="correction_settings must be a dict"):
+        VectorStore.create(tmp_path / "t", _meta(correction_settings=[("b2", 0.98)]))
+
+
+def test_check_compatible_refuses_each_kind_of_mismatch():
+    ref = _meta(correction_settings=_SETTINGS)
+    cases = {
+        "projection.seed: train=0, query=1": dict(projection={**ref.projection, "seed": 1}),
+        "projection.factors_hash: train=None, query='f2'": dict(
+            projection={**ref.projection, "factors_hash": "f2"}
+        ),
+        "model_fingerprint: train='m0', query='m9'": dict(model_fingerprint="m9"),
+        "correction_settings.eps: train=1e-08, query=1e-06": dict(
+            correction_settings={**_SETTINGS, "eps": 1e-6}
+        ),
+        "correction_settings.v_floor: train=1e-30, query=None": dict(
+            correction_settings={k: v for k, v in _SETTINGS.items() if k != "v_floor"}
+        ),
+    }
+    for expected, change in cases.items():
+        other = dataclasses.replace(ref, kind="query", output_fn="margin", **change)
+        with pytest.raises(StoreMismatchError) as err:
+            check_compatible(ref, other)
+        msg = str(err.value)
+        assert expected in msg, (expected, msg)
+        assert "same checkpoint with the same featurize config" in msg
+        assert "output_fn" not in msg
+    # output_fn is compared only when asked (e.g. two train stores entering one R), and the
+    # names given appear in the message.
+    other = dataclasses.replace(ref, output_fn="margin", dtype="bfloat16")
+    check_compatible(ref, other)
+    with pytest.raises(StoreMismatchError) as err:
+        check_compatible(ref, other, names=("train", "eval"), same_output_fn=True)
+    msg = str(err.value)
+    assert "output_fn: train='train_loss', eval='margin'" in msg
+    assert "the train and eval stores" in msg and "dtype" not in msg
+    check_compatible(ref, dataclasses.replace(ref), same_output_fn=True)

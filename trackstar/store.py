@@ -1,4 +1,4 @@
-"""Vector store: projected, optimizer-corrected per-example vectors on disk (SPEC §2, step 4).
+"""Vector store: projected, optimizer-corrected per-example vectors on disk.
 
 Vectors are stored *before* R and before normalization, so the Hessian mix and the scoring
 preset can change without recomputing gradients.
@@ -9,7 +9,8 @@ Layout of a store directory::
     chunks/00000000/             chunk 0: examples [0, chunk_size)
         vectors/                 zarr3 array (rows, dim), float32 or bfloat16, one zarr chunk
         ids/                     zarr3 array (rows,), int64 example positions, ascending
-        chunk.json               rows, dtype and the chunk's skipped examples
+        chunk.json               rows, dtype, the chunk's skipped examples, and the size and
+                                 CRC-32 of each data file (vectors/c/0/0, ids/c/0)
     chunks/.tmp-00000003-.../    a chunk being written (ignored by readers)
     complete.json                written last by finalize(): row count and all skipped examples
 
@@ -17,6 +18,17 @@ Example ids are example *positions* 0..num_examples-1 in the sequence that was f
 (map them back to world ids through that sequence). Chunk c accounts for every position in
 [c*chunk_size, (c+1)*chunk_size): each is either a row or a skipped entry, so finalize() can
 prove that no example was lost and none was written twice.
+
+Integrity: every read of a chunk's data (read_chunk, iter_chunks, read_all, read_ids, and
+finalize, which reads the whole store once) checks that each data file exists, has the size
+chunk.json records and the same CRC-32, and raises CorruptStoreError naming the store, the chunk
+and the fix otherwise. The arrays are written with ``store_data_equal_to_fill_value`` so a chunk
+with rows always has its data files: a missing file is damage, never an all-zero chunk that
+tensorstore elided. CRC-32 (zlib) because it is the fastest stdlib checksum measured
+(scripts/store_read_benchmark.py --checksums, 64 MiB buffer, 2 shared cores, MiB/s): crc32
+3,700, adler32 3,400, sha1 1,800, sha256 1,700, blake2b 900, md5 730; memcpy is 9,000. It
+detects accidental damage (flipped bytes, torn or truncated writes, a file swapped in from
+another chunk), which is the threat here; it is not a defense against deliberate tampering.
 
 Atomic commit: a chunk is written under a temporary name and renamed (``os.replace``) to its
 final name once its arrays and ``chunk.json`` are on disk, so a killed writer leaves only a
@@ -45,8 +57,9 @@ PyTreeCheckpointer runs on the same tensorstore driver but adds its own metadata
 protocol to every save and restore, which buys nothing here: a chunk is two fixed arrays, and
 this module needs its own commit record and coverage check anyway (Orbax's directory-level
 commit does not know which example positions a chunk covers). The arrays stay ordinary zarr3,
-so any tensorstore or zarr reader can open them; reads of this writer's single uncompressed
-zarr chunk go through np.fromfile, which halves the cost of reading through tensorstore.
+so any tensorstore or zarr reader can open them; this module reads the single uncompressed zarr
+chunk of each array with np.fromfile (about half the cost of reading through tensorstore) and
+checksums the bytes it read.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ import shutil
 import socket
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -76,7 +90,8 @@ except ImportError:  # An editable install that resolves `trackstar` as a namesp
 
     __version__ = _dist_version("trackstar")
 
-SCHEMA_VERSION = 1
+# 2: chunk.json records each data file's size and CRC-32; StoreMeta.correction_settings.
+SCHEMA_VERSION = 2
 KINDS = ("train", "query")
 DTYPES = ("float32", "bfloat16")
 CORRECTIONS = ("adam", "adafactor", "none")
@@ -88,6 +103,12 @@ _CHUNK_INFO = "chunk.json"
 _CHUNK_RE = re.compile(r"^\d{8}$")
 _TMP_PREFIX = ".tmp-"
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# The data file of each array, relative to the chunk directory: the zarr3 key of the array's one
+# chunk under the default chunk key encoding.
+_DATA_FILES = {
+    "vectors": os.path.join("vectors", "c", "0", "0"),
+    "ids": os.path.join("ids", "c", "0"),
+}
 
 
 class StoreError(ValueError):
@@ -110,13 +131,19 @@ class NonFiniteVectorError(StoreError):
     """Rows with NaN or inf values; nothing was committed."""
 
 
+class CorruptStoreError(StoreError):
+    """A committed chunk whose files are missing, short, or differ from their recorded checksums."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreMeta:
     """What a store holds and how its vectors were made (``meta.json``).
 
     ``skipped`` lists examples known to be skipped at create time; examples skipped while
     writing are passed to ``write_chunk`` and merged in by ``finalize``; ``VectorStore.meta`` of
-    a finished store returns the merged list.
+    a finished store returns the merged list. ``correction_settings`` records the effective
+    optimizer-correction settings (optimizer, b2, eps, step count, V floor, ...) the vectors
+    were corrected with.
     """
 
     kind: str  # "train" or "query".
@@ -129,6 +156,11 @@ class StoreMeta:
     projection: dict  # mode, seed, k_in, k_out, dim, structure_hash.
     output_fn: str  # "train_loss" for corpus examples; "loss", "margin", "logit" for queries.
     correction: str  # "adam", "adafactor" or "none".
+    # The effective optimizer-correction settings the vectors were made with, as read from the
+    # checkpoint and config (e.g. {"optimizer": "adamw", "b2": 0.98, "eps": 1e-8, "count": 1500,
+    # "v_floor": ...}); empty when unknown or for correction="none". Part of what makes two
+    # stores' vectors comparable: a resume with other settings and check_compatible both refuse.
+    correction_settings: dict = dataclasses.field(default_factory=dict)
     created_by: str = __version__
     skipped: list = dataclasses.field(default_factory=list)  # [{"id": int, "reason": str}]
     extra: dict = dataclasses.field(default_factory=dict)
@@ -167,6 +199,7 @@ class StoreMeta:
                 f"chunk_size must be a positive int, got {self.chunk_size!r}",
             ),
             (isinstance(self.projection, dict), "projection must be a dict"),
+            (isinstance(self.correction_settings, dict), "correction_settings must be a dict"),
             (isinstance(self.extra, dict), "extra must be a dict"),
         ]
         for ok, message in checks:
@@ -238,22 +271,50 @@ def _diff_fields(a: dict, b: dict, fields: Sequence[str], names: tuple[str, str]
     return out
 
 
-def check_compatible(train_meta: StoreMeta, query_meta: StoreMeta) -> None:
-    """Refuses to score ``query_meta``'s vectors against ``train_meta``'s unless they agree.
+# What must agree for two stores' vectors to live in one space (projection includes its seed,
+# widths and factors_hash; correction_settings the optimizer state's b2, eps, step count, ...).
+_COMPATIBLE_FIELDS = (
+    "model_fingerprint",
+    "optimizer_fingerprint",
+    "projection",
+    "correction",
+    "correction_settings",
+    "dim",
+)
 
-    Compared: model and optimizer fingerprints, every projection field, correction, dim.
-    ``kind`` and ``output_fn`` may differ (queries use their own output function).
+
+def check_compatible(
+    reference: StoreMeta,
+    other: StoreMeta,
+    names: tuple[str, str] = ("train", "query"),
+    same_output_fn: bool = False,
+) -> None:
+    """The compatibility check every store passes before it enters R, scoring or tail-patch.
+
+    Refuses ``other`` unless it was featurized like ``reference``: same model and optimizer
+    fingerprints, every projection field (seed, widths, factors_hash, ...), correction,
+    correction_settings and dim; and the same output_fn when ``same_output_fn`` (e.g. two train
+    stores meant to be mixed into one R). ``kind``, ``dtype`` and, by default, ``output_fn`` may
+    differ: queries use their own output function, and bfloat16 rows score against float32.
+
+    Args:
+      reference: the store the others must match (usually the train store).
+      other: the store to check.
+      names: how the message names ``reference`` and ``other`` (e.g. a role or a path).
+      same_output_fn: also require equal ``output_fn``.
 
     Raises:
-      StoreMismatchError: listing every differing field with both values.
+      StoreMismatchError: listing every differing field with both values, and the fix.
     """
-    fields = ("model_fingerprint", "optimizer_fingerprint", "projection", "correction", "dim")
-    diffs = _diff_fields(train_meta.to_dict(), query_meta.to_dict(), fields, ("train", "query"))
+    fields = _COMPATIBLE_FIELDS + (("output_fn",) if same_output_fn else ())
+    diffs = _diff_fields(reference.to_dict(), other.to_dict(), fields, names)
     if diffs:
         raise StoreMismatchError(
-            "train and query stores were not featurized the same way, so their vectors live in "
-            "different spaces:\n  " + "\n  ".join(diffs) + "\nFeaturize both from the same "
-            "checkpoint with the same featurize config (projection, correction)."
+            f"the {names[0]} and {names[1]} stores were not featurized the same way, so their "
+            "vectors do not belong together:\n  " + "\n  ".join(diffs) + "\nFeaturize both "
+            "from the same checkpoint with the same featurize config (projection, correction"
+            + (", output function" if same_output_fn else "")
+            + "), each into a new store path."
         )
 
 
@@ -272,6 +333,9 @@ def _fsync_dir(path: str) -> None:
 def _zarr_spec(path: str, shape: tuple[int, ...] | None = None, dtype: str | None = None) -> dict:
     spec: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     if shape is not None:
+        # Always write the data file, even for an all-zero chunk: otherwise tensorstore elides
+        # it, and a deleted file would be indistinguishable from a chunk of zeros.
+        spec["store_data_equal_to_fill_value"] = True
         # One zarr chunk per store chunk, raw little-endian bytes: projected vectors do not
         # compress, and a single uncompressed chunk reads at memcpy speed.
         spec["metadata"] = {
@@ -288,6 +352,47 @@ def _zarr_spec(path: str, shape: tuple[int, ...] | None = None, dtype: str | Non
 
 def _chunk_name(chunk: int) -> str:
     return f"{chunk:08d}"
+
+
+def _read_json(path: str, fix: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CorruptStoreError(f"{path} is not valid JSON ({e}). {fix}.") from e
+
+
+def _crc32(data: np.ndarray) -> int:
+    """CRC-32 of a C-contiguous array's bytes (hashed through a zero-copy uint8 view, so the
+    result depends on the bytes only, never on how a dtype exports its buffer)."""
+    return zlib.crc32(data.reshape(-1).view(np.uint8))
+
+
+def _read_raw(path: str, dtype: np.dtype) -> np.ndarray:
+    """A whole data file as a flat array (one read, one copy; a short tail is dropped)."""
+    return np.fromfile(path, dtype=dtype)
+
+
+def _file_record(chunk_dir: str, name: str, data: np.ndarray, chunk: int) -> dict:
+    """``{"path", "nbytes", "crc32"}`` of data file ``name`` as written under ``chunk_dir``.
+
+    The checksum is of the bytes read back from disk, and they must equal ``data``'s
+    little-endian bytes, so a chunk is never committed with a checksum that blesses bytes
+    other than the rows it was given.
+    """
+    expected = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+    record = {"path": _DATA_FILES[name], "nbytes": expected.nbytes, "crc32": _crc32(expected)}
+    if expected.nbytes:
+        path = os.path.join(chunk_dir, _DATA_FILES[name])
+        written = _read_raw(path, expected.dtype) if os.path.exists(path) else expected[:0]
+        if written.nbytes != expected.nbytes or _crc32(written) != record["crc32"]:
+            raise StoreError(
+                f"chunk {chunk}: the {name} file tensorstore wrote ({path}, {written.nbytes} "
+                f"bytes) is not the {expected.nbytes} raw little-endian bytes of the rows given, "
+                "so this store's layout assumption does not hold for this tensorstore version; "
+                "nothing was committed. Pin the tensorstore version the store was developed with."
+            )
+    return record
 
 
 class VectorStore:
@@ -377,16 +482,25 @@ class VectorStore:
 
     @classmethod
     def _load(cls, path: str) -> VectorStore:
-        with open(os.path.join(path, _META)) as f:
-            meta = StoreMeta.from_dict(json.load(f), where=os.path.join(path, _META))
+        meta_path = os.path.join(path, _META)
+        meta = StoreMeta.from_dict(
+            _read_json(meta_path, f"Delete {path} and rerun featurize into it"), where=meta_path
+        )
         meta.validate()
         complete = None
         complete_path = os.path.join(path, _COMPLETE)
         if os.path.exists(complete_path):
-            with open(complete_path) as f:
-                complete = json.load(f)
+            complete = _read_json(
+                complete_path,
+                f"Delete {complete_path} and rerun the same featurize command; it finalizes "
+                "the store again",
+            )
         store = cls(path, meta, complete)
-        store._scan()  # Refuses final-named chunk directories without a commit record.
+        committed = store._scan()  # Refuses final-named chunk directories without a commit record.
+        if complete is not None and set(range(meta.num_chunks)) - set(committed):
+            # A chunk directory was deleted after finalize (the fix for a corrupt chunk): the
+            # store is incomplete again, so featurize resumes it and finalize runs again.
+            store._complete = None
         return store
 
     # ----- metadata -----------------------------------------------------------------------
@@ -435,7 +549,7 @@ class VectorStore:
             if not _CHUNK_RE.match(name):
                 continue
             if not os.path.exists(os.path.join(chunks_dir, name, _CHUNK_INFO)):
-                raise StoreError(
+                raise CorruptStoreError(
                     f"chunk directory {os.path.join(chunks_dir, name)} has no {_CHUNK_INFO}: it "
                     "is partially written (not by this store's atomic writer, e.g. an "
                     "interrupted copy). Delete that directory and rerun featurize, which "
@@ -459,9 +573,92 @@ class VectorStore:
             raise StoreError(f"process_index {process_index} not in [0, {process_count})")
         return [c for c in self.missing_chunks() if c % process_count == process_index]
 
+    def _chunk_dir(self, chunk: int) -> str:
+        return os.path.join(self._chunks_dir(), _chunk_name(chunk))
+
+    def _corrupt(self, chunk: int, problem: str) -> CorruptStoreError:
+        """The error for a damaged committed chunk: what is wrong, where, and the fix."""
+        return CorruptStoreError(
+            f"chunk {chunk} of the store {self.path} {problem}; delete that chunk directory "
+            f"({self._chunk_dir(chunk)}) and rerun the same featurize command, which rewrites "
+            "only missing chunks and finalizes the store again"
+        )
+
     def _chunk_info(self, chunk: int) -> dict:
-        with open(os.path.join(self._chunks_dir(), _chunk_name(chunk), _CHUNK_INFO)) as f:
-            return json.load(f)
+        """chunk.json of committed chunk ``chunk``, with its fields checked for shape."""
+        path = os.path.join(self._chunk_dir(chunk), _CHUNK_INFO)
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            raise self._corrupt(
+                chunk, f"has no {_CHUNK_INFO} (its directory was removed or partially deleted)"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise self._corrupt(chunk, f"has an unreadable {_CHUNK_INFO} ({e})") from e
+        files = info.get("files") if isinstance(info, dict) else None
+        if (
+            not isinstance(files, dict)
+            or info.get("chunk") != chunk
+            or not _is_int(info.get("rows"))
+            or not isinstance(info.get("skipped"), list)
+            or any(
+                not isinstance(files.get(name), dict)
+                or not _is_int(files[name].get("nbytes"))
+                or not _is_int(files[name].get("crc32"))
+                for name in _DATA_FILES
+            )
+        ):
+            raise self._corrupt(
+                chunk,
+                f"has a {_CHUNK_INFO} that is not a schema-{SCHEMA_VERSION} commit record of "
+                f"this chunk (chunk index, rows, skipped, and each data file's nbytes and crc32 "
+                f"expected): {_preview_json(info)}",
+            )
+        return info
+
+    def _read_verified(self, chunk: int, info: dict, name: str) -> np.ndarray:
+        """Reads data file ``name`` of a committed chunk; its size and CRC-32 must match."""
+        rows = info["rows"]
+        if name == "vectors":
+            dtype = _NP_DTYPES[self._meta.dtype].newbyteorder("<")
+            shape: tuple[int, ...] = (rows, self.dim)
+        else:
+            dtype, shape = np.dtype("<i8"), (rows,)
+        expected = rows * (self.dim if name == "vectors" else 1) * dtype.itemsize
+        record = info["files"][name]
+        if record["nbytes"] != expected:
+            raise self._corrupt(
+                chunk,
+                f"has a {_CHUNK_INFO} that contradicts itself: {rows} rows need {expected} bytes "
+                f"of {name}, but it records {record['nbytes']}",
+            )
+        if expected == 0:
+            return np.zeros(shape, dtype)  # No rows: tensorstore writes no data file.
+        path = os.path.join(self._chunk_dir(chunk), _DATA_FILES[name])
+        try:
+            # The size first, from the file system: np.fromfile would drop a partial last item.
+            size = os.path.getsize(path)
+            data = _read_raw(path, dtype) if size == expected else None
+        except FileNotFoundError:
+            raise self._corrupt(
+                chunk, f"is missing its {name} data file {path} ({rows} rows were committed)"
+            ) from None
+        if data is None or data.nbytes != expected:
+            raise self._corrupt(
+                chunk,
+                f"has a {name} data file {path} of {size} bytes, but {expected} were "
+                "committed (the file was truncated or overwritten)",
+            )
+        crc = _crc32(data)
+        if crc != record["crc32"]:
+            raise self._corrupt(
+                chunk,
+                f"has a {name} data file {path} whose CRC-32 is {crc:#010x}, not the "
+                f"{record['crc32']:#010x} recorded at commit: its bytes were damaged after "
+                "the chunk was written",
+            )
+        return data.reshape(shape)
 
     # ----- writing ------------------------------------------------------------------------
 
@@ -557,7 +754,17 @@ class VectorStore:
                 futures = [vec_arr.write(stored_NxD), ids_arr.write(ids_N)]
                 for fut in futures:
                     fut.result()
-            info = {"chunk": chunk, "rows": n, "dtype": meta.dtype, "skipped": skipped}
+            files = {
+                "vectors": _file_record(tmp, "vectors", stored_NxD, chunk),
+                "ids": _file_record(tmp, "ids", ids_N, chunk),
+            }
+            info = {
+                "chunk": chunk,
+                "rows": n,
+                "dtype": meta.dtype,
+                "skipped": skipped,
+                "files": files,
+            }
             # The info file is written last inside the temporary, so a final-named directory
             # without it can only come from outside this writer (see _scan).
             _write_json(os.path.join(tmp, _CHUNK_INFO), info)
@@ -581,12 +788,15 @@ class VectorStore:
                 shutil.rmtree(os.path.join(self._chunks_dir(), name), ignore_errors=True)
 
     def finalize(self) -> None:
-        """Checks every chunk is present once and covers its positions, then marks complete.
+        """Checks every chunk is present, intact and covers its positions, then marks complete.
 
-        Call from one process after all writers finished. Idempotent.
+        Reads every chunk's data files once and checks their sizes and checksums, so a store
+        marked complete was intact when marked. Call from one process after all writers
+        finished. Idempotent.
 
         Raises:
           IncompleteStoreError: chunks are missing (says which, and to rerun featurize).
+          CorruptStoreError: a chunk's files are missing, short or fail their checksum.
           StoreError: a chunk's contents contradict the metadata.
         """
         meta = self._meta
@@ -605,14 +815,12 @@ class VectorStore:
         for c in range(meta.num_chunks):
             info = self._chunk_info(c)
             lo, hi = meta.chunk_range(c)
-            ids_N = self._open_array(c, "ids").read().result()
+            ids_N = self._read_verified(c, info, "ids")
+            self._read_verified(c, info, "vectors")  # Checked here, not kept: one chunk at a time.
             covered = np.concatenate([ids_N, np.asarray([s["id"] for s in info["skipped"]], int)])
-            if info["rows"] != len(ids_N) or not np.array_equal(
-                np.sort(covered), np.arange(lo, hi)
-            ):
-                raise StoreError(
-                    f"chunk {c} of {self.path} does not cover positions [{lo}, {hi}) exactly "
-                    "once; delete that chunk directory and rerun featurize"
+            if not np.array_equal(np.sort(covered), np.arange(lo, hi)):
+                raise self._corrupt(
+                    c, f"does not cover positions [{lo}, {hi}) exactly once (rows + skipped)"
                 )
             num_rows += info["rows"]
             skipped.extend(info["skipped"])
@@ -625,41 +833,21 @@ class VectorStore:
 
     # ----- reading ------------------------------------------------------------------------
 
-    def _open_array(self, chunk: int, name: str) -> ts.TensorStore:
-        path = os.path.join(self._chunks_dir(), _chunk_name(chunk), name)
-        return ts.open(_zarr_spec(path), open=True, context=self._context).result()
-
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Returns chunk ``chunk`` as ``(ids_N int64, vectors_NxD float32)``."""
-        rows = self._chunk_info(chunk)["rows"]
-        ids_arr = self._open_array(chunk, "ids")
-        ids_fut = ids_arr.read()
-        dtype = _NP_DTYPES[self._meta.dtype]
-        # This writer stores the vectors as one uncompressed little-endian zarr3 chunk, whose
-        # file is the C-order array itself: np.fromfile reads it with one copy, about twice
-        # tensorstore's read rate (module docstring). Tensorstore stays the fallback, e.g. for
-        # a chunk elided because every value equals the fill value.
-        raw = os.path.join(self._chunks_dir(), _chunk_name(chunk), "vectors", "c", "0", "0")
-        if (
-            rows
-            and os.path.exists(raw)
-            and os.path.getsize(raw) == rows * self.dim * dtype.itemsize
-        ):
-            vectors_NxD = np.fromfile(raw, dtype=dtype.newbyteorder("<")).reshape(rows, self.dim)
-        else:
-            vec_arr = self._open_array(chunk, "vectors")
-            if tuple(vec_arr.domain.shape) != (rows, self.dim):
-                raise StoreError(
-                    f"chunk {chunk} of {self.path} has vectors {tuple(vec_arr.domain.shape)}, not "
-                    f"({rows}, {self.dim}); delete that chunk directory and rerun featurize"
-                )
-            vectors_NxD = vec_arr.read().result()
-        ids_N = ids_fut.result().astype(np.int64, copy=False)
-        if len(ids_N) != rows:
-            raise StoreError(
-                f"chunk {chunk} of {self.path} has {len(ids_N)} ids for {rows} rows; delete that "
-                "chunk directory and rerun featurize"
-            )
+        """Returns chunk ``chunk`` as ``(ids_N int64, vectors_NxD float32)``, verified.
+
+        Each array is one uncompressed little-endian zarr3 chunk whose file is the C-order
+        array itself, read with np.fromfile (one copy, about twice tensorstore's rate) and
+        checked against the size and CRC-32 recorded in chunk.json.
+
+        Raises:
+          CorruptStoreError: a file is missing, short, or fails its checksum, or chunk.json is
+            missing or damaged; the message names the chunk directory to delete before
+            rerunning featurize.
+        """
+        info = self._chunk_info(chunk)
+        ids_N = self._read_verified(chunk, info, "ids").astype(np.int64, copy=False)
+        vectors_NxD = self._read_verified(chunk, info, "vectors")
         return ids_N, vectors_NxD.astype(np.float32, copy=False)
 
     def _require_complete(self, what: str) -> None:
@@ -743,9 +931,13 @@ class VectorStore:
             thread.join()
 
     def read_ids(self) -> np.ndarray:
-        """All stored example ids ``ids_N`` (int64, ascending)."""
+        """All stored example ids ``ids_N`` (int64, ascending), each chunk's file verified.
+
+        Raises:
+          CorruptStoreError: an ids file is missing, short or fails its checksum.
+        """
         self._require_complete("read_ids")
-        parts = [self._open_array(c, "ids").read().result() for c in range(self.num_chunks)]
+        parts = [self._read_verified(c, self._chunk_info(c), "ids") for c in range(self.num_chunks)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def read_all(self, max_bytes: int = 2**31) -> tuple[np.ndarray, np.ndarray]:
@@ -772,3 +964,8 @@ def _preview(ids: np.ndarray, n: int = 20) -> str:
     ids = np.asarray(ids).tolist()
     more = f" ... ({len(ids)} in all)" if len(ids) > n else ""
     return f"{ids[:n]}{more}"
+
+
+def _preview_json(obj: Any, n: int = 300) -> str:
+    text = json.dumps(obj, default=str)
+    return text if len(text) <= n else text[:n] + " ..."
