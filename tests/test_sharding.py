@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from trackstar import sharding as sh
 from trackstar.config import load_config_file
+from trackstar.score import ScoreError, score_preset, top_k_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
@@ -156,3 +157,67 @@ def test_merge_top_k_breaks_ties_to_lower_id():
         np.concatenate([scores[:1], empty]), np.concatenate([ids[:1], -np.ones_like(ids[:1])]), 2
     )
     np.testing.assert_array_equal(got_ids, [[7, 1]])
+
+
+# ----------------------------------------------------------------------------- non-finite rows
+
+
+def test_sharded_scoring_refuses_a_nan_row_naming_its_id(tmp_path, monkeypatch):
+    from test_score import corrupt_store
+
+    rng = np.random.default_rng(4)
+    train = rng.normal(size=(50, 8)).astype(np.float32)
+    queries = rng.normal(size=(3, 8)).astype(np.float32)
+    store = corrupt_store(tmp_path / "s", monkeypatch, train, {37: np.nan})
+    mesh = sh.make_mesh(-1, 1)
+    named = r"example ids \[37\] \(store chunks \[2\]\) against every query.*refeaturize"
+    with pytest.raises(sh.ShardingError, match=named):
+        sh.top_k_scores_sharded(store, queries, None, None, True, 4, mesh)
+    with pytest.raises(sh.ShardingError, match=named):
+        sh.score_preset_sharded(store, queries, "exp_opt_norm", None, 4, mesh)
+    # Both scorers refuse the same inputs the same way.
+    with pytest.raises(ScoreError, match=named):
+        score_preset(store, queries, "exp_opt_norm", None, 4)
+    bad_q = queries.copy()
+    bad_q[1, 0] = np.inf
+    with pytest.raises(sh.ShardingError, match=r"indices \[1\].*refeaturize the queries"):
+        sh.top_k_scores_sharded(train, bad_q, None, None, True, 4, mesh)
+    with pytest.raises(ScoreError, match=r"indices \[1\].*refeaturize the queries"):
+        top_k_scores(train, bad_q, None, None, True, 4)
+
+
+NAN_ROWS_ON_4_DEVICES = """
+import numpy as np
+from trackstar import sharding as sh
+
+rng = np.random.default_rng(5)
+train = rng.normal(size=(60, 8)).astype(np.float32)
+queries = rng.normal(size=(3, 8)).astype(np.float32)
+train[[22, 3, 41]] = np.nan  # rows that land on different devices and steps
+train[50, 2] = np.inf
+mesh = sh.make_mesh(-1, 1)
+assert mesh.devices.size == 4
+try:
+    sh.top_k_scores_sharded(train, queries, None, None, False, 5, mesh, rows_per_step=8)
+except sh.ShardingError as e:
+    print("ERROR:", e)
+ids, _ = sh.top_k_scores_sharded(train[:3], queries, None, None, False, 5, mesh, rows_per_step=8)
+print("CLEAN:", ids.shape)
+"""
+
+
+def test_nan_rows_on_several_devices_are_all_named():
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", NAN_ROWS_ON_4_DEVICES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "example ids [3, 22, 41, 50] against every query" in r.stdout, r.stdout
+    assert "CLEAN: (3, 3)" in r.stdout, r.stdout

@@ -727,14 +727,23 @@ def _unit_rows(x_NxD: jax.Array) -> jax.Array:
 
 
 def _score_step(mesh: Mesh, normalize: bool, k: int, has_transform: bool):
+    from trackstar.score import track_non_finite
+
     rows = P(ALL_AXES)
 
-    def local(best_1xQxK, best_ids_1xQxK, ids_N, valid_N, vecs_NxD, t_DxD, q_QxD):
+    def local(best_1xQxK, best_ids_1xQxK, bad, ids_N, valid_N, vecs_NxD, t_DxD, q_QxD):
         if has_transform:
             vecs_NxD = vecs_NxD @ t_DxD.T
         if normalize:
             vecs_NxD = _unit_rows(vecs_NxD)
-        s_QxN = jnp.where(valid_N[None, :], q_QxD @ vecs_NxD.T, -jnp.inf)
+        s_QxN = q_QxD @ vecs_NxD.T
+        # Each device tracks its own rows' non-finite scores; merged once after the loop.
+        count_1, bad_ids_1xB, bad_q_1xQ = bad
+        count, bad_ids_B, bad_q_Q = track_non_finite(
+            (count_1[0], bad_ids_1xB[0], bad_q_1xQ[0]), s_QxN, ids_N, valid_N
+        )
+        bad = (count[None], bad_ids_B[None], bad_q_Q[None])
+        s_QxN = jnp.where(valid_N[None, :], s_QxN, -jnp.inf)
         # Running entries first: on this device they have lower ids than this block's rows,
         # and top_k puts the lower position first on equal scores.
         cand = jnp.concatenate([best_1xQxK[0], s_QxN], axis=1)
@@ -742,15 +751,15 @@ def _score_step(mesh: Mesh, normalize: bool, k: int, has_transform: bool):
             [best_ids_1xQxK[0], jnp.broadcast_to(ids_N[None, :], s_QxN.shape)], axis=1
         )
         top_QxK, pos_QxK = jax.lax.top_k(cand, k)
-        return top_QxK[None], jnp.take_along_axis(cand_ids, pos_QxK, axis=1)[None]
+        return top_QxK[None], jnp.take_along_axis(cand_ids, pos_QxK, axis=1)[None], bad
 
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(rows, rows, rows, rows, rows, P(), P()),
-        out_specs=(rows, rows),
+        in_specs=(rows, rows, (rows, rows, rows), rows, rows, rows, P(), P()),
+        out_specs=(rows, rows, (rows, rows, rows)),
     )
-    return jax.jit(fn, donate_argnums=(0, 1))
+    return jax.jit(fn, donate_argnums=(0, 1, 2))
 
 
 def top_k_scores_sharded(
@@ -769,8 +778,12 @@ def top_k_scores_sharded(
     Queries (and transforms) are replicated; each device keeps a running top-k of its rows and
     the per-device lists are merged once at the end by (score descending, id ascending), so
     the result equals the single-device ranking (ties to the lower example id). With several
-    processes ``train_source`` must be a store.
+    processes ``train_source`` must be a store. Non-finite queries, transforms or scores are
+    refused like in ``top_k_scores`` (``ShardingError`` naming the query indices or the train
+    example ids and store chunks).
     """
+    from trackstar.score import check_finite_inputs, init_non_finite, raise_if_non_finite
+
     q = np.asarray(query_vectors_QxD, np.float32)
     if q.ndim != 2 or q.shape[0] == 0:
         raise ShardingError(f"query vectors must have shape (Q, D) with Q > 0, got {q.shape}")
@@ -780,6 +793,9 @@ def top_k_scores_sharded(
     for name, t in (("train_transform", train_transform), ("query_transform", query_transform)):
         if t is not None and np.shape(t) != (d, d):
             raise ShardingError(f"{name} has shape {np.shape(t)}, expected ({d}, {d})")
+    check_finite_inputs(
+        q, {"train_transform": train_transform, "query_transform": query_transform}, ShardingError
+    )
     rep = replicated(mesh)
     mk = jax.make_array_from_process_local_data
     q_dev = mk(rep, q)
@@ -789,6 +805,7 @@ def top_k_scores_sharded(
         )
     if normalize:
         q_dev = jax.jit(_unit_rows, out_shardings=rep)(q_dev)
+    check_finite_inputs(_fetch_replicated(q_dev), {}, ShardingError, prepared=True)
     t_dev = mk(
         rep,
         np.asarray(
@@ -797,8 +814,10 @@ def top_k_scores_sharded(
     )
     step = _score_step(mesh, normalize, k, train_transform is not None)
     n_local = _local_mesh_devices(mesh)
-    best = mk(row_sharding(mesh), np.full((n_local, n_q, k), -np.inf, np.float32))
-    best_ids = mk(row_sharding(mesh), np.full((n_local, n_q, k), -1, np.int32))
+    rs = row_sharding(mesh)
+    best = mk(rs, np.full((n_local, n_q, k), -np.inf, np.float32))
+    best_ids = mk(rs, np.full((n_local, n_q, k), -1, np.int32))
+    bad = tuple(mk(rs, np.stack([x] * n_local)) for x in init_non_finite(n_q))
     blocks, _, local_rows = _local_blocks(train_source, rows_per_step)
     seen, last = 0, -1
     for ids, vecs in blocks:
@@ -811,11 +830,16 @@ def top_k_scores_sharded(
         last = int(ids[-1]) if len(ids) else last
         rows = _round_up(max(local_rows or len(ids), len(ids), 1), n_local)
         g_ids, g_valid, g_vecs = _global_rows(mesh, rows, ids, vecs, d)
-        best, best_ids = step(best, best_ids, g_ids, g_valid, g_vecs, t_dev, q_dev)
+        best, best_ids, bad = step(best, best_ids, bad, g_ids, g_valid, g_vecs, t_dev, q_dev)
         seen += len(ids)
     seen = _sum_over_processes(seen)
     if seen == 0:
         raise ShardingError("the train store is empty; featurize the training examples first")
+    # Every process gathers the same per-device state, so all of them raise (or none does).
+    counts, bad_ids, bad_q = (_gather_rows(x) for x in bad)
+    raise_if_non_finite(
+        int(counts.sum()), bad_ids.reshape(-1), bad_q.any(axis=0), train_source, ShardingError
+    )
     s_all, i_all = _gather_rows(best), _gather_rows(best_ids)
     return merge_top_k(s_all, i_all, min(k, seen))
 
