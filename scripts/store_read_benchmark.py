@@ -7,20 +7,27 @@ Compares, on the same bytes (rows x dim float32, split into chunks of chunk_rows
              iter_chunks(prefetch=0) / iter_chunks(prefetch=2)
   orbax      one orbax PyTreeCheckpointer save / restore per chunk ({"ids", "vectors"})
 
+VectorStore reads include the CRC-32 check of every data file. --checksums instead compares the
+stdlib checksums the store could use (MiB/s on one in-memory buffer, best of 5; no disk).
+
 Reads follow writes, so they hit the page cache unless --drop_caches works (needs root); the
 comparison is then of the software path, which is what differs between the options.
 
 Run: python scripts/store_read_benchmark.py --rows 65536 --dim 4096 --chunk_rows 4096
+     python scripts/store_read_benchmark.py --checksums --checksum_mib 64
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 import tensorstore as ts
@@ -47,6 +54,34 @@ def _timed(label: str, nbytes: int, fn, results: dict) -> None:
     print(f"{label:28s} {dt:7.2f} s  {results[label]:8.0f} MiB/s", flush=True)
 
 
+def checksum_rates(mib: int, repeats: int = 5) -> dict[str, float]:
+    """MiB/s of stdlib checksums (and a memcpy, for scale) over one ``mib`` MiB buffer.
+
+    Best of ``repeats``: on a shared machine the best run is the least disturbed one.
+    """
+    buf = np.random.default_rng(0).standard_normal(mib * 2**18, dtype=np.float32)
+    data = buf.view(np.uint8)
+    candidates: dict[str, Callable[[], object]] = {
+        "zlib.crc32": lambda: zlib.crc32(data),
+        "zlib.adler32": lambda: zlib.adler32(data),
+        "hashlib.sha1": lambda: hashlib.sha1(data).digest(),
+        "hashlib.sha256": lambda: hashlib.sha256(data).digest(),
+        "hashlib.blake2b": lambda: hashlib.blake2b(data).digest(),
+        "hashlib.md5": lambda: hashlib.md5(data).digest(),
+        "memcpy (numpy copy)": buf.copy,
+    }
+    rates = {}
+    for name, fn in candidates.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = mib / best
+        print(f"{name:28s} {rates[name]:8.0f} MiB/s", flush=True)
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=65536)
@@ -55,7 +90,15 @@ def main() -> None:
     ap.add_argument("--dir", default="", help="scratch directory (default: a temp dir)")
     ap.add_argument("--skip_orbax", action="store_true")
     ap.add_argument("--drop_caches", action="store_true", help="drop the page cache before reads")
+    ap.add_argument(
+        "--checksums", action="store_true", help="only compare checksum rates (no disk)"
+    )
+    ap.add_argument("--checksum_mib", type=int, default=64, help="buffer size for --checksums")
     args = ap.parse_args()
+    if args.checksums:
+        print(f"checksums over one {args.checksum_mib} MiB buffer (best of 5)")
+        checksum_rates(args.checksum_mib)
+        return
 
     root = args.dir or tempfile.mkdtemp(prefix="store_bench_")
     os.makedirs(root, exist_ok=True)
