@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tolerances import assert_close
 from toy_models import make_toy_gru
 
 from trackstar.correction import (
@@ -68,7 +69,7 @@ def test_adamw_preconditioner_equals_formula_and_optax_update(adamw_run):
     new_pre = preconditioner((new_adam,), params, eps=EPS, b2=B2)
     want = jax.tree.map(lambda x, s: x * s, g, new_pre)
     for (path, u), (_, w) in zip(named_leaves(updates), named_leaves(want), strict=True):
-        np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-9, err_msg=path)
+        assert_close(u, w, err_msg=path)
 
 
 def test_restored_dict_state_gives_the_same_factor(adamw_run):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close
 from toy_models import make_toy_gru, make_toy_transformer
 
 from trackstar import correction
@@ -103,7 +104,7 @@ def test_per_example_grads_equal_loop_of_grad_and_ignore_padding(transformer):
         return jax.grad(lambda p: loss(p)[0])(p)
 
     loop = np.stack([_flat(one(params, tokens[i], weights[i]), batched=False) for i in range(3)])
-    np.testing.assert_allclose(_flat(batched), loop, rtol=1e-5, atol=1e-6)
+    assert_close(_flat(batched), loop)
     # Norms, biases and embeddings all get nonzero gradients.
     flat0 = {p: np.abs(np.asarray(x[0])).sum() for p, x in named_leaves(batched)}
     assert all(v > 0 for v in flat0.values()), [p for p, v in flat0.items() if v == 0]
@@ -124,7 +125,7 @@ def test_feature_is_the_same_alone_and_in_padded_batch_of_32(transformer):
     batch_vecs = feature_fn(params, tokens, weights)
     alone_vec = feature_fn(params, alone_t, weights[5:6, :7])
     assert batch_vecs.shape == (32, 16) and batch_vecs.dtype == jnp.float32
-    np.testing.assert_allclose(batch_vecs[5], alone_vec[0], rtol=1e-5, atol=1e-6)
+    assert_close(batch_vecs[5], alone_vec[0])
     assert not np.allclose(batch_vecs[4], batch_vecs[5])
 
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 from trackstar.hessian import (
     HessianError,
@@ -74,7 +75,7 @@ def test_inverse_sqrt_whitens_and_matches_eigh_formula():
     u = _vectors(40).astype(np.float64)
     R = u.T @ u / len(u)
     T, evals = inverse_sqrt(R, damping=0.0)
-    np.testing.assert_allclose(T @ R @ T, np.eye(D), atol=1e-9)
+    assert_close(T @ R @ T, np.eye(D), rtol=0, peak_rtol=1e-9)
     assert np.all(np.diff(evals) <= 0)  # descending
 
     # Rank-deficient R (5 rows in 12 dims): negatives clipped, then damped by 0.1·mean.
@@ -87,10 +88,10 @@ def test_inverse_sqrt_whitens_and_matches_eigh_formula():
     expect_inv = V @ np.diag(1 / damped) @ V.T
     T_low, e_low = inverse_sqrt(R_low, 0.1)
     T_inv, _ = inverse(R_low, 0.1)
-    np.testing.assert_allclose(T_low, expect_sqrt, rtol=1e-8, atol=1e-8)
-    np.testing.assert_allclose(T_inv, expect_inv, rtol=1e-8, atol=1e-8)
-    np.testing.assert_allclose(T_low @ T_low, T_inv, rtol=1e-8, atol=1e-8)
-    np.testing.assert_allclose(e_low, np.sort(lam_i)[::-1], atol=1e-12)
+    assert_close(T_low, expect_sqrt, rtol=1e-8, peak_rtol=1e-8)
+    assert_close(T_inv, expect_inv, rtol=1e-8, peak_rtol=1e-8)
+    assert_close(T_low @ T_low, T_inv, rtol=1e-8, peak_rtol=1e-8)
+    assert_close(e_low, np.sort(lam_i)[::-1], rtol=0, peak_rtol=1e-12)
     assert np.all(e_low >= 0)
 
     with pytest.raises(HessianError, match="damping"):

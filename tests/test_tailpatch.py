@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tolerances import assert_close, assert_near_zero
 
-from trackstar import tailpatch
+from trackstar import correction, tailpatch, train
 
 V, D, S = 16, 16, 6  # vocab, width, candidate length
 BOS, BORN = 1, 2
@@ -139,7 +140,7 @@ def test_scale_single_equals_batch_share_at_own_token_count(trained):
     kw = dict(lr=LR, precond=precond, pair_batch=3)
     single = tailpatch.tailpatch_deltas(*args, scale="single", **kw)
     share = tailpatch.tailpatch_deltas(*args, scale="batch_share", tokens_per_batch=3, **kw)
-    np.testing.assert_allclose(single, share, rtol=1e-6)
+    assert_close(single, share)
     assert (single > 0).all()
     smaller = [
         tailpatch.tailpatch_deltas(*args, scale="batch_share", tokens_per_batch=n, **kw)
@@ -170,7 +171,7 @@ def test_carry_momentum_matches_optimizer_difference_and_zero_gradient(trained):
         opt_state=opt_state,
         pair_batch=3,
     )
-    np.testing.assert_allclose(deltas[:, :3, 1], 0.0, atol=1e-7)
+    assert_near_zero(deltas[:, :3, 1], deltas, rel=1e-5)
     zero = jax.tree.map(jnp.zeros_like, params)
     u0, _ = OPT.update(zero, opt_state, params)
     for mi, mult in enumerate(MULTS):
@@ -208,3 +209,121 @@ def test_bad_inputs_raise(trained):
         tailpatch.tailpatch_deltas(*args, lr=LR, scale="single", carry_momentum=True)
     with pytest.raises(tailpatch.TailPatchError, match="out of range"):
         tailpatch.tailpatch_deltas(*args[:-1], IDS + 5, lr=LR, precond=precond, scale="single")
+
+
+# ----------------------------------------------------------------------------- Adafactor
+
+WIDE = 128  # optax.adafactor factors a matrix whose two largest dims are both >= 128
+
+
+def _factored_state(opt_state):
+    (state,) = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+        if isinstance(s, optax.FactoredState)
+    ]
+    return state
+
+
+def _explicit_dense_scale(state, params):
+    """The factor optax's scale_by_factored_rms divides by, written out from its moments.
+
+    Only ``mlp/w`` (2 WIDE x WIDE) is factored: ``v_row`` runs along axis 1, ``v_col`` along
+    axis 0 and the scale is ``outer(v_col^-1/2, (v_row / mean(v_row))^-1/2)``; every other
+    tensor keeps a full ``v`` and its scale is ``v^-1/2``.
+    """
+    v_row = np.asarray(state.v_row["mlp"]["w"], np.float64)
+    v_col = np.asarray(state.v_col["mlp"]["w"], np.float64)
+    assert v_row.shape == (WIDE,) and v_col.shape == (2 * WIDE,)
+
+    def scale(v, p):
+        if np.shape(v) == np.shape(p):
+            return np.asarray(v, np.float64) ** -0.5
+        assert p.shape == (2 * WIDE, WIDE)  # the factored one (its v is a placeholder)
+        return np.outer(v_col**-0.5, (v_row / v_row.mean()) ** -0.5)
+
+    return jax.tree.map(lambda v, p: jnp.asarray(scale(v, p), jnp.float32), state.v, params)
+
+
+@pytest.fixture(scope="module")
+def adafactor_run():
+    """A WIDE model after two real updates of the project's Adafactor optimizer."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    params = {
+        "embed": 0.5 * jax.random.normal(keys[0], (V, WIDE)),
+        "mlp": {
+            "w": jax.random.normal(keys[1], (2 * WIDE, WIDE)) / np.sqrt(2 * WIDE),
+            "b": jnp.zeros(WIDE),
+        },
+        "out": {"w": jax.random.normal(keys[2], (WIDE, V)) / np.sqrt(WIDE), "b": jnp.zeros(V)},
+    }
+    cfg = dict(
+        optimizer="adafactor",
+        steps=4,
+        warmup_steps=1,
+        lr=1e-2,
+        final_lr=1e-3,
+        weight_decay=0.01,
+        adafactor_eps=1e-30,
+    )
+    opt = train.make_optimizer(cfg)
+    opt_state = opt.init(params)
+    loss = lambda p: jnp.mean(jax.vmap(_loss, (None, 0, 0))(p, CAND_T, CAND_W))
+    for _ in range(2):
+        updates, opt_state = opt.update(jax.grad(loss)(params), opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, opt_state
+
+
+def _adafactor_deltas(params, precond):
+    return tailpatch.tailpatch_sweep(
+        apply_fn,
+        params,
+        QUERY_T,
+        QUERY_W,
+        CAND_T,
+        CAND_W,
+        IDS,
+        lr=LR,
+        lr_multipliers=MULTS,
+        precond=precond,
+        scale="batch_share",
+        tokens_per_batch=8,
+        pair_batch=3,
+    )
+
+
+def test_adafactor_factored_precond_equals_its_dense_factor(adafactor_run):
+    params, opt_state = adafactor_run
+    precond = correction.preconditioner(opt_state, params)
+    assert isinstance(precond["mlp"]["w"], correction.FactoredScale)  # the case that crashed
+    assert not isinstance(precond["embed"], correction.FactoredScale)
+    explicit = _explicit_dense_scale(_factored_state(opt_state), params)
+    factored = _adafactor_deltas(params, precond)
+    assert np.isfinite(factored[:, :3]).all() and np.isnan(factored[:, 3, 1]).all()
+    assert_close(factored, _adafactor_deltas(params, explicit), rtol=1e-5, peak_rtol=1e-5)
+    # The factored scale matters: a plain gradient step gives other deltas.
+    plain = _adafactor_deltas(params, jax.tree.map(jnp.ones_like, params))
+    assert np.abs(plain[0, :3] - factored[0, :3]).max() > 0.1 * np.abs(factored[0, :3]).max()
+
+
+def test_adafactor_step_equals_explicit_formula(adafactor_run):
+    """theta' = theta - eta * mult * s * g * dense(precond), log p(y|x) from a direct loop."""
+    params, opt_state = adafactor_run
+    precond = correction.preconditioner(opt_state, params)
+    explicit = _explicit_dense_scale(_factored_state(opt_state), params)
+    deltas = _adafactor_deltas(params, precond)
+    got, want = [], []
+    for mi, mult in enumerate(MULTS):
+        for q, k in zip(*np.nonzero(IDS >= 0), strict=True):
+            m = IDS[q, k]
+            g = _grad(params, CAND_T[m], CAND_W[m])
+            patched = jax.tree.map(
+                lambda p, gi, c, mult=mult: p - mult * LR * gi * c / 8, params, g, explicit
+            )
+            base = -float(_loss(params, QUERY_T[q], QUERY_W[q]))
+            want.append(-float(_loss(patched, QUERY_T[q], QUERY_W[q])) - base)
+            got.append(np.log(np.exp(base) + deltas[mi, q, k]) - base)
+    # Log-probability changes: the direct computation and tail-patch's delta agree.
+    assert_close(np.array(got), np.array(want), rtol=2e-3, peak_rtol=2e-3)
+    assert np.abs(want).max() > 1e-3  # the step is large enough to test something
