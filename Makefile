@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/demo.py
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install lock clean
 
-$(VENV)/.installed: pyproject.toml
+PIP_VERSION := 26.3
+
+# requirements.lock pins every package to the versions CI tested (pip constraints).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet "pip==$(PIP_VERSION)"
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +26,16 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check trackstar scripts tests configs
 	$(VENV)/bin/ruff format --check trackstar scripts tests configs
+
+# Re-resolves the newest versions pyproject.toml allows and records them; run the tests after.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)"
+	.lock-venv/bin/python -m pip install --quiet -e ".[test]"
+	{ sed -n '1,3p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^#'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf .lock-venv
 
 clean:
 	rm -rf runs
