@@ -307,3 +307,79 @@ def test_build_world_dispatch():
     cfg.source = "wiki"
     with pytest.raises(W.WorldError, match="world.source"):
         W.build_world(cfg)
+
+
+# --- bad input is refused while the world is built, naming file and line ------------------
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    good = json.dumps({"sub_label": "A", "obj_label": "B", "predicate_id": "P19"}).encode()
+    facts.write_bytes(good + b"\n" + b'{"sub_label": "Caf\xe9", "obj_label": "B"}\n')
+    templates = os.path.join(FIXTURES, "lama_templates.jsonl")
+    with pytest.raises(W.WorldError, match=re.escape(f"{facts}:2: not valid UTF-8")):
+        W.load_lama_world(str(facts), templates, _cfg())
+    trex = tmp_path / "trex.jsonl"
+    trex.write_bytes(b'{"text": "ok ."}\n\n{"text": "\xff"}\n')
+    w = W.load_lama_world(os.path.join(FIXTURES, "lama_facts.jsonl"), templates, _lama_cfg())
+    with pytest.raises(W.WorldError, match=re.escape(f"{trex}:3: not valid UTF-8")):
+        W.read_trex_candidates(str(trex), w)
+
+
+def _lama_cfg():
+    cfg = _cfg()
+    cfg.source = "lama"
+    cfg.lama_facts_path = os.path.join(FIXTURES, "lama_facts.jsonl")
+    cfg.lama_templates_path = os.path.join(FIXTURES, "lama_templates.jsonl")
+    cfg.n_queries = cfg.n_heldout_queries = 4
+    return cfg
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_input_files_refused(tmp_path, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    cfg = _lama_cfg()
+    cfg.trex_candidates_path = str(empty)
+    with pytest.raises(W.WorldError, match="T-REx sentences file .* is empty"):
+        W.build_world(cfg)
+    cfg = _lama_cfg()
+    cfg.lama_templates_path = str(empty)
+    with pytest.raises(W.WorldError, match="LAMA templates file .* is empty"):
+        W.build_world(cfg)
+
+
+def test_bad_rows_name_their_line(tmp_path):
+    trex = tmp_path / "trex.jsonl"
+    trex.write_text('{"text": "A sentence ."}\n\n{"text": "  "}\n')
+    w = W.build_world(_lama_cfg())
+    with pytest.raises(W.WorldError, match=re.escape(f"{trex}:3: empty 'text'")):
+        W.read_trex_candidates(str(trex), w)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('["not", "an", "object"]\n')
+    with pytest.raises(W.WorldError, match=re.escape(f"{facts}:1: expected a JSON object")):
+        W.load_lama_world(str(facts), os.path.join(FIXTURES, "lama_templates.jsonl"), _cfg())
+
+
+def test_zero_task_queries_refused():
+    cfg = _cfg()
+    cfg.n_queries = 0
+    with pytest.raises(W.WorldError, match="world.n_queries must be >= 1"):
+        W.make_world(cfg)
+    cfg = _lama_cfg()
+    cfg.n_queries = 0
+    with pytest.raises(W.WorldError, match="world.n_queries must be >= 1"):
+        W.build_world(cfg)
+
+
+def test_unused_fields_are_not_recorded(world):
+    lama = _lama_cfg()
+    assert set(W.unused_fields(lama)) == set(W.SYNTHETIC_ONLY_FIELDS)
+    assert set(W.unused_fields(_cfg())) == set(W.LAMA_ONLY_FIELDS)
+    lama.trex_candidates_path = os.path.join(FIXTURES, "trex_sentences.jsonl")
+    assert "n_distractor_candidates" in W.unused_fields(lama)
+    built = W.build_world(_lama_cfg())
+    assert not set(W.SYNTHETIC_ONLY_FIELDS) & set(built.config)
+    assert "n_queries" in built.config and "lama_facts_path" in built.config
+    assert not set(W.LAMA_ONLY_FIELDS) & set(world.config)
+    assert "n_subjects" in world.config

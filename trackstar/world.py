@@ -264,6 +264,13 @@ _RELATIONS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 
 MAX_RELATIONS = len(_RELATIONS)
 
+# Where a world's facts come from (``world.source``).
+SOURCES = ("synthetic", "lama")
+
+# World fields only the synthetic generator reads: a LAMA world takes its sizes from the files.
+SYNTHETIC_ONLY_FIELDS = ("n_subjects", "n_relations", "n_objects_per_type", "zipf_exponent")
+LAMA_ONLY_FIELDS = ("lama_facts_path", "lama_templates_path")
+
 # Framing prefixes; the first ``cfg.world.n_prefixes`` are used ("" = the bare phrasing).
 _PREFIXES: tuple[str, ...] = (
     "",
@@ -320,6 +327,9 @@ _FILLERS: tuple[str, ...] = (
 _ONSETS = ("b d f g h k l m n p r s t v z br dr gr kr pl st tr sk").split()
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o")
 _CODAS = ("", "", "", "n", "r", "l", "s", "m")
+
+
+MAX_PREFIXES = len(_PREFIXES)
 
 
 def _prefixed(prefix: str, template: str) -> str:
@@ -450,9 +460,12 @@ def _check_common(cfg: Any) -> None:
     ds = tuple(_get(cfg, "doc_sentences"))
     if len(ds) != 2 or not 1 <= ds[0] <= ds[1]:
         raise WorldError(f"world.doc_sentences must be (min, max) with 1 <= min <= max, got {ds}")
-    for name in ("n_distractor_candidates", "n_queries", "n_heldout_queries"):
+    for name in ("n_distractor_candidates", "n_heldout_queries"):
         if _get(cfg, name) < 0:
             raise WorldError(f"world.{name} must be >= 0, got {cfg[name]}")
+    # Without task queries nothing is scored: every metric would be an empty mean.
+    if _get(cfg, "n_queries") < 1:
+        raise WorldError(f"world.n_queries must be >= 1 (nothing to trace), got {cfg.n_queries}")
 
 
 def _n_anchors(n_subjects: int, anchor_frac: float) -> int:
@@ -780,8 +793,30 @@ def _ground_truth(candidates: Sequence[Candidate]) -> dict[int, tuple[int, ...]]
     return {k: tuple(sorted(v)) for k, v in gt.items()}
 
 
+def unused_fields(cfg: Any) -> tuple[str, ...]:
+    """The ``world`` fields that ``cfg.source`` (and a T-REx candidate file) leave unread.
+
+    A LAMA world takes its sizes from its files, so the synthetic generator's sizes and Zipf
+    exponent mean nothing there; a synthetic world reads no LAMA file; a T-REx file replaces
+    the distractor candidates. The world's recorded config (and the run's ``config.json``)
+    leave these out, so no saved setting claims an effect it did not have.
+    """
+    source = _get(cfg, "source")
+    unused: list[str] = []
+    if source == "lama":
+        unused += SYNTHETIC_ONLY_FIELDS
+    elif source == "synthetic":
+        unused += LAMA_ONLY_FIELDS
+    trex = cfg.get("trex_candidates_path", "") if hasattr(cfg, "get") else ""
+    if trex:
+        unused.append("n_distractor_candidates")
+    return tuple(f for f in unused if f in cfg)
+
+
 def _plain_config(cfg: Any) -> dict[str, Any]:
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    for name in unused_fields(cfg):
+        d.pop(name, None)
     # JSON-normalized (tuples -> lists), so a loaded world compares equal to a fresh one.
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
@@ -810,6 +845,8 @@ def build_world(cfg: Any) -> World:
     """The world of ``cfg.world``: synthetic, or LAMA files when ``source == "lama"``.
 
     With ``trex_candidates_path`` set, that file's sentences replace the closed candidate set.
+    Every input is checked before the world is returned, so nothing is written for a world
+    that cannot be used.
     """
     source = _get(cfg, "source")
     if source == "synthetic":
@@ -829,18 +866,35 @@ def build_world(cfg: Any) -> World:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str, what: str) -> list[dict[str, Any]]:
+def _read_jsonl(path: str, what: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of each JSON row of a jsonl file; a bad line names ``path:line``.
+
+    Lines are decoded one by one, so a non-UTF-8 byte names its line instead of failing the
+    whole read with a byte offset; an empty file (no rows) is an error too.
+    """
     if not path or not os.path.isfile(path):
         raise WorldError(f"{what} file {path!r} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise WorldError(
+                    f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1}); re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise WorldError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+                raise WorldError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise WorldError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append((i, row))
+    if not rows:
+        raise WorldError(f"{what} file {path!r} is empty (no JSON rows)")
     return rows
 
 
@@ -864,25 +918,26 @@ def load_lama_world(facts_path: str, templates_path: str, cfg: Any) -> World:
     _check_common(cfg)
     trows = _read_jsonl(templates_path, "LAMA templates")
     by_rel: dict[str, list[tuple[str, bool]]] = {}
-    for i, row in enumerate(trows):
+    for line, row in trows:
         if "relation" not in row or "template" not in row:
-            raise WorldError(f"{templates_path}: row {i} lacks 'relation' or 'template'")
+            raise WorldError(f"{templates_path}:{line}: row lacks 'relation' or 'template'")
         t = _normalize_template(str(row["template"]))
         if t.count("[X]") != 1 or t.count("[Y]") != 1:
-            raise WorldError(f"{templates_path}: row {i} template {t!r} needs one [X] and one [Y]")
+            raise WorldError(f"{templates_path}:{line}: template {t!r} needs one [X] and one [Y]")
         by_rel.setdefault(str(row["relation"]), []).append((t, bool(row.get("query", False))))
 
     frows = _read_jsonl(facts_path, "LAMA facts")
     triples: dict[tuple[str, str], str] = {}
-    for i, row in enumerate(frows):
+    for line, row in frows:
         try:
             s, r, o = str(row["sub_label"]), str(row["predicate_id"]), str(row["obj_label"])
         except KeyError as e:
-            raise WorldError(f"{facts_path}: row {i} lacks field {e.args[0]!r}") from e
+            raise WorldError(f"{facts_path}:{line}: row lacks field {e.args[0]!r}") from None
+        if not (s.strip() and o.strip()):
+            raise WorldError(f"{facts_path}:{line}: empty sub_label or obj_label")
         if r not in by_rel:
             raise WorldError(
-                f"{facts_path}: row {i} has predicate {r!r} with no template in {templates_path}; "
-                "add one"
+                f"{facts_path}:{line}: predicate {r!r} has no template in {templates_path}; add one"
             )
         triples.setdefault((s, r), o)
     if not triples:
@@ -935,13 +990,16 @@ def read_trex_candidates(path: str, world: World) -> tuple[Candidate, ...]:
     ``{"sub_label", "predicate_id", "obj_label"}``. A triple counts when it is one of the
     world's facts (same subject, relation and object); others are ignored. Candidate ids are
     0..N-1 in file order; use ``with_candidates`` to make them the world's closed set.
+    An empty file or an empty sentence is an error naming the file (and line).
     """
     rows = _read_jsonl(path, "T-REx sentences")
     index = {(f.subject, f.relation, f.object): f.fact_id for f in world.facts}
     out = []
-    for i, row in enumerate(rows):
+    for i, (line, row) in enumerate(rows):
         if "text" not in row:
-            raise WorldError(f"{path}: row {i} lacks 'text'")
+            raise WorldError(f"{path}:{line}: row lacks 'text'")
+        if not str(row["text"]).strip():
+            raise WorldError(f"{path}:{line}: empty 'text' (a candidate must be a sentence)")
         ids = set()
         for tr in row.get("fact_triples", []):
             if isinstance(tr, Mapping):
@@ -949,7 +1007,7 @@ def read_trex_candidates(path: str, world: World) -> tuple[Candidate, ...]:
             elif isinstance(tr, Sequence) and len(tr) == 3:
                 key = tuple(tr)
             else:
-                raise WorldError(f"{path}: row {i} has a malformed fact triple {tr!r}")
+                raise WorldError(f"{path}:{line}: malformed fact triple {tr!r}")
             if key in index:
                 ids.add(index[key])
         kind = "fact" if ids else "distractor"
