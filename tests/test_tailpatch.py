@@ -207,6 +207,17 @@ def test_bad_inputs_raise(trained):
         )
     with pytest.raises(tailpatch.TailPatchError, match="optimizer"):
         tailpatch.tailpatch_deltas(*args, lr=LR, scale="single", carry_momentum=True)
+    # A factored scale counts as one parameter, and its dense shape must fit that parameter.
+    wrong = correction.FactoredScale(jnp.ones(3), jnp.ones(5), 0, 1)  # dense (5, 3)
+    with pytest.raises(tailpatch.TailPatchError, match=r"factored precond .*'embed'.*\(5, 3\)"):
+        tailpatch.tailpatch_deltas(
+            *args, lr=LR, precond={**precond, "embed": wrong}, scale="single"
+        )
+    broken = correction.FactoredScale(jnp.ones((2, 3)), jnp.ones(5), 0, 1)
+    with pytest.raises(tailpatch.TailPatchError, match="do not combine"):
+        tailpatch.tailpatch_deltas(
+            *args, lr=LR, precond={**precond, "embed": broken}, scale="single"
+        )
     with pytest.raises(tailpatch.TailPatchError, match="out of range"):
         tailpatch.tailpatch_deltas(*args[:-1], IDS + 5, lr=LR, precond=precond, scale="single")
 

@@ -6,8 +6,10 @@ SPEC §4. From parameters theta, for each query q and each of its proponents m *
     theta' = theta + mult * (U(s * g_m) - U(0))                (``carry_momentum=True``)
     delta  = p_theta'(y | x) - p_theta(y | x),   p = exp(sum_t log p(y_t | x, y_<t))
 
-with g_m the gradient of m's summed training loss, ``precond = 1 / (sqrt(v_hat) + eps)`` (same
-pytree as params), eta the final training learning rate and s the scale: ``"batch_share"``
+with g_m the gradient of m's summed training loss, ``precond`` the optimizer correction of
+``trackstar.correction.preconditioner`` (Adam: ``1 / (sqrt(v_hat) + eps)``; Adafactor: its
+factored scale, ``FactoredScale`` leaves used as ``FactoredScale.dense()``, the same elementwise
+factor featurize applies), eta the final training learning rate and s the scale: ``"batch_share"``
 (1 / tokens per training batch: m's share of one ordinary batch) or ``"single"`` (1 / m's own
 counted tokens: a batch holding only m). U is one full update of the training optimizer from
 the checkpoint's ``opt_state``; subtracting U(0) keeps only m's contribution (momentum, weight
@@ -29,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trackstar.correction import FactoredScale, dense
 from trackstar.metrics import mean_se
-from trackstar.tree import named_leaves
+from trackstar.tree import named_leaves, path_name
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -64,7 +67,10 @@ def _pair_fn(apply_fn: ApplyFn, carry_momentum: bool, optimizer: Any) -> Callabl
             update, _ = optimizer.update(scaled, opt_state, params)
             direction = jax.tree.map(lambda u, u0: u - u0, update, zero_update)
         else:
-            direction = jax.tree.map(lambda x, p: -lr * scale * x * p, g, precond)
+            # Factored (Adafactor) scales are expanded here, inside the jit, so only their row
+            # and column factors are held between calls; the product is the elementwise factor
+            # featurize multiplies the gradient by.
+            direction = jax.tree.map(lambda x, p: -lr * scale * x * p, g, dense(precond))
 
         def at_mult(mult):
             patched = jax.tree.map(lambda p, d: p + (mult * d).astype(p.dtype), params, direction)
@@ -77,9 +83,19 @@ def _pair_fn(apply_fn: ApplyFn, carry_momentum: bool, optimizer: Any) -> Callabl
     return jax.jit(batched)
 
 
+def _is_factored(x: Any) -> bool:
+    return isinstance(x, FactoredScale)
+
+
+def _scale_leaves(precond: PyTree) -> list[tuple[str, Any]]:
+    # A FactoredScale is a pytree node (row and column factors) but stands for one parameter.
+    leaves, _ = jax.tree_util.tree_flatten_with_path(precond, is_leaf=_is_factored)
+    return [(path_name(p), leaf) for p, leaf in leaves]
+
+
 def _check_precond(params: PyTree, precond: PyTree) -> None:
     p_leaves = named_leaves(params)
-    c_leaves = named_leaves(precond)
+    c_leaves = _scale_leaves(precond)
     p_paths = [p for p, _ in p_leaves]
     c_paths = [p for p, _ in c_leaves]
     if p_paths != c_paths:
@@ -88,13 +104,27 @@ def _check_precond(params: PyTree, precond: PyTree) -> None:
         raise TailPatchError(
             "precond must have the same parameter paths as params "
             f"(missing: {missing}, unexpected: {extra}); build it with "
-            "correction.second_moment(opt_state, params, eps)"
+            "correction.preconditioner(opt_state, params, eps, b2=...)"
         )
     for (path, p), (_, c) in zip(p_leaves, c_leaves, strict=True):
-        if np.broadcast_shapes(np.shape(c), np.shape(p)) != np.shape(p):
+        try:
+            shape = jax.eval_shape(c.dense).shape if _is_factored(c) else np.shape(c)
+        except (TypeError, ValueError):
             raise TailPatchError(
-                f"precond at {path!r} has shape {np.shape(c)}, which does not broadcast to the "
-                f"parameter's shape {np.shape(p)}"
+                f"factored precond at {path!r} has row/column factors of shapes "
+                f"{np.shape(c.row)}/{np.shape(c.col)} that do not combine into one scale; "
+                "build it with correction.preconditioner(opt_state, params)"
+            ) from None
+        try:
+            fits = np.broadcast_shapes(shape, np.shape(p)) == np.shape(p)
+        except ValueError:  # numpy raises when the shapes do not broadcast at all
+            fits = False
+        if not fits:
+            kind = "factored precond (dense)" if _is_factored(c) else "precond"
+            raise TailPatchError(
+                f"{kind} at {path!r} has shape {shape}, which does not broadcast to the "
+                f"parameter's shape {np.shape(p)}; build it from this checkpoint's opt_state "
+                "and params"
             )
 
 
@@ -130,8 +160,10 @@ def tailpatch_sweep(
       lr: eta, the final learning rate of training (ignored with ``carry_momentum``, where the
         optimizer's own schedule applies).
       lr_multipliers: step multipliers to sweep; the gradient is computed once per pair.
-      precond: ``1 / (sqrt(v_hat) + eps)``, same paths as params (not needed with
-        ``carry_momentum``).
+      precond: the optimizer correction from ``trackstar.correction.preconditioner``, same
+        paths as params: arrays ``1 / (sqrt(v_hat) + eps)`` (Adam) and, for Adafactor,
+        ``FactoredScale`` leaves, applied as their ``dense()`` elementwise factor (not needed
+        with ``carry_momentum``).
       scale: ``"batch_share"`` (needs ``tokens_per_batch``) or ``"single"``.
       tokens_per_batch: counted tokens in one ordinary training batch.
       carry_momentum: use ``U(s g) - U(0)`` with the training optimizer instead of the
@@ -159,8 +191,8 @@ def tailpatch_sweep(
     else:
         if precond is None:
             raise TailPatchError(
-                "precond is required (1/(sqrt(v_hat)+eps) per parameter, from "
-                "correction.second_moment); or pass carry_momentum=True with the optimizer"
+                "precond is required (the optimizer correction per parameter, from "
+                "correction.preconditioner); or pass carry_momentum=True with the optimizer"
             )
         _check_precond(params, precond)
     qt = np.asarray(query_tokens_QxT, dtype=np.int32)
