@@ -5,12 +5,14 @@
 
 The run directory is trained first when it has no final checkpoint; stores, Hessian fits,
 rankings and tail-patch deltas already there are reused. Results land in
-<run_dir>/experiments/<name>/: results.json, table.md and PNG plots.
+<run_dir>/experiments/<name>/: results.json, table.md, PNG plots and config.json (the
+resolved config of this command). On an existing run directory, the world, tokenizer, model
+and training settings are the run's own (its config.json), whatever the config file says.
 """
 
 import time
 
-from _cli import parse
+from _cli import parse, save_resolved
 
 from trackstar import experiments, report, stages
 
@@ -24,6 +26,7 @@ def main():
     results = experiments.run(cfg)
     print(results["markdown"])
     out = experiments.output_dir(cfg)
+    save_resolved(cfg, out)  # The settings these results came from, beside them.
     print(f"\n{cfg.experiment.name} done in {time.perf_counter() - t0:.0f} s; results in {out}")
 
 

@@ -10,7 +10,7 @@ is printed and saved to <run_dir>/results/summary.md and <run_dir>/experiments/e
 import json
 import time
 
-from _cli import parse
+from _cli import parse, save_resolved
 
 from trackstar import experiments, report, stages
 
@@ -36,6 +36,7 @@ def main():
     e1 = experiments.run_e1(cfg)
     print("\n" + e1["markdown"])
     report.save_text(e1["markdown"], stages.path(cfg, "results", "summary.md"))
+    save_resolved(cfg, stages.path(cfg, "results"))  # Beside summary.md.
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; results in {stages.path(cfg, 'results')}")
 
 

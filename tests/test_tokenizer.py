@@ -69,3 +69,14 @@ def test_vocab_too_small_raises(setup):
     small = ml_collections.ConfigDict({"kind": "word", "vocab_size": 10})
     with pytest.raises(T.TokenizerError, match="tokenizer.vocab_size"):
         T.train_tokenizer(W.world_texts(world), small)
+
+
+def test_vocab_checked_before_the_world_is_written(tmp_path):
+    from trackstar import stages
+
+    cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.tokenizer.vocab_size = 10
+    with pytest.raises(T.TokenizerError, match="tokenizer.vocab_size"):
+        stages.stage_world(cfg)
+    assert not os.path.exists(cfg.run_dir)  # No world, tokenizer or config.json half-made.

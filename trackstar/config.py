@@ -1,28 +1,50 @@
-"""Config files and command-line overrides.
+"""Config files, command-line overrides, validation, and the config a run directory remembers.
 
 Configs are Python files in ``configs/`` with a ``get_config()`` returning an
 ``ml_collections.ConfigDict`` (nanodo / big_vision style). Overrides use the
-``--config.a.b=value`` syntax of ``ml_collections.config_flags``; this module adds the checks
-researchers need before any work starts: an unknown field is an error naming it and the closest
-valid names, and a value is coerced to the field's type.
+``--config.a.b=value`` syntax of ``ml_collections.config_flags``. Before any work starts:
+
+- an unknown field is an error naming it and the closest valid names;
+- an override's value must fit the field's type (``train.steps expects an int, got 'abc'``);
+- every value is checked against ``RULES`` (ranges, choices, files) and ``CROSS_CHECKS``
+  (relations between fields) by ``validate``: one ``ConfigError`` lists every problem;
+- on a run directory that already holds a world, the settings that define what was built
+  (``BUILT_SECTIONS``: seed, world, tokenizer, model, train) come from the run's saved config,
+  not from the config file; an override contradicting them is refused
+  (``resolve_for_run_dir``). The rest (featurize, hessian, score, eval, tailpatch,
+  experiment, mesh) comes from the command. Stores are not pinned here: each records the
+  featurize settings that made it and refuses another (``store.VectorStore.create``).
+
+``config.json`` in a run directory is written once, when the run directory's world is first
+built (``stages.stage_world``); world fields the world source ignores
+(``world.unused_fields``) are left out of it and listed under ``"unused_fields"``.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import difflib
 import importlib.util
+import json
+import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
+from trackstar import world as world_lib
 from trackstar.files import write_json
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""
+
+
+# ----- loading and overrides ------------------------------------------------------------------
 
 
 def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -52,31 +74,80 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _parse_value(text: str, current: Any) -> Any:
+# Fields that hold either a number or a keyword; an override keeps whichever it is.
+MIXED_FIELDS = ("hessian.lambda_mix",)
+
+
+def _literal(text: str) -> Any:
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(current, bool):
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _coerce_scalar(key: str, value: Any, text: str, like: Any, what: str = "") -> Any:
+    """``value`` as the type of ``like``; ``ConfigError`` naming ``key`` when it does not fit."""
+    if isinstance(like, bool):
+        if isinstance(value, bool):
+            return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        if not isinstance(value, bool):
-            raise ConfigError(f"expected a bool (True/False), got {text!r}")
-    elif isinstance(current, int) and isinstance(value, float) and value.is_integer():
-        return int(value)
-    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(current, str):
-        # String fields keep the raw text: mixed fields such as lambda_mix ("auto" or "0.9")
-        # are parsed and validated by the stage that reads them.
-        return text
-    elif isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
+        raise ConfigError(f"{key} expects {what or 'a bool'} (True or False), got {text!r}")
+    if isinstance(like, int):
+        if _is_int(value):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} expects {what or 'an int'}, got {text!r}")
+    if isinstance(like, float):
+        if _is_number(value):
+            return float(value)
+        raise ConfigError(f"{key} expects {what or 'a number (float)'}, got {text!r}")
+    if isinstance(like, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} expects {what or 'a string'}, got {text!r}")
     return value
 
 
-def set_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
-    """Sets ``cfg.<key>`` from the string ``text``; unknown keys raise ``ConfigError``."""
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """The override ``text`` as a value of ``current``'s type (``key`` names it in errors)."""
+    value = _literal(text.strip())
+    if key in MIXED_FIELDS:
+        return float(value) if _is_number(value) else (value if isinstance(value, str) else text)
+    if current is None:
+        return value
+    if isinstance(current, str):
+        # A string field takes the text as typed ("0.9" stays "0.9"); a quoted string is unquoted.
+        return value if isinstance(value, str) else text
+    if isinstance(current, tuple | list):
+        if isinstance(value, list | tuple):
+            items = list(value)
+        elif isinstance(value, str):
+            # Unquoted lists: --config.experiment.methods=bm25,trackstar
+            body = text.strip().strip("()[]")
+            items = [_literal(p.strip()) for p in body.split(",") if p.strip()]
+        else:
+            items = [value]
+        kinds = {type(x) for x in current}
+        if len(kinds) == 1:
+            like = current[0]
+            what = {bool: "bools", int: "ints", float: "numbers", str: "strings"}.get(type(like))
+            what = f"a tuple of {what}" if what else "a tuple"
+            items = [_coerce_scalar(key, x, text, like, what) for x in items]
+        return tuple(items)
+    return _coerce_scalar(key, value, text, current)
+
+
+def _node_and_name(cfg: ml_collections.ConfigDict, key: str) -> tuple[Any, str]:
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -87,20 +158,45 @@ def set_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
             raise ConfigError(f"unknown config field {key!r}.{hint}")
         if i < len(parts) - 1:
             node = node[part]
-    current = node[parts[-1]]
+    return node, parts[-1]
+
+
+def get_field(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    """The value of the dotted field ``key``; ``ConfigError`` when there is no such field."""
+    node, name = _node_and_name(cfg, key)
+    return node[name]
+
+
+def _assign(node: ml_collections.ConfigDict, name: str, key: str, value: Any) -> None:
+    with node.unlocked():
+        if key in MIXED_FIELDS:
+            # ConfigDict keeps a field's first type; a mixed field may change it.
+            del node[name]
+            node[name] = value
+            return
+        try:
+            node[name] = value
+        except TypeError:
+            kind = type(node[name]).__name__
+            raise ConfigError(f"{key} expects a value of type {kind}, got {value!r}") from None
+
+
+def set_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets ``cfg.<key>`` from the string ``text``.
+
+    An unknown key, a section, or a value that does not fit the field's type raises a one-line
+    ``ConfigError`` naming the field.
+    """
+    node, name = _node_and_name(cfg, key)
+    current = node[name]
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"{key!r} is a section; set one of its fields instead")
-    value = _parse_value(text, current)
-    with node.unlocked():
-        node[parts[-1]] = value
+    _assign(node, name, key, _parse_value(key, text, current))
 
 
-def parse_args(argv: Sequence[str], default_config: str | None = None):
-    """Parses ``--config PATH`` and ``--config.a.b=value`` arguments.
-
-    Returns ``(config, rest)`` where ``rest`` are the arguments this function did not consume.
-    """
-    path = default_config
+def split_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+    """``(config path or None, [(key, text) overrides], other args)`` of a command line."""
+    path = None
     overrides: list[tuple[str, str]] = []
     rest: list[str] = []
     args = list(argv)
@@ -126,14 +222,590 @@ def parse_args(argv: Sequence[str], default_config: str | None = None):
         else:
             rest.append(a)
         i += 1
+    return path, overrides, rest
+
+
+@dataclasses.dataclass
+class Command:
+    """A command's resolved config and what went into it."""
+
+    config: ml_collections.ConfigDict
+    rest: list[str]  # Arguments that are not --config ones.
+    path: str  # The config file.
+    overrides: list[tuple[str, str]]  # (field, text) in command-line order.
+    from_run_dir: list[str]  # Fields whose config-file value the run directory's replaced.
+
+
+def load_command(argv: Sequence[str], default_config: str | None = None) -> Command:
+    """Config file + overrides, resolved against the run directory, then validated."""
+    path, overrides, rest = split_args(argv)
+    path = path or default_config
     if path is None:
         raise ConfigError("no config given; pass --config configs/demo.py (or another file)")
     cfg = load_config_file(path)
     for k, v in overrides:
         set_override(cfg, k, v)
-    return cfg, rest
+    cfg, replaced = resolve_for_run_dir(cfg, overrides)
+    validate(cfg)
+    return Command(cfg, rest, path, overrides, replaced)
 
 
-def save_config(cfg: ml_collections.ConfigDict, path: str) -> None:
-    """Writes the resolved config as JSON beside the results it produced."""
-    write_json(path, cfg.to_dict(), sort_keys=True, default=str)
+def parse_args(argv: Sequence[str], default_config: str | None = None):
+    """Parses ``--config PATH`` and ``--config.a.b=value`` arguments (see ``load_command``).
+
+    Returns ``(config, rest)`` where ``rest`` are the arguments this function did not consume.
+    """
+    cmd = load_command(argv, default_config)
+    return cmd.config, cmd.rest
+
+
+def save_config(cfg: ml_collections.ConfigDict, path: str, unused: Sequence[str] = ()) -> None:
+    """Writes ``cfg`` as JSON; the dotted fields in ``unused`` are left out and listed under
+    ``"unused_fields"`` (they had no effect on what was built)."""
+    d = cfg.to_dict()
+    for key in unused:
+        *parents, name = key.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(name, None)
+    if unused:
+        d["unused_fields"] = sorted(unused)
+    write_json(path, d, sort_keys=True, default=str)
+
+
+# ----- validation -----------------------------------------------------------------------------
+
+# Choices defined in modules that import JAX; tests/test_config.py checks they match.
+SCORE_PRESETS = (
+    "grad_dot",
+    "grad_cosine",
+    "trak",
+    "exp_opt",
+    "exp_opt_norm",
+    "exp_opt_norm_rtrain",
+    "trackstar",
+)  # trackstar.score.PRESETS
+METHODS = ("bm25", "random", *SCORE_PRESETS)  # trackstar.experiments.ALL_METHODS
+EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6", "e7")  # trackstar.experiments.RUNNERS
+MODEL_MAX_LEN = {"tiny": 48, "small": 64, "base": 128}  # trackstar.model.SIZES: max_len
+MODEL_DTYPES = ("float32", "bfloat16")  # trackstar.model._DTYPES
+OPTIMIZERS = ("adamw", "adafactor")  # trackstar.train.OPTIMIZERS
+QUERY_OUTPUT_FNS = ("loss", "margin", "logit")  # trackstar.gradients.OUTPUT_FNS less "train"
+PROJECTION_MODES = ("global", "per_tensor", "dense")  # trackstar.projection.MODES
+STORE_DTYPES = ("float32", "bfloat16")
+TAILPATCH_SCALES = ("batch_share", "single")  # trackstar.tailpatch.SCALES
+MESH_RULES = ("tensor", "fsdp", "replicated")  # trackstar.sharding.RULE_PRESETS
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one field must hold: ``ok(value)``, described as ``expects`` ("an int >= 1").
+
+    ``when(cfg)``, if given, says whether the rule applies (e.g. only for a LAMA world).
+    """
+
+    expects: str
+    ok: Callable[[Any], bool]
+    when: Callable[[ml_collections.ConfigDict], bool] | None = None
+
+
+def _bounds(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" {'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+def _in_bounds(v: float, lo, hi, lo_open: bool, hi_open: bool) -> bool:
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        return False
+    return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+
+def Int(lo: int | None = None, hi: int | None = None, when=None) -> Rule:
+    """An int (not a bool) in ``[lo, hi]``."""
+    return Rule(
+        f"an int{_bounds(lo, hi, False, False)}",
+        lambda v: _is_int(v) and _in_bounds(v, lo, hi, False, False),
+        when,
+    )
+
+
+def Num(lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, when=None) -> Rule:
+    """A finite int or float within the bounds (open or closed)."""
+    return Rule(
+        f"a number{_bounds(lo, hi, lo_open, hi_open)}",
+        lambda v: _is_number(v) and math.isfinite(v) and _in_bounds(v, lo, hi, lo_open, hi_open),
+        when,
+    )
+
+
+def Bool() -> Rule:
+    """True or False."""
+    return Rule("True or False", lambda v: isinstance(v, bool))
+
+
+def OneOf(*choices: str, when=None) -> Rule:
+    """One of the given strings."""
+    return Rule(f"one of {', '.join(map(repr, choices))}", lambda v: v in choices, when)
+
+
+def Text(nonempty: bool = False, pattern: str | None = None, expects: str = "") -> Rule:
+    """A string (non-empty, or matching ``pattern`` in full, when asked)."""
+
+    def ok(v: Any) -> bool:
+        if not isinstance(v, str) or (nonempty and not v):
+            return False
+        return pattern is None or v == "" or re.fullmatch(pattern, v) is not None
+
+    return Rule(expects or ("a non-empty string" if nonempty else "a string"), ok)
+
+
+def Seq(
+    item: Rule,
+    items: str,
+    min_len: int = 0,
+    length: int | None = None,
+    distinct: bool = False,
+    when=None,
+) -> Rule:
+    """A tuple (or list) whose every element passes ``item``; ``items`` describes them."""
+
+    def ok(v: Any) -> bool:
+        if not isinstance(v, tuple | list) or len(v) < min_len:
+            return False
+        if length is not None and len(v) != length:
+            return False
+        if distinct and len(set(v)) != len(v):
+            return False
+        return all(item.ok(x) for x in v)
+
+    if length is not None:
+        head = f"a tuple of {length}"
+    else:
+        head = "a non-empty tuple of" if min_len else "a tuple of"
+    return Rule(f"{head} {'distinct ' if distinct else ''}{items}", ok, when)
+
+
+def _lambda_mix_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        if v.strip() in ("auto", "auto_trace"):
+            return True
+        try:
+            v = float(v)
+        except ValueError:
+            return False
+    return _is_number(v) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+def _world_built(cfg: ml_collections.ConfigDict) -> bool:
+    return os.path.isfile(os.path.join(str(cfg.get("run_dir", "")), "world", "manifest.json"))
+
+
+def _uses(field: str) -> Callable[[ml_collections.ConfigDict], bool]:
+    """Applies when the world source reads ``world.<field>``."""
+
+    def when(cfg: ml_collections.ConfigDict) -> bool:
+        w = cfg.get("world")
+        if w is None or w.get("source") not in world_lib.SOURCES:
+            return True
+        return field not in world_lib.unused_fields(w)
+
+    return when
+
+
+def _file_needed(field: str) -> Callable[[ml_collections.ConfigDict], bool]:
+    """Applies when the world is still to be built and its source reads ``world.<field>``.
+
+    A built world is saved in the run directory, so its input files may have moved since.
+    """
+    uses = _uses(field)
+    return lambda cfg: uses(cfg) and bool(cfg.world.get(field)) and not _world_built(cfg)
+
+
+def _lama(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.world.get("source") == "lama" and not _world_built(cfg)
+
+
+_FILE = Rule(
+    "an existing file (world.source = 'lama' reads it)",
+    lambda v: isinstance(v, str) and os.path.isfile(v),
+)
+_POS = Int(1)
+_NONNEG = Int(0)
+_PROB = Num(0.0, 1.0)
+
+# Field -> rule. A field missing from a config is skipped; a field missing here is not checked.
+RULES: dict[str, Rule] = {
+    "seed": _NONNEG,
+    "run_dir": Text(nonempty=True),
+    # world
+    "world.seed": _NONNEG,
+    "world.source": OneOf(*world_lib.SOURCES),
+    "world.lama_facts_path": Rule(_FILE.expects, _FILE.ok, _lama),
+    "world.lama_templates_path": Rule(_FILE.expects, _FILE.ok, _lama),
+    "world.trex_candidates_path": Rule(
+        "an existing file (or '' for the built candidates)",
+        _FILE.ok,
+        _file_needed("trex_candidates_path"),
+    ),
+    "world.n_subjects": Int(1, when=_uses("n_subjects")),
+    "world.n_relations": Int(1, world_lib.MAX_RELATIONS, when=_uses("n_relations")),
+    "world.n_objects_per_type": Int(1, when=_uses("n_objects_per_type")),
+    "world.freq_buckets": Seq(_POS, "ints >= 1", min_len=1, distinct=True),
+    "world.anchor_frac": Num(0.0, 1.0, hi_open=True),
+    "world.anchor_query_form_p": _PROB,
+    "world.zipf_exponent": Num(0.0, when=_uses("zipf_exponent")),
+    "world.n_prefixes": Int(1, world_lib.MAX_PREFIXES),
+    "world.doc_sentences": Rule(
+        "(min, max) with 1 <= min <= max",
+        lambda v: Seq(_POS, "", length=2).ok(v) and v[0] <= v[1],
+    ),
+    "world.filler_p": _PROB,
+    "world.distractor_p": _PROB,
+    "world.n_distractor_candidates": Int(0, when=_uses("n_distractor_candidates")),
+    "world.n_queries": _POS,
+    "world.n_heldout_queries": _NONNEG,
+    # tokenizer
+    "tokenizer.kind": OneOf("word"),
+    "tokenizer.vocab_size": Int(5),
+    # model (a size field of 0 takes the named size's value)
+    "model.size": OneOf(*MODEL_MAX_LEN),
+    "model.d_model": _NONNEG,
+    "model.n_layers": _NONNEG,
+    "model.n_heads": _NONNEG,
+    "model.d_ff": _NONNEG,
+    "model.max_len": _NONNEG,
+    "model.dtype": OneOf(*MODEL_DTYPES),
+    # train
+    "train.optimizer": OneOf(*OPTIMIZERS),
+    "train.steps": _POS,
+    "train.batch_size": _POS,
+    "train.seq_len": Int(2),
+    "train.lr": Num(0.0, lo_open=True),
+    "train.final_lr": Num(0.0),
+    "train.warmup_steps": _NONNEG,
+    "train.b1": Num(0.0, 1.0, hi_open=True),
+    "train.b2": Num(0.0, 1.0, hi_open=True),
+    "train.eps": Num(0.0),
+    "train.weight_decay": Num(0.0),
+    "train.adafactor_eps": Num(0.0, lo_open=True),
+    "train.checkpoint_every": _POS,
+    "train.keep_checkpoints": _POS,
+    "train.log_every": _POS,
+    # featurize
+    "featurize.query_output_fn": OneOf(*QUERY_OUTPUT_FNS),
+    "featurize.projection_mode": OneOf(*PROJECTION_MODES),
+    "featurize.k_in": _POS,
+    "featurize.k_out": _POS,
+    "featurize.dense_dim": _POS,
+    "featurize.projection_seed": _NONNEG,
+    "featurize.eps": Num(),  # < 0 means the optimizer's.
+    "featurize.batch_size": _POS,
+    "featurize.chunk_size": _POS,
+    "featurize.dtype": OneOf(*STORE_DTYPES),
+    "featurize.skip_bad_examples": Bool(),
+    # hessian
+    "hessian.lambda_mix": Rule("a number in [0, 1], 'auto' or 'auto_trace'", _lambda_mix_ok),
+    "hessian.crossing_per_65536": Num(0.0),
+    "hessian.damping": Num(0.0),
+    "hessian.train_sample": Rule("an int >= 0 (0 = all rows)", Int(0).ok),
+    "hessian.eval_source": OneOf("task", "heldout"),
+    "hessian.sample_seed": _NONNEG,
+    # score
+    "score.preset": OneOf(*SCORE_PRESETS),
+    "score.top_k": _POS,
+    "score.chunk_rows": _POS,
+    # eval
+    "eval.mrr_k": _POS,
+    "eval.at_k": _POS,
+    "eval.bm25_stopwords": OneOf("english", "none"),
+    "eval.random_seed": _NONNEG,
+    # tailpatch
+    "tailpatch.scale": OneOf(*TAILPATCH_SCALES),
+    "tailpatch.lr": Num(),  # < 0 means the final learning rate of training.
+    "tailpatch.lr_multipliers": Seq(Num(0.0, lo_open=True), "numbers > 0", min_len=1),
+    "tailpatch.ks": Seq(_POS, "ints >= 1", min_len=1),
+    "tailpatch.n_queries": Rule("an int >= 0 (0 = all)", Int(0).ok),
+    "tailpatch.carry_momentum": Bool(),
+    "tailpatch.pair_batch": _POS,
+    # experiment
+    "experiment.name": OneOf(*EXPERIMENTS),
+    "experiment.methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
+    "experiment.tailpatch_methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
+    "experiment.k_values": Seq(_POS, "ints >= 1", min_len=1),
+    "experiment.output_fns": Seq(OneOf(*QUERY_OUTPUT_FNS), "loss, margin or logit"),
+    "experiment.store_tag": Text(pattern=r"[A-Za-z0-9_.]+", expects="letters, digits, _ or ."),
+    # mesh
+    "mesh.data": Rule("-1 (all devices) or an int >= 1", lambda v: v == -1 or _POS.ok(v)),
+    "mesh.model": _POS,
+    "mesh.rules": OneOf(*MESH_RULES),
+    "mesh.rule_overrides": Seq(Text(pattern=r".+=.*"), "'regex=spec' strings"),
+    "mesh.featurize_scope": OneOf("local", "global"),
+    "mesh.distributed": OneOf("auto", "on", "off"),
+    "mesh.coordinator": Text(pattern=r"[^:\s]+:\d+", expects="'' or 'host:port'"),
+    "mesh.num_processes": _NONNEG,
+    "mesh.process_id": Rule("-1 (auto-detect) or an int >= 0", lambda v: _is_int(v) and v >= -1),
+    "mesh.cpu_collectives": Text(),
+    "mesh.memory_vocab_size": _POS,
+}
+
+
+def _has(cfg: ml_collections.ConfigDict, *keys: str) -> bool:
+    try:
+        for key in keys:
+            get_field(cfg, key)
+    except ConfigError:
+        return False
+    return True
+
+
+def _check_warmup(cfg) -> str | None:
+    if not _has(cfg, "train.warmup_steps", "train.steps"):
+        return None
+    w, s = cfg.train.warmup_steps, cfg.train.steps
+    if _is_int(w) and _is_int(s) and w >= s:
+        return f"train.warmup_steps = {w} must be < train.steps = {s}"
+    return None
+
+
+def _check_context(cfg) -> str | None:
+    if not _has(cfg, "train.seq_len", "model.max_len", "model.size"):
+        return None
+    max_len = cfg.model.max_len or MODEL_MAX_LEN.get(cfg.model.size)
+    if _is_int(max_len) and _is_int(cfg.train.seq_len) and cfg.train.seq_len > max_len:
+        return (
+            f"train.seq_len = {cfg.train.seq_len} exceeds the model's context model.max_len = "
+            f"{max_len}; lower train.seq_len or raise model.max_len"
+        )
+    return None
+
+
+def _check_heads(cfg) -> str | None:
+    if not _has(cfg, "model.d_model", "model.n_heads"):
+        return None
+    d, h = cfg.model.d_model, cfg.model.n_heads
+    if _is_int(d) and _is_int(h) and d > 0 and h > 0 and d % h:
+        return f"model.d_model = {d} is not divisible by model.n_heads = {h}"
+    return None
+
+
+def _check_heldout(cfg) -> str | None:
+    if not _has(cfg, "hessian.eval_source", "world.n_heldout_queries"):
+        return None
+    if cfg.hessian.eval_source == "heldout" and cfg.world.n_heldout_queries == 0:
+        return (
+            "hessian.eval_source = 'heldout' needs world.n_heldout_queries >= 1; raise it or "
+            "set hessian.eval_source = 'task'"
+        )
+    return None
+
+
+def _check_default_step(cfg) -> str | None:
+    if not _has(cfg, "tailpatch.lr_multipliers"):
+        return None
+    mults = cfg.tailpatch.lr_multipliers
+    if isinstance(mults, tuple | list) and all(map(_is_number, mults)) and 1.0 not in mults:
+        return f"tailpatch.lr_multipliers = {tuple(mults)} must include 1.0 (the default step)"
+    return None
+
+
+def _check_k_values(cfg) -> str | None:
+    if not _has(cfg, "experiment.k_values", "featurize.k_in", "featurize.k_out"):
+        return None
+    f = cfg.featurize
+    if not (_is_int(f.k_in) and _is_int(f.k_out)):
+        return None
+    top = min(f.k_in, f.k_out)
+    big = [k for k in cfg.experiment.k_values if _is_int(k) and k > top]
+    if big:
+        return (
+            f"experiment.k_values {big} exceed min(featurize.k_in, featurize.k_out) = {top}; "
+            "E3's sub-grids are cut from the stored k_in x k_out grid"
+        )
+    return None
+
+
+# Relations between fields (each returns a message, or None when it holds).
+CROSS_CHECKS: tuple[Callable[[ml_collections.ConfigDict], str | None], ...] = (
+    _check_warmup,
+    _check_context,
+    _check_heads,
+    _check_heldout,
+    _check_default_step,
+    _check_k_values,
+)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks every field of ``RULES`` present in ``cfg``, then ``CROSS_CHECKS``.
+
+    Raises one ``ConfigError`` listing every problem ("field must be X, got Y"), so a command
+    fails before any work instead of after training. Fields absent from ``RULES`` pass.
+    """
+    problems = []
+    for key, rule in RULES.items():
+        try:
+            value = get_field(cfg, key)
+        except ConfigError:
+            continue
+        if rule.when is not None and not rule.when(cfg):
+            continue
+        if not rule.ok(value):
+            problems.append(f"{key} must be {rule.expects}, got {value!r}")
+    if not problems:  # Relations assume each field is well typed.
+        problems += [p for p in (check(cfg) for check in CROSS_CHECKS) if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ----- the config a run directory remembers ---------------------------------------------------
+
+# Sections that define what a run directory holds: its world, tokenizer and trained model.
+BUILT_SECTIONS = ("seed", "world", "tokenizer", "model", "train")
+# Train fields that do not change the trajectory (trackstar.train's bookkeeping fields).
+BOOKKEEPING_FIELDS = ("train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_built_field(key: str) -> bool:
+    return key.split(".")[0] in BUILT_SECTIONS and key not in BOOKKEEPING_FIELDS
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}); restore it from a backup") from None
+
+
+def built_config(run_dir: str) -> dict[str, Any] | None:
+    """The settings a run directory was built with, as ``{dotted field: value}``.
+
+    None when the run directory holds no world yet (nothing is built). The world section is
+    the one recorded in ``world/manifest.json`` (written once, with the world); the other
+    built sections come from ``config.json``. World fields the world source ignored are absent.
+    """
+    manifest = os.path.join(run_dir, "world", "manifest.json")
+    if not os.path.isfile(manifest):
+        return None
+    saved: dict[str, Any] = {}
+    cfg_file = os.path.join(run_dir, "config.json")
+    if os.path.isfile(cfg_file):
+        d = _read_json(cfg_file)
+        for section in BUILT_SECTIONS:
+            if section in d:
+                flat = _flatten({section: d[section]})
+                saved.update({k: v for k, v in flat.items() if not k.startswith("world.")})
+    world_cfg = _read_json(manifest).get("config")
+    if isinstance(world_cfg, dict) and world_cfg:
+        unused = set(world_lib.unused_fields(world_cfg)) if "source" in world_cfg else set()
+        saved.update({f"world.{k}": v for k, v in world_cfg.items() if k not in unused})
+    elif os.path.isfile(cfg_file):
+        world_section = _read_json(cfg_file).get("world", {})
+        saved.update(_flatten({"world": world_section}))
+    order = {s: i for i, s in enumerate(BUILT_SECTIONS)}
+    keys = sorted(saved, key=lambda k: (order[k.split(".")[0]], k))
+    return {k: saved[k] for k in keys if _is_built_field(k)}
+
+
+def _normal(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _normal(a) == _normal(b)
+
+
+def _as_field_type(saved: Any, current: Any) -> Any:
+    """A value read from JSON as the current field's type (lists -> tuples, ints -> floats)."""
+    if isinstance(current, tuple) and isinstance(saved, list):
+        return tuple(saved)
+    if isinstance(current, float) and _is_int(saved):
+        return float(saved)
+    return saved
+
+
+def resolve_for_run_dir(
+    cfg: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]] = ()
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """``cfg`` with the built settings of its run directory, and the fields that changed.
+
+    ``cfg`` is the config file's config with the command-line ``overrides`` already applied.
+    When ``cfg.run_dir`` holds a world, every field of ``BUILT_SECTIONS`` it recorded replaces
+    the config file's (bookkeeping train fields excepted); an override of such a field must
+    equal the recorded value, and an override of a world field the run's source ignored is
+    refused. On a fresh run directory ``cfg`` is returned unchanged.
+    """
+    saved = built_config(str(cfg.run_dir))
+    if saved is None:
+        return cfg, []
+    out = copy.deepcopy(cfg)
+    overridden = dict(overrides)
+    run = str(cfg.run_dir)
+    for key in overridden:
+        if _is_built_field(key) and key not in saved:
+            raise ConfigError(
+                f"--config.{key} cannot apply to {run}: the run was built without recording it "
+                "(a world field its world source ignores, or a field newer than the run); drop "
+                "the override, or pass a new --config.run_dir"
+            )
+    replaced = []
+    for key, value in saved.items():
+        try:
+            node, name = _node_and_name(out, key)
+        except ConfigError:
+            continue  # A field this version no longer has.
+        current = node[name]
+        if key in overridden:
+            if not _same(value, current):
+                raise ConfigError(
+                    f"--config.{key}={overridden[key]} contradicts {run}, built with "
+                    f"{key} = {value!r}; drop the override, or pass a new --config.run_dir "
+                    "to build another run"
+                )
+            continue
+        if _same(value, current):
+            continue
+        try:
+            _assign(node, name, key, _as_field_type(value, current))
+        except ConfigError:
+            raise ConfigError(
+                f"{run}/config.json has {key} = {value!r}, which does not fit this version's "
+                f"field ({type(current).__name__}); use a new --config.run_dir"
+            ) from None
+        replaced.append(key)
+    return out, replaced
+
+
+def run_dir_conflicts(cfg: ml_collections.ConfigDict) -> list[str]:
+    """``["field: built with X, config has Y", ...]`` for each built setting ``cfg`` changes.
+
+    Empty when ``cfg.run_dir`` holds no world, or ``cfg`` agrees with everything it built.
+    """
+    saved = built_config(str(cfg.run_dir))
+    if not saved:
+        return []
+    out = []
+    for key, value in saved.items():
+        try:
+            current = get_field(cfg, key)
+        except ConfigError:
+            continue
+        if not _same(value, current):
+            out.append(f"{key}: built with {value!r}, config has {current!r}")
+    return out

@@ -20,7 +20,7 @@ import optax
 from trackstar import checkpoint, correction, data, hessian, score, store, tokenizer, world
 from trackstar import model as model_lib
 from trackstar import train as train_lib
-from trackstar.config import save_config
+from trackstar.config import run_dir_conflicts, save_config, validate
 from trackstar.featurize import Examples, featurize_into_store
 from trackstar.gradients import make_feature_fn
 from trackstar.projection import Projector
@@ -55,35 +55,73 @@ def _write_json(file: str, obj: Any) -> None:
 # ----- world + tokenizer ----------------------------------------------------------------------
 
 
+def check_run_dir(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ``StageError`` when ``cfg`` changes a setting its run directory was built with.
+
+    Scripts read those settings from the run directory (``config.resolve_for_run_dir``), so
+    this only fires for configs built in code; it keeps a trained run from being read, or
+    extended, under settings it was not made with.
+    """
+    conflicts = run_dir_conflicts(cfg)
+    if conflicts:
+        more = f" (+{len(conflicts) - 6} more)" if len(conflicts) > 6 else ""
+        raise StageError(
+            f"{cfg.run_dir} was built with other settings: {'; '.join(conflicts[:6])}{more}. "
+            "Use its settings (scripts read them from its config.json; in code, "
+            "trackstar.config.resolve_for_run_dir), or a new run_dir for the new ones"
+        )
+
+
+def _save_run_config(cfg: ml_collections.ConfigDict) -> None:
+    # World fields the source ignored are left out (and listed), so the record claims nothing
+    # that had no effect.
+    unused = [f"world.{name}" for name in world.unused_fields(cfg.world)]
+    save_config(cfg, path(cfg, "config.json"), unused=unused)
+
+
 def stage_world(cfg: ml_collections.ConfigDict) -> world.World:
-    """Builds (or reloads) the fact world and its tokenizer; saves the resolved config."""
-    save_config(cfg, path(cfg, "config.json"))
-    world_dir = path(cfg, "world")
+    """Builds (or reloads) the fact world and its tokenizer.
+
+    On a fresh run directory, the config is validated, the world built and the tokenizer
+    trained (input files, query counts and the vocabulary size all checked) before anything
+    is written; then ``tokenizer.json``, ``config.json`` and ``world/`` (manifest last) are
+    written. ``config.json`` is the run's record of what it was built with and is never
+    rewritten once the world exists. On an existing run directory, ``cfg`` must agree with
+    that record (``check_run_dir``).
+    """
+    validate(cfg)
+    world_dir, tok_path = path(cfg, "world"), path(cfg, "tokenizer.json")
     if os.path.exists(os.path.join(world_dir, "manifest.json")):
+        check_run_dir(cfg)
         w = world.load_world(world_dir)
-        fresh = world.build_world(cfg.world)
-        if world.world_hash(fresh) != world.world_hash(w):
-            raise StageError(
-                f"{world_dir} holds a world made with another world config; use a new run_dir "
-                "or delete that directory"
+        if not os.path.exists(tok_path):
+            tokenizer.save_tokenizer(
+                tokenizer.train_tokenizer(world.world_texts(w), cfg.tokenizer), tok_path
             )
-    else:
-        w = world.build_world(cfg.world)
-        world.save_world(w, world_dir)
-    tok_path = path(cfg, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        tok = tokenizer.train_tokenizer(world.world_texts(w), cfg.tokenizer)
-        tokenizer.save_tokenizer(tok, tok_path)
+        if not os.path.exists(path(cfg, "config.json")):  # A run made before it was kept.
+            _save_run_config(cfg)
+        return w
+    w = world.build_world(cfg.world)
+    tok = tokenizer.train_tokenizer(world.world_texts(w), cfg.tokenizer)
+    # Everything is checked; a config.json or tokenizer.json here without a world is the
+    # leftover of a failed first build and is replaced.
+    tokenizer.save_tokenizer(tok, tok_path)
+    _save_run_config(cfg)
+    world.save_world(w, world_dir)
     return w
 
 
 def load_world_and_tokenizer(cfg: ml_collections.ConfigDict):
-    """The saved world and tokenizer of a run, or an error saying to run make_world first."""
+    """The saved world and tokenizer of a run, or an error saying to run make_world first.
+
+    ``cfg`` must agree with the settings the run was built with (``check_run_dir``).
+    """
     world_dir, tok_path = path(cfg, "world"), path(cfg, "tokenizer.json")
     if not (os.path.exists(os.path.join(world_dir, "manifest.json")) and os.path.exists(tok_path)):
         raise StageError(
             f"{cfg.run_dir} has no world/tokenizer yet; run scripts/make_world.py with this config"
         )
+    check_run_dir(cfg)
     return world.load_world(world_dir), tokenizer.load_tokenizer(tok_path)
 
 
