@@ -67,15 +67,25 @@ def get_config() -> ml_collections.ConfigDict:
     tr.keep_checkpoints = 2  # Checkpoints kept on disk (the final one is always kept).
     tr.log_every = 50  # Steps per loss/tokens-per-second log record (one device sync each).
 
-    # --- Featurize: per-example gradient -> V correction -> projection -> store (SPEC §2) ---
+    # --- Featurize: per-example gradient -> V correction -> projection -> store ---
     f = c.featurize = ml_collections.ConfigDict()
-    f.query_output_fn = "loss"  # "loss", "margin" or "logit" (SPEC §2.1).
+    f.query_output_fn = "loss"  # "loss", "margin" or "logit" (trackstar.gradients.output_loss).
     f.projection_mode = "global"  # "global" (summed Kronecker grid), "per_tensor", "dense".
     f.k_in = 64  # Kronecker input-side dim; d = k_in * k_out in "global" mode.
     f.k_out = 64
     f.dense_dim = 4096  # d in "dense" mode (tests / tiny models only).
     f.projection_seed = 0  # Seed of the projection matrices (regenerated, never stored).
-    f.eps = -1.0  # Correction epsilon; < 0 means the optimizer's eps.
+    f.eps = -1.0  # Correction epsilon; < 0 means the checkpoint's own train.eps (Adam only).
+    # V floor: before 1/sqrt, each element's v_hat is raised to >= v_floor * mean(v_hat) (mean
+    # over every parameter element), so no element weighs more than 1/sqrt(v_floor) = 100x an
+    # element of mean second moment. Without it a parameter training never moved (v = 0: the
+    # UNK embedding row, an attention key bias) gets 1/eps = 1e8 and dominates every vector
+    # touching it. 1e-4: on the tiny model (600 steps) it touches only those rows and the
+    # unembedding columns of never-predicted tokens, and leaves fact-tracing MRR unchanged;
+    # 1e-3 already lowers it. 0 = the plain formula. Recorded in each store.
+    f.v_floor = 1e-4
+    f.max_unk_frac = 0.5  # Warn about examples that are more than this share UNK (1 = never).
+    f.unk_error = False  # True: such mostly-UNK examples are an error instead of a warning.
     f.batch_size = 32  # Examples per jitted per-example-gradient call.
     f.chunk_size = 1024  # Rows per atomically committed store chunk.
     f.dtype = "float32"  # Store row dtype: "float32" or "bfloat16".

@@ -12,11 +12,14 @@ from toy_models import make_toy_gru
 
 from trackstar.correction import (
     CorrectionError,
+    CorrectionSettings,
     FactoredScale,
     PathMismatchError,
     dense,
     opt_state_fingerprint,
     preconditioner,
+    preconditioner_for,
+    settings_from,
 )
 from trackstar.gradients import output_loss
 from trackstar.tree import named_leaves
@@ -142,3 +145,103 @@ def test_fingerprint_is_stable_and_sensitive(adamw_run):
     assert len(fp) == 16 and fp == opt_state_fingerprint(copy.deepcopy(state))
     _, later = optax.adamw(1e-2, b2=B2).update(g, state, params)
     assert opt_state_fingerprint(later) != fp
+
+
+def _with_zero_row(state, path_keys, row):
+    """A copy of an adamw state whose nu is 0 on one row of one tensor (a never-updated row)."""
+    adam = state[0]
+    nu = jax.tree.map(lambda x: x, adam.nu)
+    node = nu
+    for k in path_keys[:-1]:
+        node = node[k]
+    node[path_keys[-1]] = node[path_keys[-1]].at[row].set(0.0)
+    return (adam._replace(nu=nu), *state[1:])
+
+
+def test_v_floor_bounds_a_never_updated_row_and_equals_the_formula(adamw_run):
+    params, state, _ = adamw_run
+    state = _with_zero_row(state, ["embed"], 3)  # e.g. the UNK input embedding
+    t = int(state[0].count)
+    v_hat = {p: np.asarray(v, np.float64) / (1 - B2**t) for p, v in named_leaves(state[0].nu)}
+    mean = np.mean(np.concatenate([v.ravel() for v in v_hat.values()]))
+
+    plain = preconditioner(state, params, eps=EPS, b2=B2)
+    assert_close(np.asarray(plain["embed"])[3], np.full(HIDDEN, 1 / EPS))  # 1e6 unguarded
+
+    floor = 1e-4
+    guarded = preconditioner(state, params, eps=EPS, b2=B2, v_floor=floor)
+    bound = 1 / np.sqrt(floor * mean)
+    assert np.max(np.asarray(guarded["embed"])[3]) <= bound * (1 + 1e-5)
+    assert bound < 1e-2 / EPS  # bounded far below 1/eps
+    for path, got in named_leaves(guarded):
+        want = 1.0 / (np.sqrt(np.maximum(v_hat[path], floor * mean)) + EPS)
+        assert_close(got, want, err_msg=path)
+    # Rows above the floor keep the plain factor exactly.
+    above = v_hat["gates/w"] > floor * mean
+    np.testing.assert_array_equal(
+        np.asarray(guarded["gates"]["w"])[above], np.asarray(plain["gates"]["w"])[above]
+    )
+    with pytest.raises(CorrectionError, match="v_floor"):
+        preconditioner(state, params, eps=EPS, b2=B2, v_floor=-1.0)
+
+
+def test_adafactor_v_floor_equals_the_dense_formula(model):
+    params, batches, grad_fn = model
+    opt = optax.adafactor(learning_rate=1e-2, min_dim_size_to_factor=4)
+    params, state, _ = _train(opt, params, batches, grad_fn)
+    # A never-updated token row of the (29 x 6) embedding: its statistic (in v_col, which
+    # spans the vocabulary axis) holds only Adafactor's eps, 1e-30.
+    fs = state[0]
+    assert fs.v_col["embed"].shape == (VOCAB,)
+    fs = fs._replace(v_col=dict(fs.v_col, embed=fs.v_col["embed"].at[3].set(1e-30)))
+    state = (fs, *state[1:])
+    plain = dense(preconditioner(state, params))
+    assert np.min(np.asarray(plain["embed"])[3]) > 1e12  # unguarded: ~ eps^-1/2
+    dense_v = {p: np.asarray(x, np.float64) ** -2 for p, x in named_leaves(plain)}
+    mean = np.mean(np.concatenate([v.ravel() for v in dense_v.values()]))
+    floor = 1e-4
+    guarded = preconditioner(state, params, v_floor=floor)
+    kinds = dict(named_leaves_keep_factored(guarded))
+    assert not isinstance(kinds["embed"], FactoredScale)  # floored values are not rank one
+    assert isinstance(kinds["out/w"], FactoredScale)  # nothing below the floor: kept factored
+    for path, got in named_leaves(dense(guarded)):
+        want = np.maximum(dense_v[path], floor * mean) ** -0.5
+        assert_close(got, want, rtol=1e-4, err_msg=path)
+    assert np.max(np.asarray(guarded["embed"])) <= (floor * mean) ** -0.5 * (1 + 1e-4)
+
+
+def test_settings_come_from_the_training_config_and_build_the_same_factor(adamw_run, model):
+    params, state, _ = adamw_run
+    train_config = {"optimizer": "adamw", "b2": B2, "eps": EPS, "lr": 1e-2}
+    s = settings_from(state, train_config, v_floor=1e-4)
+    assert s == CorrectionSettings("adamw", "adam", B2, EPS, 4, 1e-4)
+    assert s.to_dict() == {
+        "optimizer": "adamw",
+        "kind": "adam",
+        "b2": B2,
+        "eps": EPS,
+        "count": 4,
+        "v_floor": 1e-4,
+    }
+    assert settings_from(state, train_config, featurize_eps=1e-3).eps == 1e-3
+    got = preconditioner_for(s, state, params)
+    want = preconditioner(state, params, eps=EPS, b2=B2, v_floor=1e-4)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+    with pytest.raises(CorrectionError, match="'sgd'"):
+        settings_from(state, dict(train_config, optimizer="sgd"))
+    with pytest.raises(CorrectionError, match="adafactor.*adam moments"):
+        settings_from(state, dict(train_config, optimizer="adafactor"))
+    with pytest.raises(CorrectionError, match=r"\['b2'\]"):
+        settings_from(state, {"optimizer": "adamw", "eps": EPS})
+    # Settings are tied to the state they were read from (kind and step count).
+    later = (state[0]._replace(count=state[0].count + 1), *state[1:])
+    with pytest.raises(CorrectionError, match="step 4"):
+        preconditioner_for(s, later, params)
+
+    p, batches, grad_fn = model
+    _, fstate, _ = _train(optax.adafactor(1e-2, min_dim_size_to_factor=4), p, batches, grad_fn)
+    fs = settings_from(fstate, {"optimizer": "adafactor"})
+    assert (fs.kind, fs.b2, fs.eps, fs.count) == ("adafactor", None, None, 4)
+    with pytest.raises(CorrectionError, match="featurize.eps"):
+        settings_from(fstate, {"optimizer": "adafactor"}, featurize_eps=1e-8)

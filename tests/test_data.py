@@ -1,6 +1,7 @@
 """Training stream, example encoding and weight masks against explicit constructions."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -125,3 +126,32 @@ def test_world_helpers():
     assert stream.n_tokens == sum(len(T.encode(tok, t)) + 2 for t in D.corpus_texts(world))
     cand_tokens, _ = D.encode_texts(tok, D.candidate_texts(world), cfg.model.max_len)
     assert cand_tokens.shape == (len(world.candidates), cfg.model.max_len)
+
+
+def test_mostly_unknown_examples_are_named(tok):
+    # "zebra", "quux", "blorp" are not in the vocabulary: they encode as UNK.
+    texts = ["the cat sat .", "zebra quux blorp", "the zebra", "zebra quux the cat sat"]
+    with pytest.warns(D.MostlyUnknownWarning, match=r"1 text\(s\) of 4 .* positions \[1\]"):
+        tokens, _ = D.encode_texts(tok, texts, max_len=8)
+    assert (tokens[1, 1:4] == T.UNK).all()
+    # Exactly half ("the zebra") is not "mostly"; a lower threshold reports it too.
+    with pytest.warns(D.MostlyUnknownWarning, match=r"positions \[1, 2\]"):
+        D.encode_texts(tok, texts, max_len=8, max_unk_frac=0.4)
+    with pytest.raises(D.DataError, match=r"positions \[1\].*featurize.max_unk_frac"):
+        D.encode_texts(tok, texts, max_len=8, unk_error=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.encode_texts(tok, texts, max_len=8, max_unk_frac=1.0)  # 1.0 never reports
+        D.encode_texts(tok, texts[:1], max_len=8)
+    # Skipped examples keep their positions in the report and are not themselves checked.
+    too_long = "zebra quux blorp zebra quux blorp zebra quux"  # 9 tokens with BOS
+    with pytest.warns(D.MostlyUnknownWarning, match=r"of 4 .* positions \[2\]"):
+        D.encode_texts(tok, [too_long, *texts], 8, skip_too_long=True)
+
+
+def test_mostly_unknown_queries_count_prompt_and_target(tok):
+    prompts, targets = ["the cat sat on", "zebra quux"], ["a mat", "blorp"]
+    with pytest.warns(D.MostlyUnknownWarning, match=r"1 query\(s\) of 2 .* positions \[1\]"):
+        D.encode_queries(tok, prompts, targets, max_len=8)
+    with pytest.raises(D.DataError, match=r"positions \[1\]"):
+        D.encode_queries(tok, prompts, targets, max_len=8, unk_error=True)

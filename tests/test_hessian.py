@@ -10,13 +10,16 @@ from trackstar.hessian import (
     HessianError,
     HessianFit,
     crossing_component,
+    fit_from_moments,
     fit_hessian,
     gauss_newton,
     inverse,
     inverse_sqrt,
     mix_lambda,
     sample_rows,
+    source_meta,
 )
+from trackstar.store import StoreMeta, StoreMismatchError, VectorStore
 
 D = 12
 
@@ -211,3 +214,40 @@ def test_fit_hessian_dense_reference_save_load_and_mismatch(tmp_path):
     ]
     with pytest.raises(HessianError, match="mixed_inv_sqrt"):
         train_only.transform("mixed_inv_sqrt")
+
+
+def _real_store(path, u, seed=0, correction_settings=None):
+    meta = StoreMeta(
+        kind="train",
+        dim=u.shape[1],
+        dtype="float32",
+        num_examples=len(u),
+        chunk_size=len(u),
+        model_fingerprint="m",
+        optimizer_fingerprint="o",
+        projection={"mode": "global", "seed": seed, "dim": u.shape[1]},
+        output_fn="train",
+        correction="adam",
+        correction_settings=correction_settings or {"eps": 1e-8, "v_floor": 1e-4},
+    )
+    vs = VectorStore.create(str(path), meta)
+    vs.write_chunk(0, np.arange(len(u)), u)
+    vs.finalize()
+    return VectorStore.open(str(path))
+
+
+def test_fit_refuses_an_eval_store_featurized_another_way(tmp_path):
+    u_train, u_eval = _vectors(30, seed=1), _vectors(9, seed=2)
+    train = _real_store(tmp_path / "train", u_train)
+    fit_hessian(train, _real_store(tmp_path / "same", u_eval), _cfg(), D)  # compatible
+    other_seed = _real_store(tmp_path / "seed1", u_eval, seed=1)
+    with pytest.raises(StoreMismatchError, match=r"projection.seed: train=0, R_eval=1"):
+        fit_hessian(train, other_seed, _cfg(), D)
+    other_eps = _real_store(tmp_path / "eps", u_eval, correction_settings={"eps": 1e-3})
+    with pytest.raises(StoreMismatchError, match=r"correction_settings.eps"):
+        fit_hessian(train, other_eps, _cfg(), D)
+    # The sharded fit reduces R itself and hands the metadata to fit_from_moments.
+    R = u_train.astype(np.float64).T @ u_train / len(u_train)
+    prov = {"train_meta": source_meta(train), "eval_meta": source_meta(other_seed)}
+    with pytest.raises(StoreMismatchError, match=r"projection.seed"):
+        fit_from_moments(R, R, _cfg(), D, provenance=prov)

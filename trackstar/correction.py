@@ -1,19 +1,30 @@
-"""Optimizer second-moment correction ``g / (sqrt(v_hat) + eps)`` (SPEC §2.2).
+"""Optimizer second-moment correction ``g / (sqrt(v_hat) + eps)`` (docs/design.md).
 
 ``preconditioner(opt_state, params, ...)`` returns a pytree with the params' paths whose leaves
 are the elementwise factor the gradient is multiplied by:
 
 - Adam / AdamW (optax ``ScaleByAdamState`` anywhere in the state):
-  ``1 / (sqrt(nu / (1 - b2^t)) + eps)``, ``t`` the state's step count.
+  ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)`` with ``v_hat = nu / (1 - b2^t)``,
+  ``t`` the state's step count and ``mean`` over every parameter element (``v_floor = 0``: the
+  plain formula).
 - Adafactor (optax ``FactoredState`` from ``scale_by_factored_rms``): exactly the factor optax
   divides the gradient by, using the stored moments. Factored leaves stay factored
   (``FactoredScale``: a row and a column factor), so a projector can fold them into its
   Kronecker factors; ``dense()`` expands them for tests.
+
+The settings a correction depends on (optimizer kind, b2, eps, step count, V floor) come from
+one place, ``settings_from``, which reads them from the checkpoint's own training config and
+optimizer state; ``preconditioner_for(settings, ...)`` builds the factor from them, and the
+settings' ``to_dict()`` is what a vector store records, so a store is never a mix of two
+corrections.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -141,8 +152,140 @@ def _count(state: Any) -> int:
     return t
 
 
+# train.optimizer -> the moment-state kind its correction reads (StoreMeta.correction).
+OPTIMIZER_KINDS = {"adamw": "adam", "adafactor": "adafactor"}
+_STATE_KINDS = {"adam": "adam", "factored": "adafactor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionSettings:
+    """Everything the correction of one checkpoint depends on besides the moments themselves.
+
+    Built only by ``settings_from`` (from the checkpoint's own training config and optimizer
+    state), recorded by every store as ``StoreMeta.correction_settings`` (``to_dict``), and
+    turned into the factor by ``preconditioner_for``, so the vectors of a store, the store's
+    metadata and a tail-patch step all use one set of numbers.
+    """
+
+    optimizer: str  # The checkpoint's train.optimizer: "adamw" or "adafactor".
+    kind: str  # The moment kind: "adam" or "adafactor" (StoreMeta.correction).
+    b2: float | None  # Adam's bias-correction decay; None for Adafactor.
+    eps: float | None  # The correction's epsilon (Adam only; Adafactor's is in its moments).
+    count: int  # The moment state's step count t (Adam's bias correction 1 - b2^t).
+    v_floor: float  # The V floor relative to mean(v) (``preconditioner``); 0 = off.
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (what a store records)."""
+        return dataclasses.asdict(self)
+
+
+def settings_from(
+    opt_state: Any,
+    train_config: Mapping,
+    *,
+    featurize_eps: float = -1.0,
+    v_floor: float = 0.0,
+) -> CorrectionSettings:
+    """The effective correction settings of a checkpoint.
+
+    Args:
+      opt_state: the checkpoint's optimizer state (its moment kind and step count are read).
+      train_config: the ``train`` config the checkpoint was trained with (the ``train_config``
+        of its metadata, ``trackstar.checkpoint.read_meta``), not the current config: the
+        optimizer that made the moments defines how they are read.
+      featurize_eps: the correction epsilon when >= 0; < 0 means the optimizer's own
+        ``train_config["eps"]`` (Adam only).
+      v_floor: the V floor (see ``preconditioner``), recorded so stores with other floors
+        are told apart.
+
+    Raises:
+      CorrectionError: an unknown optimizer, a moment state of another kind than the config
+        says, a missing b2/eps, a state before its first update, or a bad ``v_floor``.
+    """
+    optimizer = str(train_config.get("optimizer", "adamw"))
+    if optimizer not in OPTIMIZER_KINDS:
+        raise CorrectionError(
+            f"the checkpoint was trained with optimizer {optimizer!r}, which has no known "
+            f"second-moment correction; the correction supports {sorted(OPTIMIZER_KINDS)}"
+        )
+    kind = OPTIMIZER_KINDS[optimizer]
+    state_kind, state = _single_state(opt_state)
+    if _STATE_KINDS[state_kind] != kind:
+        raise CorrectionError(
+            f"the checkpoint's train config says optimizer {optimizer!r} but its optimizer "
+            f"state holds {_STATE_KINDS[state_kind]} moments; the checkpoint is inconsistent, "
+            "restore params, opt_state and meta from one checkpoint step"
+        )
+    count = _count(state)
+    v_floor = _check_v_floor(v_floor)
+    if kind != "adam":
+        if featurize_eps >= 0:
+            raise CorrectionError(
+                f"featurize.eps = {featurize_eps} sets Adam's correction epsilon, but the "
+                "checkpoint was trained with adafactor, whose epsilon is inside its stored "
+                "moments (train.adafactor_eps); set featurize.eps = -1"
+            )
+        return CorrectionSettings(optimizer, kind, None, None, count, v_floor)
+    missing = [k for k in ("b2", "eps") if k not in train_config]
+    if missing:
+        raise CorrectionError(
+            f"the checkpoint's train config has no {missing}; an Adam correction needs the "
+            "b2 and eps the optimizer ran with (retrain with this trackstar version)"
+        )
+    b2 = float(train_config["b2"])
+    eps = float(featurize_eps) if featurize_eps >= 0 else float(train_config["eps"])
+    if not 0.0 <= b2 < 1.0:
+        raise CorrectionError(f"the checkpoint's train.b2 = {b2}; it must be in [0, 1)")
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise CorrectionError(f"correction eps = {eps}; it must be a finite number >= 0")
+    return CorrectionSettings(optimizer, kind, b2, eps, count, v_floor)
+
+
+def preconditioner_for(settings: CorrectionSettings, opt_state: Any, params: PyTree) -> PyTree:
+    """``preconditioner`` with the numbers of ``settings`` (from ``settings_from``).
+
+    Raises ``CorrectionError`` when ``opt_state`` is not the state the settings were read from
+    (another moment kind or step count), so settings cannot be paired with another checkpoint.
+    """
+    state_kind, state = _single_state(opt_state)
+    count = _count(state)
+    if _STATE_KINDS[state_kind] != settings.kind or count != settings.count:
+        raise CorrectionError(
+            f"the correction settings were read from a {settings.kind} state at step "
+            f"{settings.count}, but this opt_state holds {_STATE_KINDS[state_kind]} moments at "
+            f"step {count}; build the settings from this checkpoint with settings_from"
+        )
+    return preconditioner(opt_state, params, settings.eps, b2=settings.b2, v_floor=settings.v_floor)
+
+
+def _single_state(opt_state: Any) -> tuple[str, Any]:
+    states = find_moment_states(opt_state)
+    if len(states) != 1:
+        kinds = [k for k, _ in states]
+        raise CorrectionError(
+            f"expected one Adam or Adafactor moment state in opt_state, found {len(states)} "
+            f"({kinds}); pass the state of a single adam/adamw/adafactor optimizer"
+        )
+    return states[0]
+
+
+def _check_v_floor(v_floor: float) -> float:
+    v_floor = float(v_floor)
+    if not (math.isfinite(v_floor) and v_floor >= 0.0):
+        raise CorrectionError(
+            f"v_floor = {v_floor}; it must be a finite number >= 0 (0 disables the guard; "
+            "config field featurize.v_floor)"
+        )
+    return v_floor
+
+
 def preconditioner(
-    opt_state: Any, params: PyTree, eps: float | None = None, *, b2: float | None = None
+    opt_state: Any,
+    params: PyTree,
+    eps: float | None = None,
+    *,
+    b2: float | None = None,
+    v_floor: float = 0.0,
 ) -> PyTree:
     """The optimizer correction factor, a pytree with the same paths as ``params``.
 
@@ -153,32 +296,54 @@ def preconditioner(
       eps: Adam's ``eps`` (pass the optimizer's; required for Adam). Unused for Adafactor,
         whose epsilon is already inside the stored moments.
       b2: Adam's ``b2`` for bias correction (required for Adam; the state does not record it).
+      v_floor: guard against parameters the optimizer never moved. Every element's second
+        moment is raised to at least ``v_floor * mean(v)``, the mean taken over every element
+        of every parameter, before the inverse square root. A parameter whose gradient was
+        always zero in training (an input embedding row of a token the corpus never has, such
+        as UNK; an attention key bias, whose gradient vanishes identically) has ``v = 0`` and,
+        without the guard, a factor ``1 / eps`` (1e8 for eps = 1e-8): one such row then
+        dominates every vector that touches it, and float32 rounding noise on a zero-gradient
+        bias is amplified into a visible share of every vector. With the guard no element is
+        weighted more than ``1 / sqrt(v_floor)`` times an element of mean second moment. The
+        mean (not a per-tensor scale) is used because a tensor can be zero-gradient as a
+        whole. 0 disables the guard (the plain formula). For Adafactor the same floor is
+        applied to the (dense) second moment optax divides by; a factored tensor with any
+        element below the floor is returned dense (the floored values are not rank one),
+        the others stay factored.
 
     Returns:
-      Adam: arrays ``1 / (sqrt(nu / (1 - b2^t)) + eps)``. Adafactor: ``FactoredScale`` for
-      factored tensors and arrays ``v^-1/2`` for the rest.
+      Adam: arrays ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)``. Adafactor:
+      ``FactoredScale`` for factored tensors and arrays ``max(v, floor)^-1/2`` for the rest.
     """
-    states = find_moment_states(opt_state)
-    if len(states) != 1:
-        kinds = [k for k, _ in states]
-        raise CorrectionError(
-            f"expected one Adam or Adafactor moment state in opt_state, found {len(states)} "
-            f"({kinds}); pass the state of a single adam/adamw/adafactor optimizer"
-        )
-    kind, state = states[0]
+    kind, state = _single_state(opt_state)
+    v_floor = _check_v_floor(v_floor)
     if kind == "adam":
-        return _adam_preconditioner(state, params, eps, b2)
-    return _factored_preconditioner(state, params)
+        return _adam_preconditioner(state, params, eps, b2, v_floor)
+    return _factored_preconditioner(state, params, v_floor)
 
 
 second_moment = preconditioner  # the name docs/design.md uses
 
 
-def _adam_preconditioner(state: Any, params: PyTree, eps: float | None, b2: float | None):
+def _global_mean(leaves: Iterable[jax.Array]) -> float:
+    """Mean over every element of every leaf, summed leaf by leaf on device in float32 and
+    across leaves in float64 on the host (a float32 running sum over many leaves drifts).
+    ``leaves`` is consumed one at a time, so a generator keeps one leaf alive at once."""
+    total, count = 0.0, 0
+    for x in leaves:
+        total += float(jnp.sum(x))
+        count += int(np.prod(np.shape(x)))
+    return total / max(count, 1)
+
+
+def _adam_preconditioner(
+    state: Any, params: PyTree, eps: float | None, b2: float | None, v_floor: float
+):
     if b2 is None or eps is None:
         raise CorrectionError(
-            "an Adam state needs the optimizer's b2 (bias correction) and eps: pass "
-            "b2=cfg.train.b2, eps=cfg.train.eps"
+            "an Adam state needs the optimizer's b2 (bias correction) and eps: build the "
+            "correction with settings_from(opt_state, train_config) and preconditioner_for, "
+            "or pass b2= and eps= explicitly"
         )
     if not 0.0 <= b2 < 1.0:
         raise CorrectionError(f"b2 must be in [0, 1), got {b2}")
@@ -187,32 +352,40 @@ def _adam_preconditioner(state: Any, params: PyTree, eps: float | None, b2: floa
     t = _count(state)
     denom_scale = 1.0 / (1.0 - float(b2) ** t)
 
-    def factor(path: str, p: Any) -> jax.Array:
+    v_hats: dict[str, jax.Array] = {}
+    for path, p in named_leaves(params):
         v = moments[path]
         if np.shape(v) != np.shape(p):
             raise PathMismatchError(
                 f"nu for {path!r} has shape {np.shape(v)}, params {np.shape(p)}"
             )
-        v_hat = jnp.asarray(v, jnp.float32) * denom_scale
+        v_hats[path] = jnp.asarray(v, jnp.float32) * denom_scale
+    floor = v_floor * _global_mean(list(v_hats.values())) if v_floor > 0 else 0.0
+
+    def factor(path: str, p: Any) -> jax.Array:
+        v_hat = v_hats[path]
+        if floor > 0:
+            v_hat = jnp.maximum(v_hat, floor)
         return 1.0 / (jnp.sqrt(v_hat) + eps)
 
     return _map_with_path(factor, params)
 
 
-def _factored_preconditioner(state: Any, params: PyTree):
+def _factored_preconditioner(state: Any, params: PyTree, v_floor: float):
     _count(state)
     v_rows = _check_paths(params, _field(state, "v_row"), "v_row")
     v_cols = _check_paths(params, _field(state, "v_col"), "v_col")
     vs = _check_paths(params, _field(state, "v"), "v")
 
-    def factor(path: str, p: Any):
+    def second_moment_of(path: str, p: Any) -> jax.Array | FactoredScale:
+        """The divisor's square: an array, or a FactoredScale whose dense() is that array."""
         shape = tuple(np.shape(p))
         v = jnp.asarray(vs[path], jnp.float32)
         # optax keeps a full v exactly for the tensors it does not factor.
         if len(shape) < 2 or tuple(v.shape) == shape:
             if tuple(v.shape) != shape:
                 raise PathMismatchError(f"v for {path!r} has shape {v.shape}, params {shape}")
-            return v**-0.5
+            return v
         # Same axis choice as optax.scale_by_factored_rms (_factored_dims).
         sorted_dims = np.argsort(shape)
         d1, d0 = int(sorted_dims[-2]), int(sorted_dims[-1])
@@ -227,7 +400,24 @@ def _factored_preconditioner(state: Any, params: PyTree):
             )
         reduced_d1 = d1 - 1 if d1 > d0 else d1
         row_col_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
-        return FactoredScale((v_row / row_col_mean) ** -0.5, v_col**-0.5, d0, d1)
+        return FactoredScale(v_row / row_col_mean, v_col, d0, d1)
+
+    moments = {path: second_moment_of(path, p) for path, p in named_leaves(params)}
+    floor = 0.0
+    if v_floor > 0:
+        floor = v_floor * _global_mean(
+            m.dense() if isinstance(m, FactoredScale) else m for m in moments.values()
+        )
+
+    def factor(path: str, p: Any):
+        m = moments[path]
+        if not isinstance(m, FactoredScale):
+            return jnp.maximum(m, floor) ** -0.5 if floor > 0 else m**-0.5
+        if floor > 0:
+            full = m.dense()
+            if float(jnp.min(full)) < floor:
+                return jnp.maximum(full, floor) ** -0.5
+        return FactoredScale(m.row**-0.5, m.col**-0.5, m.d0, m.d1)
 
     return _map_with_path(factor, params)
 

@@ -9,17 +9,26 @@ devices.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from trackstar.tokenizer import BOS, EOS, PAD
+from trackstar.tokenizer import BOS, EOS, PAD, UNK
 from trackstar.world import World
 
 
 class DataError(ValueError):
     """Examples or a stream that cannot be built as asked; the message says how to fix it."""
+
+
+class MostlyUnknownWarning(UserWarning):
+    """Examples whose tokens are mostly UNK (out of the tokenizer's vocabulary)."""
+
+
+# Default of ``max_unk_frac``: warn about examples that are *mostly* UNK, i.e. more than half.
+MAX_UNK_FRAC = 0.5
 
 
 def _encode_many(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -117,15 +126,68 @@ def _check_lengths(
     return kept
 
 
+def check_unknown(
+    ids: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    what: str,
+    max_unk_frac: float = MAX_UNK_FRAC,
+    unk_error: bool = False,
+) -> list[int]:
+    """Positions of the examples whose share of UNK tokens exceeds ``max_unk_frac``.
+
+    A word the tokenizer does not know becomes UNK, whose input embedding the training corpus
+    never updates; an example made mostly of UNK then has a gradient that describes the UNK
+    embedding rather than its text (and, without the correction's V floor, a vector norm
+    orders of magnitude above the others). Such examples are reported by position: a
+    ``MostlyUnknownWarning``, or with ``unk_error`` a ``DataError``.
+
+    Args:
+      ids: the token ids (no specials) of each example, indexed by position.
+      positions: the positions to check (e.g. the examples that were kept).
+      what: "text" or "query", for the message.
+      max_unk_frac: the largest share of UNK tokens an example may have without a report
+        (0.5: report examples that are mostly UNK; 1.0 never reports).
+      unk_error: raise instead of warning.
+    """
+    if not 0.0 <= max_unk_frac <= 1.0:
+        raise DataError(f"max_unk_frac = {max_unk_frac}; it must be in [0, 1] (1 disables)")
+    bad = [
+        int(i)
+        for i in positions
+        if ids[i] and sum(t == UNK for t in ids[i]) > max_unk_frac * len(ids[i])
+    ]
+    if bad:
+        shown = ", ".join(map(str, bad[:20])) + (
+            f", ... ({len(bad)} in all)" if len(bad) > 20 else ""
+        )
+        message = (
+            f"{len(bad)} {what}(s) of {len(positions)} are more than {max_unk_frac:.0%} UNK "
+            f"tokens (words outside the tokenizer's vocabulary), at positions [{shown}]; their "
+            "gradients describe the UNK embedding, not the text. Fix those texts or the "
+            "tokenizer, or raise featurize.max_unk_frac"
+        )
+        if unk_error:
+            raise DataError(message)
+        warnings.warn(message, MostlyUnknownWarning, stacklevel=3)
+    return bad
+
+
 def encode_texts(
-    tok: Tokenizer, texts: Sequence[str], max_len: int, skip_too_long: bool = False
+    tok: Tokenizer,
+    texts: Sequence[str],
+    max_len: int,
+    skip_too_long: bool = False,
+    *,
+    max_unk_frac: float = MAX_UNK_FRAC,
+    unk_error: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Encodes texts as ``[BOS] + ids``, right padded, weights 1 on the text's tokens.
 
     Returns ``(tokens_NxT, weights_NxT)`` with ``T = max_len``. A text longer than
     ``max_len`` (with BOS) or with no tokens is an error naming its index; with
     ``skip_too_long=True`` such texts are left out and ``(tokens, weights, kept_indices)`` is
-    returned.
+    returned. Texts that are more than ``max_unk_frac`` UNK tokens are reported by position
+    (``check_unknown``: a warning, or with ``unk_error`` an error).
     """
     ids = _encode_many(tok, texts)
     empty = [i for i, x in enumerate(ids) if not x]
@@ -133,6 +195,7 @@ def encode_texts(
         raise DataError(f"text {empty[0]} has no tokens; remove it or pass skip_too_long=True")
     lengths = [1 + len(x) if x else max_len + 1 for x in ids]
     kept = _check_lengths(lengths, max_len, skip_too_long, "text")
+    check_unknown(ids, kept, "text", max_unk_frac, unk_error)
     tokens_NxT = np.full((len(kept), max_len), PAD, dtype=np.int32)
     weights_NxT = np.zeros((len(kept), max_len), dtype=np.float32)
     for row, i in enumerate(kept):
@@ -151,11 +214,15 @@ def encode_queries(
     targets: Sequence[str],
     max_len: int,
     skip_too_long: bool = False,
+    *,
+    max_unk_frac: float = MAX_UNK_FRAC,
+    unk_error: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Encodes queries as ``[BOS] + prompt + target``, weights 1 only on the target tokens.
 
-    Returns ``(tokens_NxT, weights_NxT)``; errors and ``skip_too_long`` as in
-    ``encode_texts`` (an empty target is a bad query).
+    Returns ``(tokens_NxT, weights_NxT)``; errors, ``skip_too_long`` and the UNK report
+    (over prompt and target tokens together) as in ``encode_texts`` (an empty target is a
+    bad query).
     """
     if len(prompts) != len(targets):
         raise DataError(f"{len(prompts)} prompts but {len(targets)} targets; pass equal lists")
@@ -166,6 +233,8 @@ def encode_queries(
         raise DataError(f"query {empty[0]} has an empty target; remove it or skip_too_long=True")
     lengths = [1 + len(p) + len(t) if t else max_len + 1 for p, t in zip(p_ids, t_ids, strict=True)]
     kept = _check_lengths(lengths, max_len, skip_too_long, "query")
+    both = [p + t for p, t in zip(p_ids, t_ids, strict=True)]
+    check_unknown(both, kept, "query", max_unk_frac, unk_error)
     tokens_NxT = np.full((len(kept), max_len), PAD, dtype=np.int32)
     weights_NxT = np.zeros((len(kept), max_len), dtype=np.float32)
     for row, i in enumerate(kept):

@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from trackstar import score, sharding, stages, store
+from trackstar import score, sharding, stages
 
 
 def stage_featurize_distributed(
@@ -57,7 +57,12 @@ def stage_hessian_distributed(
     """``stages.stage_hessian`` with both Gauss-Newton sums reduced over the global mesh."""
     mesh = sharding.mesh_from_config(cfg.mesh)
     train_store = stages.open_store(stages.store_path(cfg, candidates, corrected))
-    eval_store = stages.open_store(stages.store_path(cfg, cfg.hessian.eval_source, corrected))
+    # Checked before the sharded reductions (fit_from_moments checks again after them).
+    eval_store = stages.open_store(
+        stages.store_path(cfg, cfg.hessian.eval_source, corrected),
+        train_store.meta,
+        ("train", "R_eval"),
+    )
     fit = sharding.fit_hessian_sharded(
         train_store,
         eval_store,
@@ -87,8 +92,9 @@ def stage_score_distributed(
     spec = score.get_preset(preset)
     mesh = sharding.mesh_from_config(cfg.mesh)
     train_store = stages.open_store(stages.store_path(cfg, candidates, spec.corrected))
-    query_store = stages.open_store(stages.store_path(cfg, "task", spec.corrected))
-    store.check_compatible(train_store.meta, query_store.meta)
+    query_store = stages.open_store(
+        stages.store_path(cfg, "task", spec.corrected), train_store.meta, ("train", "query")
+    )
     fit = None
     if spec.hessian != "none":
         fit = hessian.HessianFit.load(stages.hessian_path(cfg, candidates, spec.corrected))

@@ -240,6 +240,7 @@ def make_setup(
         query_weights_QxT=np.asarray(queries.weights_NxT),
         correct_Q=correct.astype(bool),
         buckets_Q=np.array([q.bucket for q in trained.world.task_queries]),
+        # The checkpoint's correction settings (stages.correction_settings), as in featurize.
         precond=stages.make_preconditioner(cfg, trained),
         lr=lr,
         tokens_per_batch=tokens_per_batch,
@@ -813,7 +814,12 @@ def run_e3(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
     def read(corrected: bool, which: str) -> np.ndarray:
         if (corrected, which) not in vectors:
-            st = stages.open_store(stages.store_path(cfg, which, corrected))
+            # The sub-grid vectors go into R and scores as plain arrays, which carry no
+            # metadata to check later: every store must match the candidate store here.
+            ref = stages.open_store(stages.store_path(cfg, "candidates", corrected))
+            st = stages.open_store(
+                stages.store_path(cfg, which, corrected), ref.meta, ("candidates", which)
+            )
             vectors[(corrected, which)] = np.asarray(st.read_all()[1], np.float32)
         return vectors[(corrected, which)]
 

@@ -1,4 +1,4 @@
-"""Gauss-Newton Hessian approximation on projected vectors and its inverse roots (SPEC §2.5).
+"""Gauss-Newton Hessian approximation on projected vectors and its inverse roots.
 
 R_train is the mean of u uᵀ over a deterministic sample of training vectors, R_eval the mean over
 query (task) vectors, and R = λ R_eval + (1 − λ) R_train. Scoring applies R^{-1/2} (or, for the
@@ -22,13 +22,21 @@ from typing import Any
 
 import numpy as np
 
+from trackstar import store
 from trackstar.files import atomic_write
 
 SCHEMA_VERSION = 1
 # Names of the d×d transforms a fit can carry; score.py picks the one its preset needs.
 TRANSFORM_NAMES = ("train_inv_sqrt", "train_inv", "mixed_inv_sqrt")
 # Store-metadata keys that identify the vector space; a fit is valid only for stores that agree.
-_IDENTITY_KEYS = ("dim", "model_fingerprint", "optimizer_fingerprint", "projection", "correction")
+_IDENTITY_KEYS = (
+    "dim",
+    "model_fingerprint",
+    "optimizer_fingerprint",
+    "projection",
+    "correction",
+    "correction_settings",
+)
 
 
 class HessianError(ValueError):
@@ -437,6 +445,31 @@ def _eval_moments(source: Any, rows_per_step: int | None) -> tuple[np.ndarray, n
     return R_DxD, eigs, n
 
 
+def _as_store_meta(meta: Any) -> store.StoreMeta | None:
+    """``meta`` as a ``StoreMeta`` when it is store metadata (an object or its dict form)."""
+    if isinstance(meta, store.StoreMeta):
+        return meta
+    if isinstance(meta, Mapping) and "schema_version" in meta:
+        return store.StoreMeta.from_dict(dict(meta))
+    return None
+
+
+def check_sources_compatible(train_meta: Any, eval_meta: Any) -> None:
+    """Refuses an R_eval source featurized unlike the train source.
+
+    Both are store metadata (``StoreMeta`` or its dict, e.g. from ``source_meta``) or None;
+    when both are store metadata they must pass ``store.check_compatible`` (model, optimizer
+    state, every projection field, correction and its settings, dim). Sources without
+    metadata (plain arrays) are checked on dimension alone, by the fit itself.
+
+    Raises:
+      store.StoreMismatchError: naming each differing field with both values.
+    """
+    train, other = _as_store_meta(train_meta), _as_store_meta(eval_meta)
+    if train is not None and other is not None:
+        store.check_compatible(train, other, names=("train", "R_eval"))
+
+
 def cfg_get(cfg: Any, key: str, default: Any) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
@@ -478,6 +511,12 @@ def fit_hessian(
     n_sample = int(cfg_get(cfg_hessian, "train_sample", 0))
     seed = int(cfg_get(cfg_hessian, "sample_seed", 0))
 
+    if eval_vectors is not None:
+        # Before any vector is read: an R_eval made with another projection, checkpoint or
+        # correction would be mixed into R without an error otherwise.
+        check_sources_compatible(
+            getattr(train_chunks, "meta", None), getattr(eval_vectors, "meta", None)
+        )
     prov: dict[str, Any] = dict(provenance or {})
     for key, src in (("train_meta", train_chunks), ("eval_meta", eval_vectors)):
         meta = source_meta(src) if src is not None else None
@@ -530,8 +569,13 @@ def fit_from_moments(
     """λ, the damped eigendecompositions and the scoring transforms from R_train and R_eval.
 
     Shared by the single-host fit and the sharded one (``trackstar.sharding``), which differ
-    only in how the Gauss-Newton sums are accumulated.
+    only in how the Gauss-Newton sums are accumulated. Store metadata recorded in
+    ``provenance`` (``train_meta`` / ``eval_meta``) must pass ``check_sources_compatible``, so
+    every fit refuses an R_eval store featurized unlike the train store.
     """
+    prov_in = provenance or {}
+    if R_eval is not None:
+        check_sources_compatible(prov_in.get("train_meta"), prov_in.get("eval_meta"))
     damping = float(cfg_get(cfg_hessian, "damping", 0.1))
     rule = cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
     crossing = float(cfg_get(cfg_hessian, "crossing_per_65536", 1000))

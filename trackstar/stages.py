@@ -294,32 +294,99 @@ def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]
     """``(examples, output_fn, kind)`` for one of ``EXAMPLE_SETS``.
 
     An example that is empty or longer than the model's context is an error naming it, or with
-    ``featurize.skip_bad_examples`` is skipped and listed in the store's metadata.
+    ``featurize.skip_bad_examples`` is skipped and listed in the store's metadata. Examples
+    that are more than ``featurize.max_unk_frac`` UNK tokens are named in a warning, or with
+    ``featurize.unk_error`` in an error.
     """
     w, tok, max_len = trained.world, trained.tok, cfg.model.max_len
     skip = bool(cfg.featurize.skip_bad_examples)
+    # Mostly-UNK examples: a warning naming them, or an error (featurize.unk_error).
+    unk = {
+        "max_unk_frac": float(cfg.featurize.max_unk_frac),
+        "unk_error": bool(cfg.featurize.unk_error),
+    }
     if which in ("candidates", "corpus"):
         if which == "candidates":
             texts = data.candidate_texts(w)
         else:
             texts = [p.text for p in corpus_passages(w, tok, max_len)]
-        ex = _encoded(lambda s: data.encode_texts(tok, texts, max_len, s), len(texts), skip)
+        ex = _encoded(lambda s: data.encode_texts(tok, texts, max_len, s, **unk), len(texts), skip)
         return ex, "train", "train"
     if which in ("task", "heldout"):
         qs = w.task_queries if which == "task" else w.heldout_queries
         prompts, targets = [q.prompt for q in qs], [q.target for q in qs]
         ex = _encoded(
-            lambda s: data.encode_queries(tok, prompts, targets, max_len, s), len(qs), skip
+            lambda s: data.encode_queries(tok, prompts, targets, max_len, s, **unk),
+            len(qs),
+            skip,
         )
         return ex, cfg.featurize.query_output_fn, "query"
     raise StageError(f"unknown example set {which!r}; choose one of {EXAMPLE_SETS}")
 
 
+# Train fields the correction reads from the checkpoint's own training config (b2 and eps only
+# for AdamW); cfg.train must agree with the checkpoint on them (see checkpoint_train_config).
+_CORRECTION_TRAIN_FIELDS = {"adamw": ("optimizer", "b2", "eps"), "adafactor": ("optimizer",)}
+
+
+def checkpoint_train_config(cfg, step: int | None = None) -> dict:
+    """The ``train`` config the run's checkpoint (latest, or ``step``) was trained with.
+
+    The correction is defined by the optimizer that produced the moments, so it is read from
+    the checkpoint's metadata, never from ``cfg.train``. When ``cfg.train`` disagrees with the
+    checkpoint on a field the correction reads (optimizer; b2 and eps for AdamW) this refuses
+    instead of silently picking one: the config then does not describe the checkpoint, and
+    other users of ``cfg.train`` (the tail-patch step, its learning rate) would be wrong.
+    To change only the correction epsilon use ``featurize.eps``.
+
+    Raises:
+      StageError: the checkpoint has no training config, or ``cfg.train`` contradicts it.
+    """
+    ckpt_dir = path(cfg, "checkpoints")
+    meta = checkpoint.read_meta(ckpt_dir, step)
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):
+        raise StageError(
+            f"the checkpoint at step {meta.get('step')} in {ckpt_dir} records no train_config, "
+            "so its optimizer correction cannot be pinned; retrain with this trackstar version"
+        )
+    optimizer = saved.get("optimizer", "adamw")
+    fields = _CORRECTION_TRAIN_FIELDS.get(optimizer, ("optimizer",))
+    current = cfg.train.to_dict()
+    diffs = [
+        f"train.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+        for k in fields
+        if saved.get(k, "adamw" if k == "optimizer" else None) != current.get(k)
+    ]
+    if diffs:
+        raise StageError(
+            f"the config's train section contradicts the checkpoint in {ckpt_dir} on what the "
+            f"optimizer correction reads ({'; '.join(diffs)}); featurize with the train "
+            "settings the checkpoint was trained with (set featurize.eps to change only the "
+            "correction epsilon), or train a new run_dir"
+        )
+    return saved
+
+
 def correction_kind(cfg, corrected: bool) -> str:
-    """The store's ``correction`` field: the optimizer's moment kind, or "none"."""
+    """The store's ``correction`` field: the checkpoint's moment kind, or "none".
+
+    The optimizer is the checkpoint's own (``checkpoint_train_config``); a run directory
+    without checkpoints (scoring stores made elsewhere) falls back to ``cfg.train.optimizer``.
+    An optimizer without a known correction is refused.
+    """
     if not corrected:
         return "none"
-    return "adam" if cfg.train.optimizer == "adamw" else "adafactor"
+    if checkpoint.latest_step(path(cfg, "checkpoints")) is not None:
+        optimizer = checkpoint_train_config(cfg).get("optimizer", "adamw")
+    else:
+        optimizer = cfg.train.optimizer
+    if optimizer not in correction.OPTIMIZER_KINDS:
+        raise StageError(
+            f"optimizer {optimizer!r} has no known second-moment correction; corrected stores "
+            f"need one of {sorted(correction.OPTIMIZER_KINDS)} (or use an uncorrected preset)"
+        )
+    return correction.OPTIMIZER_KINDS[optimizer]
 
 
 def _tagged(name: str, *tags: str) -> str:
@@ -337,9 +404,28 @@ def make_projector(cfg, params) -> Projector:
     return Projector(params, f.projection_mode, f.k_in, f.k_out, f.projection_seed, f.dense_dim)
 
 
-def make_preconditioner(cfg, trained: Trained):
-    eps = cfg.featurize.eps if cfg.featurize.eps >= 0 else cfg.train.eps
-    return correction.preconditioner(trained.opt_state, trained.params, eps, b2=cfg.train.b2)
+def correction_settings(cfg, trained: Trained) -> correction.CorrectionSettings:
+    """The effective correction of ``trained``'s checkpoint: optimizer, b2, eps and step count
+    from the checkpoint (``checkpoint_train_config`` and the moment state), the epsilon
+    override ``featurize.eps`` and the guard ``featurize.v_floor`` from ``cfg``."""
+    return correction.settings_from(
+        trained.opt_state,
+        checkpoint_train_config(cfg, trained.step),
+        featurize_eps=float(cfg.featurize.eps),
+        v_floor=float(cfg.featurize.v_floor),
+    )
+
+
+def make_preconditioner(
+    cfg, trained: Trained, settings: correction.CorrectionSettings | None = None
+) -> Any:
+    """The correction factor of ``trained`` from ``correction_settings`` (or ``settings``).
+
+    Featurize and the tail-patch step both build their factor here, so a store's vectors and
+    the training step that evaluates them use the same numbers.
+    """
+    settings = settings or correction_settings(cfg, trained)
+    return correction.preconditioner_for(settings, trained.opt_state, trained.params)
 
 
 @dataclasses.dataclass
@@ -351,6 +437,8 @@ class FeaturizeJob:
     projector: Projector
     preconditioner: Any
     store: store.VectorStore
+    feature_fn: Any  # make_feature_fn(...) of this job (built before the store, see below)
+    settings: correction.CorrectionSettings | None  # None for an uncorrected store
 
 
 def prepare_featurize(
@@ -363,11 +451,18 @@ def prepare_featurize(
     """Encodes the example set and creates its store with the metadata that identifies it.
 
     Single-process and distributed featurize share this, so either can resume the other's
-    partial store, and a store made another way is refused by ``VectorStore.create``.
+    partial store, and a store made another way is refused by ``VectorStore.create``. The
+    store records the effective correction settings (``correction_settings``), so a resume
+    with another b2, eps, step or V floor is refused instead of mixing two corrections.
+    Everything that can reject the job (the examples, the correction, the output function)
+    is built before the store is created, so a bad setting leaves no store behind whose
+    metadata would block the corrected rerun.
     """
     examples, output_fn, kind = examples_for(cfg, trained, which)
     projector = make_projector(cfg, trained.params)
-    precond = make_preconditioner(cfg, trained) if corrected else None
+    settings = correction_settings(cfg, trained) if corrected else None
+    precond = make_preconditioner(cfg, trained, settings) if corrected else None
+    feature_fn = make_feature_fn(trained.apply_fn, output_fn, projector, precond)
     meta = store.StoreMeta(
         kind=kind,
         dim=projector.dim,
@@ -378,11 +473,12 @@ def prepare_featurize(
         optimizer_fingerprint=correction.opt_state_fingerprint(trained.opt_state),
         projection=projector.config(),
         output_fn=output_fn,
-        correction=correction_kind(cfg, corrected),
-        extra={"example_set": which, "eps": cfg.featurize.eps},
+        correction=settings.kind if settings else "none",
+        correction_settings=settings.to_dict() if settings else {},
+        extra={"example_set": which},
     )
     vs = store.VectorStore.create(store_path(cfg, which, corrected, tag), meta)
-    return FeaturizeJob(examples, output_fn, projector, precond, vs)
+    return FeaturizeJob(examples, output_fn, projector, precond, vs, feature_fn, settings)
 
 
 def stage_featurize(
@@ -398,11 +494,8 @@ def stage_featurize(
     trained = trained or load_trained(cfg)
     job = prepare_featurize(cfg, which, corrected, trained, tag)
     if not job.store.is_complete:
-        feature_fn = make_feature_fn(
-            trained.apply_fn, job.output_fn, job.projector, job.preconditioner
-        )
         featurize_into_store(
-            feature_fn,
+            job.feature_fn,
             trained.params,
             job.examples,
             job.store,
@@ -418,9 +511,21 @@ def stage_featurize(
 # ----- Hessian + scoring ----------------------------------------------------------------------
 
 
-def open_store(file: str) -> store.VectorStore:
-    """A finished store; a missing or partial one raises ``StoreError`` saying to featurize."""
-    return store.VectorStore.open(file)
+def open_store(
+    file: str,
+    reference: store.StoreMeta | None = None,
+    names: tuple[str, str] = ("train", "query"),
+) -> store.VectorStore:
+    """A finished store; a missing or partial one raises ``StoreError`` saying to featurize.
+
+    With ``reference`` (the metadata of the store this one is used with), the store must also
+    pass ``store.check_compatible(reference, meta, names)``: same model, optimizer state,
+    projection and correction settings.
+    """
+    vs = store.VectorStore.open(file)
+    if reference is not None:
+        store.check_compatible(reference, vs.meta, names=names)
+    return vs
 
 
 def hessian_path(
@@ -445,6 +550,7 @@ def stage_hessian(
     eval_source = cfg.hessian.eval_source
     if eval_source not in ("task", "heldout"):
         raise StageError(f"hessian.eval_source must be 'task' or 'heldout', got {eval_source!r}")
+    # fit_hessian refuses an R_eval store featurized unlike the train store (check_compatible).
     eval_store = open_store(store_path(cfg, eval_source, corrected, query_tag))
     fit = hessian.fit_hessian(
         train_store,
@@ -467,7 +573,7 @@ def stage_score(
     train_tag: str = "",
     query_tag: str = "",
 ) -> dict:
-    """Scores the task queries against a candidate store with a SPEC §3 preset.
+    """Scores the task queries against a candidate store with a scoring preset (``score.PRESETS``).
 
     Tagged stores (and their Hessian fit) are used when ``train_tag`` / ``query_tag`` are given;
     the proponents file then carries the tags in its name.
@@ -475,8 +581,9 @@ def stage_score(
     preset = preset or cfg.score.preset
     spec = score.get_preset(preset)
     train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
-    query_store = open_store(store_path(cfg, "task", spec.corrected, query_tag))
-    store.check_compatible(train_store.meta, query_store.meta)
+    query_store = open_store(
+        store_path(cfg, "task", spec.corrected, query_tag), train_store.meta, ("train", "query")
+    )
     fit = None
     if spec.hessian != "none":
         fit = hessian.HessianFit.load(

@@ -1,0 +1,120 @@
+"""Pipeline stages on a tiny trained run: the correction is pinned to the checkpoint, a bad
+featurize setting leaves no store behind, and every store entering R passes one check."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+
+from trackstar import correction, stages, store
+from trackstar.config import load_config_file
+from trackstar.featurize import featurize_into_store
+from trackstar.gradients import make_feature_fn
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def tiny_config(run_dir: str):
+    cfg = load_config_file(os.path.join(CONFIGS, "tiny.py"))
+    cfg.run_dir = run_dir
+    cfg.featurize.chunk_size = 8  # 16 task queries: two chunks, so a run can stop halfway.
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = tiny_config(str(tmp_path_factory.mktemp("stages") / "tiny"))
+    stages.stage_world(cfg)
+    stages.stage_train(cfg, progress=False)
+    return cfg, stages.load_trained(cfg)
+
+
+def test_correction_settings_come_from_the_checkpoint_and_pin_the_store(run):
+    cfg, trained = run
+    cfg = copy.deepcopy(cfg)
+    # A featurize run killed after its first chunk.
+    job = stages.prepare_featurize(cfg, "task", True, trained, tag="pin")
+    fn = make_feature_fn(trained.apply_fn, job.output_fn, job.projector, job.preconditioner)
+    featurize_into_store(fn, trained.params, job.examples, job.store, 8, chunks=[0], progress=False)
+    want = {
+        "optimizer": "adamw",
+        "kind": "adam",
+        "b2": 0.98,
+        "eps": 1e-8,
+        "count": cfg.train.steps,
+        "v_floor": cfg.featurize.v_floor,
+    }
+    assert job.store.meta.correction_settings == want
+    assert job.store.meta.correction == "adam"
+
+    # Resuming under a train section that contradicts the checkpoint is refused: the
+    # correction would otherwise change halfway through the store.
+    other = copy.deepcopy(cfg)
+    other.train.b2 = 0.9
+    with pytest.raises(stages.StageError, match=r"train.b2: checkpoint 0.98, config 0.9"):
+        stages.stage_featurize(other, "task", trained=trained, progress=False, tag="pin")
+    other = copy.deepcopy(cfg)
+    other.train.eps = 1e-6
+    with pytest.raises(stages.StageError, match=r"train.eps"):
+        stages.stage_featurize(other, "task", trained=trained, progress=False, tag="pin")
+    # Another correction epsilon or V floor is another correction: the store refuses it.
+    for field, value in (("eps", 1e-3), ("v_floor", 0.0)):
+        other = copy.deepcopy(cfg)
+        other.featurize[field] = value
+        with pytest.raises(store.StoreMismatchError, match=f"correction_settings.{field}"):
+            stages.stage_featurize(other, "task", trained=trained, progress=False, tag="pin")
+
+    path = stages.stage_featurize(cfg, "task", trained=trained, progress=False, tag="pin")
+    done = store.VectorStore.open(path)
+    assert done.is_complete and done.meta.correction_settings == want
+    # The rows are the checkpoint's correction built from the recorded settings.
+    settings = correction.CorrectionSettings(**want)
+    pre = correction.preconditioner_for(settings, trained.opt_state, trained.params)
+    fn = make_feature_fn(trained.apply_fn, "loss", job.projector, pre)
+    ex = job.examples
+    np.testing.assert_allclose(
+        done.read_all()[1],
+        np.asarray(fn(trained.params, ex.tokens_NxT, ex.weights_NxT)),
+        rtol=1e-5,
+        atol=1e-5 * float(np.max(np.abs(done.read_all()[1]))),
+    )
+
+
+def test_correction_kind_follows_the_checkpoint_and_refuses_unknown_optimizers(run, tmp_path):
+    cfg, _ = run
+    assert stages.correction_kind(cfg, True) == "adam"
+    assert stages.correction_kind(cfg, False) == "none"
+    # Without checkpoints (stores scored elsewhere) the config's optimizer is used, and an
+    # optimizer without a known correction is an error, not silently "adafactor".
+    bare = tiny_config(str(tmp_path / "bare"))
+    bare.train.optimizer = "sgd"
+    with pytest.raises(stages.StageError, match="'sgd'"):
+        stages.correction_kind(bare, True)
+
+
+def test_bad_query_output_fn_leaves_no_store_and_the_rerun_works(run):
+    cfg, trained = run
+    bad = copy.deepcopy(cfg)
+    bad.featurize.query_output_fn = "logprob"
+    target = stages.store_path(cfg, "heldout", True, "ofn")
+    with pytest.raises(ValueError, match="featurize.query_output_fn"):
+        stages.stage_featurize(bad, "heldout", trained=trained, progress=False, tag="ofn")
+    assert not os.path.exists(target)
+    good = copy.deepcopy(cfg)
+    good.featurize.query_output_fn = "margin"
+    path = stages.stage_featurize(good, "heldout", trained=trained, progress=False, tag="ofn")
+    assert path == target and store.VectorStore.open(path).meta.output_fn == "margin"
+
+
+def test_stage_hessian_refuses_an_eval_store_with_another_projection_seed(run):
+    cfg, trained = run
+    cfg = copy.deepcopy(cfg)
+    cfg.hessian.eval_source = "heldout"
+    stages.stage_featurize(cfg, "task", trained=trained, progress=False, tag="seed")
+    other = copy.deepcopy(cfg)
+    other.featurize.projection_seed = 1
+    stages.stage_featurize(other, "heldout", trained=trained, progress=False, tag="seed")
+    with pytest.raises(store.StoreMismatchError, match=r"projection.seed: train=0, R_eval=1"):
+        stages.stage_hessian(cfg, "task", True, train_tag="seed", query_tag="seed")
+    assert not os.path.exists(stages.hessian_path(cfg, "task", True, "seed", "seed"))
