@@ -18,9 +18,9 @@ from trackstar.projection import Projector
 from trackstar.store import StoreMeta, VectorStore, check_compatible
 from trackstar.tree import named_leaves
 
-# EPS is large enough that a parameter whose Adam nu is still 0 after three steps (a token
-# never seen as an input) gets a float32-friendly 1/EPS scale rather than 1e8.
-V, T, B2, EPS, LAMBDA, DAMPING = 29, 10, 0.98, 1e-3, 0.3, 0.1
+# The optimizer's own eps, 1e-8: a parameter whose Adam nu is still 0 after three steps (a
+# token never seen as an input) is bounded by the V floor instead of getting 1/EPS.
+V, T, B2, EPS, V_FLOOR, LAMBDA, DAMPING = 29, 10, 0.98, 1e-8, 1e-4, 0.3, 0.1
 
 
 def _examples(n, seed, target_only=False):
@@ -34,7 +34,7 @@ def _examples(n, seed, target_only=False):
     return Examples(tokens, weights)
 
 
-def _store(path, kind, n, dim, projector, output_fn):
+def _store(path, kind, n, dim, projector, output_fn, settings):
     meta = StoreMeta(
         kind=kind,
         dim=dim,
@@ -46,6 +46,7 @@ def _store(path, kind, n, dim, projector, output_fn):
         projection=projector.config(),
         output_fn=output_fn,
         correction="adam",
+        correction_settings=settings.to_dict(),
     )
     return VectorStore.create(str(path), meta)
 
@@ -66,12 +67,14 @@ def test_trackstar_scores_equal_dense_formula(tmp_path):
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
 
-    precond = correction.preconditioner(opt_state, params, EPS, b2=B2)
+    train_config = {"optimizer": "adamw", "b2": B2, "eps": EPS}
+    settings = correction.settings_from(opt_state, train_config, v_floor=V_FLOOR)
+    precond = correction.preconditioner_for(settings, opt_state, params)
     projector = Projector(params, "global", 4, 4, seed=3)
     d = projector.dim
     stores = {}
     for name, ex, fn, kind in (("train", train, "train", "train"), ("q", queries, "loss", "query")):
-        vs = _store(tmp_path / name, kind, len(ex), d, projector, fn)
+        vs = _store(tmp_path / name, kind, len(ex), d, projector, fn, settings)
         featurize_into_store(
             make_feature_fn(apply_fn, fn, projector, precond), params, ex, vs, 8, progress=False
         )
@@ -83,11 +86,14 @@ def test_trackstar_scores_equal_dense_formula(tmp_path):
     )
     ids, scores = score.score_preset(stores["train"], stores["q"], "trackstar", fit, k=20)
 
-    # The dense formula, from scratch.
+    # The dense formula, from scratch: 1 / (sqrt(max(v_hat, V_FLOOR * mean v_hat)) + EPS).
     P_DxN = np.asarray(projector.dense_matrix(), np.float64)
-    scale = np.concatenate(
-        [np.asarray(c, np.float64).reshape(-1) for _, c in named_leaves(precond)]
-    )
+    adam = correction.find_moment_states(opt_state)[0][1]
+    v_hat = np.concatenate(
+        [np.asarray(v, np.float64).reshape(-1) for _, v in named_leaves(adam.nu)]
+    ) / (1 - B2 ** int(adam.count))
+    assert np.min(v_hat) == 0.0  # a never-updated parameter: the floor is exercised
+    scale = 1.0 / (np.sqrt(np.maximum(v_hat, V_FLOOR * v_hat.mean())) + EPS)
 
     def u(ex, kind):
         rows = []
