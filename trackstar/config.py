@@ -509,6 +509,9 @@ RULES: dict[str, Rule] = {
     "featurize.chunk_size": _POS,
     "featurize.dtype": OneOf(*STORE_DTYPES),
     "featurize.skip_bad_examples": Bool(),
+    "featurize.v_floor": Num(0.0),  # 0 disables the V floor.
+    "featurize.max_unk_frac": Num(0.0, 1.0),
+    "featurize.unk_error": Bool(),
     # hessian
     "hessian.lambda_mix": Rule("a number in [0, 1], 'auto' or 'auto_trace'", _lambda_mix_ok),
     "hessian.crossing_per_65536": Num(0.0),
