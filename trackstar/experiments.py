@@ -374,6 +374,8 @@ def tailpatch_deltas(setup: Setup, ids_QxK: np.ndarray) -> np.ndarray:
         _section(cfg, "tailpatch"),
         _section(cfg, "train"),
         _section(cfg, "model"),
+        # The step's preconditioner depends on featurize.eps and featurize.v_floor too.
+        stages.correction_settings(cfg, setup.trained).to_dict(),
         hashlib.sha256(ids.tobytes()).hexdigest(),
     )
     file = _cache_file(cfg, "tailpatch", setup.candidates, key)
