@@ -1,4 +1,4 @@
-"""E1 (paper Table 1): closed-set fact tracing, every SPEC §3 preset + bm25 + random.
+"""E1 (paper Table 1): closed-set fact tracing, every scoring preset + bm25 + random.
 
 Run: python scripts/experiment.py --config configs/e1.py
 Tiny smoke setting: --config configs/e1.py:tiny (the tiny world and model of tiny.py).
@@ -9,23 +9,12 @@ import os
 
 import ml_collections
 
-from trackstar.config import load_config_file
+from trackstar.config import METHODS, load_config_file
 
 
 def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     c = load_config_file(os.path.join(os.path.dirname(__file__), f"{base}.py"))
     e = c.experiment
     e.name = "e1"
-    # Every preset of SPEC §3 plus the baselines, in table order.
-    e.methods = (
-        "bm25",
-        "random",
-        "grad_dot",
-        "grad_cosine",
-        "trak",
-        "exp_opt",
-        "exp_opt_norm",
-        "exp_opt_norm_rtrain",
-        "trackstar",
-    )
+    e.methods = METHODS  # Every scoring preset plus the baselines, in table order.
     return c

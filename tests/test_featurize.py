@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from store_fixtures import store_meta
 
 from trackstar.featurize import (
     BadExampleError,
@@ -12,7 +13,7 @@ from trackstar.featurize import (
     featurize_into_store,
     skipped_examples,
 )
-from trackstar.store import NonFiniteVectorError, StoreMeta, VectorStore
+from trackstar.store import NonFiniteVectorError, VectorStore
 
 D, N, T, CHUNK, BATCH = 6, 23, 5, 8, 4
 
@@ -38,17 +39,8 @@ def _dense(ex: Examples) -> np.ndarray:
 
 
 def _store(path, n=N) -> VectorStore:
-    meta = StoreMeta(
-        kind="train",
-        dim=D,
-        dtype="float32",
-        num_examples=n,
-        chunk_size=CHUNK,
-        model_fingerprint="m",
-        optimizer_fingerprint="o",
-        projection={"mode": "global", "dim": D},
-        output_fn="train",
-        correction="none",
+    meta = store_meta(
+        D, n, CHUNK, projection={"mode": "global", "dim": D}, output_fn="train", correction="none"
     )
     return VectorStore.create(str(path), meta)
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from store_fixtures import store_meta
 
 from trackstar.hessian import HessianError, fit_hessian
 from trackstar.score import (
@@ -14,7 +15,7 @@ from trackstar.score import (
     top_k_scores,
     write_proponents,
 )
-from trackstar.store import StoreMeta, VectorStore
+from trackstar.store import VectorStore
 
 D, N, Q, K = 8, 50, 5, 6
 
@@ -102,18 +103,7 @@ def corrupt_store(path, monkeypatch, vectors_NxD, bad):
     checksum the store may verify first).
     """
     n, d = vectors_NxD.shape
-    meta = StoreMeta(
-        kind="train",
-        dim=d,
-        dtype="float32",
-        num_examples=n,
-        chunk_size=STORE_CHUNK,
-        model_fingerprint="m0",
-        optimizer_fingerprint="o0",
-        projection={"mode": "global", "seed": 0, "k_in": 2, "k_out": 4, "dim": d, "hash": "h"},
-        output_fn="train_loss",
-        correction="adam",
-    )
+    meta = store_meta(d, n, STORE_CHUNK)
     store = VectorStore.create(str(path), meta)
     for c in range(store.num_chunks):
         lo, hi = meta.chunk_range(c)

@@ -14,6 +14,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 import pytest
+from store_fixtures import store_meta
 
 from trackstar import store as store_module
 from trackstar.store import (
@@ -34,20 +35,7 @@ SKIPPED = {5: "no counted tokens"}
 
 
 def _meta(**kw) -> StoreMeta:
-    base = dict(
-        kind="train",
-        dim=D,
-        dtype="float32",
-        num_examples=N,
-        chunk_size=CHUNK,
-        model_fingerprint="m0",
-        optimizer_fingerprint="o0",
-        projection={"mode": "global", "seed": 0, "k_in": 2, "k_out": 4, "dim": D, "hash": "h"},
-        output_fn="train_loss",
-        correction="adam",
-    )
-    base.update(kw)
-    return StoreMeta(**base)
+    return store_meta(**{"dim": D, "num_examples": N, "chunk_size": CHUNK, **kw})
 
 
 def _vectors() -> np.ndarray:
