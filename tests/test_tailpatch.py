@@ -98,10 +98,9 @@ def test_model_is_partly_trained(trained):
     assert all(0.05 < p < 0.95 for p in probs), probs
 
 
-@pytest.mark.parametrize("scale", ["single", "batch_share"])
-def test_vmapped_batches_equal_per_pair_loop(trained, scale):
-    params, _, precond = trained
-    deltas = tailpatch.tailpatch_sweep(
+def _sweep(params, precond, scale="batch_share"):
+    """Deltas of the test queries' proponents at every multiplier, 8 tokens per batch."""
+    return tailpatch.tailpatch_sweep(
         apply_fn,
         params,
         QUERY_T,
@@ -116,6 +115,12 @@ def test_vmapped_batches_equal_per_pair_loop(trained, scale):
         tokens_per_batch=8,
         pair_batch=3,
     )
+
+
+@pytest.mark.parametrize("scale", ["single", "batch_share"])
+def test_vmapped_batches_equal_per_pair_loop(trained, scale):
+    params, _, precond = trained
+    deltas = _sweep(params, precond, scale)
     assert deltas.shape == (2, 4, 2) and np.isnan(deltas[:, 3, 1]).all()
     for mi, mult in enumerate(MULTS):
         for q, k in zip(*np.nonzero(IDS >= 0), strict=True):
@@ -286,35 +291,17 @@ def adafactor_run():
     return params, opt_state
 
 
-def _adafactor_deltas(params, precond):
-    return tailpatch.tailpatch_sweep(
-        apply_fn,
-        params,
-        QUERY_T,
-        QUERY_W,
-        CAND_T,
-        CAND_W,
-        IDS,
-        lr=LR,
-        lr_multipliers=MULTS,
-        precond=precond,
-        scale="batch_share",
-        tokens_per_batch=8,
-        pair_batch=3,
-    )
-
-
 def test_adafactor_factored_precond_equals_its_dense_factor(adafactor_run):
     params, opt_state = adafactor_run
     precond = correction.preconditioner(opt_state, params)
     assert isinstance(precond["mlp"]["w"], correction.FactoredScale)  # the case that crashed
     assert not isinstance(precond["embed"], correction.FactoredScale)
     explicit = _explicit_dense_scale(_factored_state(opt_state), params)
-    factored = _adafactor_deltas(params, precond)
+    factored = _sweep(params, precond)
     assert np.isfinite(factored[:, :3]).all() and np.isnan(factored[:, 3, 1]).all()
-    assert_close(factored, _adafactor_deltas(params, explicit), rtol=1e-5, peak_rtol=1e-5)
+    assert_close(factored, _sweep(params, explicit), rtol=1e-5, peak_rtol=1e-5)
     # The factored scale matters: a plain gradient step gives other deltas.
-    plain = _adafactor_deltas(params, jax.tree.map(jnp.ones_like, params))
+    plain = _sweep(params, jax.tree.map(jnp.ones_like, params))
     assert np.abs(plain[0, :3] - factored[0, :3]).max() > 0.1 * np.abs(factored[0, :3]).max()
 
 
@@ -323,7 +310,7 @@ def test_adafactor_step_equals_explicit_formula(adafactor_run):
     params, opt_state = adafactor_run
     precond = correction.preconditioner(opt_state, params)
     explicit = _explicit_dense_scale(_factored_state(opt_state), params)
-    deltas = _adafactor_deltas(params, precond)
+    deltas = _sweep(params, precond)
     got, want = [], []
     for mi, mult in enumerate(MULTS):
         for q, k in zip(*np.nonzero(IDS >= 0), strict=True):
