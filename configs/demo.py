@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     w.filler_p = 0.5  # P(a document gets a filler sentence).
     w.distractor_p = 0.2  # P(a document gets a non-fact distractor sentence).
     w.n_distractor_candidates = 400  # Distractor sentences added to the closed candidate pool.
+    # Extra distractor candidates, each a filler sentence with 1-3 made-up words that no training
+    # document contains (kind "rare_token"): their embedding rows never train (Adam v = 0), to
+    # probe the V correction on such tokens (featurize.v_floor). 0 = none (worlds unchanged).
+    w.rare_token_candidates = 0
     w.n_queries = 200  # Task queries (one per fact, non-anchor subjects).
     w.n_heldout_queries = 200  # Held-out queries of the same templates (R_eval source).
 

@@ -210,6 +210,7 @@ def test_save_load_round_trip(tmp_path, world):
         ("doc_sentences", (3, 2)),
         ("filler_p", 1.5),
         ("n_distractor_candidates", 10**9),
+        ("rare_token_candidates", -1),
     ],
 )
 def test_impossible_configs_raise_naming_field(field, value):
@@ -217,6 +218,76 @@ def test_impossible_configs_raise_naming_field(field, value):
     cfg[field] = value
     with pytest.raises(W.WorldError, match=re.escape(f"world.{field}")):
         W.make_world(cfg)
+
+
+# --- rare-token distractor candidates ---------------------------------------------------------
+
+# world_hash of the tiny world as built before world.rare_token_candidates existed: the default
+# (0) must leave every existing world, and so every run built from it, exactly as it was.
+TINY_WORLD_HASH = "8d5bd976e78a9f71"
+
+
+def _words(texts):
+    """Word-level tokens as the tokenizer splits them (whitespace, then punctuation)."""
+    return {w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)}
+
+
+def test_rare_token_config_rule():
+    from trackstar.config import RULES
+
+    rule = RULES["world.rare_token_candidates"]
+    assert rule.ok(0) and rule.ok(120) and not rule.ok(-1) and not rule.ok(1.5)
+
+
+def test_rare_token_default_leaves_world_unchanged(cfg, world):
+    assert cfg.rare_token_candidates == 0
+    assert W.world_hash(world) == TINY_WORLD_HASH
+    assert not any(c.kind == W.RARE_TOKEN_KIND for c in world.candidates)
+
+
+def test_rare_token_candidates():
+    from trackstar import tokenizer as T
+
+    cfg = _cfg()
+    cfg.rare_token_candidates = 30
+    w, base = W.make_world(cfg), W.make_world(_cfg())
+    rare = [c for c in w.candidates if c.kind == W.RARE_TOKEN_KIND]
+    assert len(rare) == 30
+    assert len(w.candidates) == len(base.candidates) + 30
+    # Corpus, facts and the other candidates are the default world's; only candidates are added.
+    assert w.documents == base.documents and w.facts == base.facts
+    others = {(c.text, c.fact_ids, c.kind) for c in w.candidates if c.kind != W.RARE_TOKEN_KIND}
+    assert others == {(c.text, c.fact_ids, c.kind) for c in base.candidates}
+    assert [q.fact_id for q in w.queries] == [q.fact_id for q in base.queries]
+    # Never ground truth.
+    rare_ids = {c.cand_id for c in rare}
+    assert all(not c.fact_ids for c in rare)
+    assert not rare_ids & {i for q in w.queries for i in q.candidate_ids}
+    assert all(q.candidate_ids for q in w.queries)
+    # Each carries 1-3 made-up words that no training document (nor query) contains.
+    seen = _words([d.text for d in w.documents])
+    seen |= _words([q.prompt for q in w.queries] + [q.target for q in w.queries])
+    fillers = {tuple(f.split()) for f in W._FILLERS}
+    made_up = []
+    for c in rare:
+        new = [x for x in c.text.split() if x not in _words(W._FILLERS)]
+        assert 1 <= len(new) <= 3 and not set(new) & seen, c.text
+        # Removing them gives back a filler sentence.
+        assert tuple(x for x in c.text.split() if x not in new) in fillers
+        made_up += new
+    assert len(set(made_up)) == len(made_up)  # Each word is used once.
+    # ... yet the tokenizer (trained on every world text) gives each its own id.
+    tok = T.train_tokenizer(
+        W.world_texts(w), load_config_file(os.path.join(ROOT, "configs", "tiny.py")).tokenizer
+    )
+    for c in rare:
+        assert T.UNK not in T.encode(tok, c.text)
+    assert all(tok.token_to_id(x) is not None for x in made_up)
+    # Deterministic; a T-REx file (which replaces the candidates) leaves the field unused.
+    assert W.make_world(cfg) == w
+    assert "rare_token_candidates" in W.unused_fields(
+        dict(_lama_cfg().to_dict(), trex_candidates_path="x.jsonl", rare_token_candidates=5)
+    )
 
 
 def test_demo_scale():

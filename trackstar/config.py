@@ -468,6 +468,7 @@ RULES: dict[str, Rule] = {
     "world.filler_p": _PROB,
     "world.distractor_p": _PROB,
     "world.n_distractor_candidates": Int(0, when=_uses("n_distractor_candidates")),
+    "world.rare_token_candidates": Int(0, when=_uses("rare_token_candidates")),
     "world.n_queries": _POS,
     "world.n_heldout_queries": _NONNEG,
     # tokenizer

@@ -85,7 +85,7 @@ class Candidate:
     cand_id: int
     text: str
     fact_ids: tuple[int, ...]
-    kind: str  # "fact" or "distractor"
+    kind: str  # "fact", "distractor" or "rare_token" (RARE_TOKEN_KIND)
     source_id: str = ""  # Identifier in the source file (T-REx ``sentence_id``), if any.
 
 
@@ -324,6 +324,13 @@ _FILLERS: tuple[str, ...] = (
     "A quiet lake lay beyond the meadow .",
 )
 
+# Kind of the ``world.rare_token_candidates`` distractors: a filler sentence carrying one to three
+# made-up words that no training document contains. The tokenizer (trained on every world text)
+# gives those words ids, but training never moves their embedding rows (Adam's v stays 0), which
+# is what the V correction's floor (featurize.v_floor) is there to handle.
+RARE_TOKEN_KIND = "rare_token"
+_RARE_WORDS_PER_CANDIDATE = (1, 3)  # (min, max) made-up words in one rare-token candidate.
+
 _ONSETS = ("b d f g h k l m n p r s t v z br dr gr kr pl st tr sk").split()
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o")
 _CODAS = ("", "", "", "n", "r", "l", "s", "m")
@@ -463,9 +470,18 @@ def _check_common(cfg: Any) -> None:
     for name in ("n_distractor_candidates", "n_heldout_queries"):
         if _get(cfg, name) < 0:
             raise WorldError(f"world.{name} must be >= 0, got {cfg[name]}")
+    if _n_rare_token_candidates(cfg) < 0:
+        raise WorldError(
+            f"world.rare_token_candidates must be >= 0, got {_n_rare_token_candidates(cfg)}"
+        )
     # Without task queries nothing is scored: every metric would be an empty mean.
     if _get(cfg, "n_queries") < 1:
         raise WorldError(f"world.n_queries must be >= 1 (nothing to trace), got {cfg.n_queries}")
+
+
+def _n_rare_token_candidates(cfg: Any) -> int:
+    # Absent from configs and manifests older than the field: those worlds had none.
+    return int(cfg.get("rare_token_candidates", 0) if hasattr(cfg, "get") else 0)
 
 
 def _n_anchors(n_subjects: int, anchor_frac: float) -> int:
@@ -726,6 +742,24 @@ def _build_world(
             f"{len(distractors)} distinct distractor sentences could be formed; lower it"
         )
     cand_rows += [(text, (), "distractor") for text in distractors]
+    n_rare = _n_rare_token_candidates(cfg)
+    if n_rare:
+        # Every word the world's texts can contain is banned, so the made-up words occur in no
+        # training document (nor in a query). Their own stream keeps every other draw unchanged.
+        banned = _template_words(
+            [d.text for d in documents]
+            + [text for text, _, _ in cand_rows]
+            + [t for r in relations for t in (*r.corpus_templates, *r.query_templates)]
+            + list(subjects)
+            + list(objects)
+            + list(_PREFIXES)
+            + list(_DISTRACTOR_TEMPLATES)
+            + list(_FILLERS)
+        )
+        cand_rows += [
+            (text, (), RARE_TOKEN_KIND)
+            for text in _rare_token_sentences(n_rare, banned, _rng(seed, 7))
+        ]
     # Random ids, so ground truth gains nothing from "lower index first" tie-breaking.
     cand_order = rng.permutation(len(cand_rows))
     candidates = tuple(Candidate(new_id, *cand_rows[i]) for new_id, i in enumerate(cand_order))
@@ -742,6 +776,25 @@ def _build_world(
         candidates=candidates,
         queries=queries,
     )
+
+
+def _rare_token_sentences(n: int, banned: set[str], rng: np.random.Generator) -> list[str]:
+    """``n`` filler sentences, each with 1-3 fresh made-up words inserted at random positions.
+
+    Each word is used once, so every sentence is distinct and none equals a corpus sentence.
+    """
+    lo, hi = _RARE_WORDS_PER_CANDIDATE
+    counts = rng.integers(lo, hi + 1, size=n)
+    words = [w.lower() for w in _NameMaker(rng, banned).make(int(counts.sum()), (2, 3))]
+    out, used = [], 0
+    for k in counts:
+        tokens = _FILLERS[rng.integers(len(_FILLERS))].split()
+        for w in words[used : used + int(k)]:
+            # After the first word and before the final ".", which stays last.
+            tokens.insert(int(rng.integers(1, len(tokens))), w)
+        used += int(k)
+        out.append(" ".join(tokens))
+    return out
 
 
 def _make_queries(
@@ -809,7 +862,7 @@ def unused_fields(cfg: Any) -> tuple[str, ...]:
         unused += LAMA_ONLY_FIELDS
     trex = cfg.get("trex_candidates_path", "") if hasattr(cfg, "get") else ""
     if trex:
-        unused.append("n_distractor_candidates")
+        unused += ["n_distractor_candidates", "rare_token_candidates"]
     return tuple(f for f in unused if f in cfg)
 
 
