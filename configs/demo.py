@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
     # unembedding columns of never-predicted tokens, and leaves fact-tracing MRR unchanged;
     # 1e-3 already lowers it. 0 = the plain formula. Recorded in each store.
     f.v_floor = 1e-4
+    # True: entries whose second moment is exactly 0 (Adam nu == 0: every gradient training
+    # saw there was 0, e.g. the input embedding rows of words no training document has) get
+    # factor 0 instead of the floored 1/sqrt(v). A query without those words has gradient 0
+    # there, so they add only projection cross-talk and vector length to its scores. Refused
+    # for Adafactor (its epsilon keeps every statistic > 0). Recorded in each store when True.
+    f.drop_unmoved = False
     f.max_unk_frac = 0.5  # Warn about examples that are more than this share UNK (1 = never).
     f.unk_error = False  # True: such mostly-UNK examples are an error instead of a warning.
     f.batch_size = 32  # Examples per jitted per-example-gradient call.

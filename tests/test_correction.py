@@ -210,6 +210,60 @@ def test_adafactor_v_floor_equals_the_dense_formula(model):
     assert np.max(np.asarray(guarded["embed"])) <= (floor * mean) ** -0.5 * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("floor", [0.0, 1e-4])
+def test_drop_unmoved_zeroes_exactly_where_nu_is_zero_and_keeps_the_rest(adamw_run, floor):
+    params, state, _ = adamw_run
+    state = _with_zero_row(state, ["embed"], 3)  # a never-updated input embedding row
+    # A single zero element inside an otherwise moved tensor too: dropping is per element.
+    state = _with_zero_row(state, ["gates", "w"], (1, 2, 4))
+    nu = {p: np.asarray(v) for p, v in named_leaves(state[0].nu)}
+    zeros = sum(int(np.sum(v == 0)) for v in nu.values())
+    assert zeros >= HIDDEN + 1  # the rows set above (token 0 never occurs either)
+    kept = preconditioner(state, params, eps=EPS, b2=B2, v_floor=floor)
+    dropped = preconditioner(state, params, eps=EPS, b2=B2, v_floor=floor, drop_unmoved=True)
+    for (path, got), (_, want) in zip(named_leaves(dropped), named_leaves(kept), strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        unmoved = nu[path] == 0
+        np.testing.assert_array_equal(got[unmoved], 0.0, err_msg=path)
+        # Everywhere else the factor without the option, bit for bit (the floor's mean still
+        # counts the dropped zeros, so the floor does not move).
+        np.testing.assert_array_equal(got[~unmoved], want[~unmoved], err_msg=path)
+    assert np.all(np.asarray(dropped["embed"])[3] == 0.0)
+    assert np.asarray(dropped["gates"]["w"])[1, 2, 4] == 0.0
+
+
+@pytest.mark.parametrize("floor", [0.0, 1e-4])
+def test_adafactor_drop_unmoved_zeroes_zero_statistics(model, floor):
+    params, batches, grad_fn = model
+    opt = optax.adafactor(learning_rate=1e-2, min_dim_size_to_factor=4)
+    params, state, _ = _train(opt, params, batches, grad_fn)
+    # Zero statistics as optax would keep them with epsilon 0: token 3's column statistic of
+    # the factored (29 x 6) embedding, and one entry of the unfactored (3 x 6) gates/b.
+    fs = state[0]
+    fs = fs._replace(
+        v_col=dict(fs.v_col, embed=fs.v_col["embed"].at[3].set(0.0)),
+        v=dict(fs.v, gates=dict(fs.v["gates"], b=fs.v["gates"]["b"].at[1, 2].set(0.0))),
+    )
+    state = (fs, *state[1:])
+    kept = dense(preconditioner(state, params, v_floor=floor))
+    got = preconditioner(state, params, v_floor=floor, drop_unmoved=True)
+    kinds = dict(named_leaves_keep_factored(got))
+    # Without a floor the factored embedding stays rank one (a zero in its column factor).
+    assert isinstance(kinds["embed"], FactoredScale) == (floor == 0.0)
+    got = dense(got)
+    unmoved = {p: np.zeros(np.shape(x), bool) for p, x in named_leaves(params)}
+    unmoved["embed"][3] = True
+    unmoved["gates/b"][1, 2] = True
+    for (path, g), (_, k) in zip(named_leaves(got), named_leaves(kept), strict=True):
+        g, k = np.asarray(g), np.asarray(k)
+        np.testing.assert_array_equal(g[unmoved[path]], 0.0, err_msg=path)
+        assert np.all(np.isfinite(g)), path
+        # Factored leaves: the same row and column factors multiplied in another order.
+        assert_close(g[~unmoved[path]], k[~unmoved[path]], err_msg=path)
+    if floor == 0.0:
+        assert np.all(np.isinf(np.asarray(kept["embed"])[3]))  # what the option replaces
+
+
 def test_settings_come_from_the_training_config_and_build_the_same_factor(adamw_run, model):
     params, state, _ = adamw_run
     train_config = {"optimizer": "adamw", "b2": B2, "eps": EPS, "lr": 1e-2}
@@ -224,6 +278,18 @@ def test_settings_come_from_the_training_config_and_build_the_same_factor(adamw_
         "v_floor": 1e-4,
     }
     assert settings_from(state, train_config, featurize_eps=1e-3).eps == 1e-3
+    # drop_unmoved is recorded when set; unset, the dict is the one stores recorded before
+    # the option existed, so those stores still resume and match.
+    d = settings_from(state, train_config, v_floor=1e-4, drop_unmoved=True)
+    assert d.drop_unmoved and d.to_dict() == {**s.to_dict(), "drop_unmoved": True}
+    assert "drop_unmoved" not in s.to_dict() and not s.drop_unmoved
+    assert CorrectionSettings(**s.to_dict()) == s
+    assert CorrectionSettings(**d.to_dict()) == d
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        preconditioner_for(d, state, params),
+        preconditioner(state, params, eps=EPS, b2=B2, v_floor=1e-4, drop_unmoved=True),
+    )
     got = preconditioner_for(s, state, params)
     want = preconditioner(state, params, eps=EPS, b2=B2, v_floor=1e-4)
     jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -245,3 +311,9 @@ def test_settings_come_from_the_training_config_and_build_the_same_factor(adamw_
     assert (fs.kind, fs.b2, fs.eps, fs.count) == ("adafactor", None, None, 4)
     with pytest.raises(CorrectionError, match="featurize.eps"):
         settings_from(fstate, {"optimizer": "adafactor"}, featurize_eps=1e-8)
+    # optax adds Adafactor's epsilon to every squared gradient, so no statistic is 0 and
+    # drop_unmoved could drop nothing: refused rather than silently a no-op.
+    with pytest.raises(CorrectionError, match="adafactor_eps = 1e-30"):
+        settings_from(fstate, {"optimizer": "adafactor"}, drop_unmoved=True)
+    zero_eps = {"optimizer": "adafactor", "adafactor_eps": 0.0}
+    assert settings_from(fstate, zero_eps, drop_unmoved=True).drop_unmoved

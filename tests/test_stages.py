@@ -11,6 +11,7 @@ from trackstar import correction, stages, store
 from trackstar.config import load_config_file
 from trackstar.featurize import featurize_into_store
 from trackstar.gradients import make_feature_fn
+from trackstar.tree import named_leaves
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
@@ -59,7 +60,7 @@ def test_correction_settings_come_from_the_checkpoint_and_pin_the_store(run):
     with pytest.raises(stages.StageError, match=r"train.eps"):
         stages.stage_featurize(other, "task", trained=trained, progress=False, tag="pin")
     # Another correction epsilon or V floor is another correction: the store refuses it.
-    for field, value in (("eps", 1e-3), ("v_floor", 0.0)):
+    for field, value in (("eps", 1e-3), ("v_floor", 0.0), ("drop_unmoved", True)):
         other = copy.deepcopy(cfg)
         other.featurize[field] = value
         with pytest.raises(store.StoreMismatchError, match=f"correction_settings.{field}"):
@@ -79,6 +80,38 @@ def test_correction_settings_come_from_the_checkpoint_and_pin_the_store(run):
         rtol=1e-5,
         atol=1e-5 * float(np.max(np.abs(done.read_all()[1]))),
     )
+
+
+def test_drop_unmoved_is_recorded_and_a_resume_without_it_is_refused(run):
+    cfg, trained = run
+    cfg = copy.deepcopy(cfg)
+    cfg.featurize.drop_unmoved = True
+    job = stages.prepare_featurize(cfg, "task", True, trained, tag="drop")
+    fn = make_feature_fn(trained.apply_fn, job.output_fn, job.projector, job.preconditioner)
+    featurize_into_store(fn, trained.params, job.examples, job.store, 8, chunks=[0], progress=False)
+    recorded = job.store.meta.correction_settings
+    assert recorded["drop_unmoved"] is True
+    assert correction.CorrectionSettings(**recorded) == job.settings
+    # The store made with the option refuses a resume without it (the other direction is the
+    # loop in the test above).
+    other = copy.deepcopy(cfg)
+    other.featurize.drop_unmoved = False
+    with pytest.raises(
+        store.StoreMismatchError, match=r"correction_settings.drop_unmoved: existing=True"
+    ):
+        stages.stage_featurize(other, "task", trained=trained, progress=False, tag="drop")
+    # The factor is 0 exactly where the checkpoint's nu is 0, the floored factor elsewhere
+    # (the tiny world has vocabulary words no training text contains).
+    nu = dict(named_leaves(correction.find_moment_states(trained.opt_state)[0][1].nu))
+    floored = dict(named_leaves(stages.make_preconditioner(other, trained)))
+    dropped = dict(named_leaves(job.preconditioner))
+    assert any(np.any(np.asarray(v) == 0) for v in nu.values())
+    for path, v in nu.items():
+        unmoved = np.asarray(v) == 0
+        np.testing.assert_array_equal(np.asarray(dropped[path])[unmoved], 0.0, err_msg=path)
+        np.testing.assert_array_equal(
+            np.asarray(dropped[path])[~unmoved], np.asarray(floored[path])[~unmoved]
+        )
 
 
 def test_correction_kind_follows_the_checkpoint_and_refuses_unknown_optimizers(run, tmp_path):

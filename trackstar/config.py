@@ -511,6 +511,7 @@ RULES: dict[str, Rule] = {
     "featurize.dtype": OneOf(*STORE_DTYPES),
     "featurize.skip_bad_examples": Bool(),
     "featurize.v_floor": Num(0.0),  # 0 disables the V floor.
+    "featurize.drop_unmoved": Bool(),  # Factor 0 where the second moment is exactly 0.
     "featurize.max_unk_frac": Num(0.0, 1.0),
     "featurize.unk_error": Bool(),
     # hessian

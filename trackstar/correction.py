@@ -6,17 +6,17 @@ are the elementwise factor the gradient is multiplied by:
 - Adam / AdamW (optax ``ScaleByAdamState`` anywhere in the state):
   ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)`` with ``v_hat = nu / (1 - b2^t)``,
   ``t`` the state's step count and ``mean`` over every parameter element (``v_floor = 0``: the
-  plain formula).
+  plain formula); with ``drop_unmoved`` 0 wherever ``nu == 0`` exactly.
 - Adafactor (optax ``FactoredState`` from ``scale_by_factored_rms``): exactly the factor optax
   divides the gradient by, using the stored moments. Factored leaves stay factored
   (``FactoredScale``: a row and a column factor), so a projector can fold them into its
   Kronecker factors; ``dense()`` expands them for tests.
 
-The settings a correction depends on (optimizer kind, b2, eps, step count, V floor) come from
-one place, ``settings_from``, which reads them from the checkpoint's own training config and
-optimizer state; ``preconditioner_for(settings, ...)`` builds the factor from them, and the
-settings' ``to_dict()`` is what a vector store records, so a store is never a mix of two
-corrections.
+The settings a correction depends on (optimizer kind, b2, eps, step count, V floor,
+drop_unmoved) come from one place, ``settings_from``, which reads them from the checkpoint's own
+training config and optimizer state; ``preconditioner_for(settings, ...)`` builds the factor
+from them, and the settings' ``to_dict()`` is what a vector store records, so a store is never
+a mix of two corrections.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def _count(state: Any) -> int:
     return t
 
 
+# Adafactor's epsilon when a train config does not record it (trackstar.train's default too).
+_OPTAX_ADAFACTOR_EPS = 1e-30
+
 # train.optimizer -> the moment-state kind its correction reads (StoreMeta.correction).
 OPTIMIZER_KINDS = {"adamw": "adam", "adafactor": "adafactor"}
 _STATE_KINDS = {"adam": "adam", "factored": "adafactor"}
@@ -173,10 +176,22 @@ class CorrectionSettings:
     eps: float | None  # The correction's epsilon (Adam only; Adafactor's is in its moments).
     count: int  # The moment state's step count t (Adam's bias correction 1 - b2^t).
     v_floor: float  # The V floor relative to mean(v) (``preconditioner``); 0 = off.
+    # Factor 0 where the second moment is exactly 0 (``preconditioner``). Last and defaulted,
+    # so a dict recorded before the field existed still builds its settings.
+    drop_unmoved: bool = False
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (what a store records)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (what a store records).
+
+        ``drop_unmoved`` is recorded only when True: stores featurized before the option
+        existed were made with the same factor as ``drop_unmoved=False`` and keep matching
+        (resume, compatibility checks, cache keys), while a store made with it carries the key
+        and is told apart from them in both directions.
+        """
+        d = dataclasses.asdict(self)
+        if not self.drop_unmoved:
+            del d["drop_unmoved"]
+        return d
 
 
 def settings_from(
@@ -185,6 +200,7 @@ def settings_from(
     *,
     featurize_eps: float = -1.0,
     v_floor: float = 0.0,
+    drop_unmoved: bool = False,
 ) -> CorrectionSettings:
     """The effective correction settings of a checkpoint.
 
@@ -197,10 +213,14 @@ def settings_from(
         ``train_config["eps"]`` (Adam only).
       v_floor: the V floor (see ``preconditioner``), recorded so stores with other floors
         are told apart.
+      drop_unmoved: give entries with a second moment of exactly 0 the factor 0 (see
+        ``preconditioner``), recorded likewise.
 
     Raises:
       CorrectionError: an unknown optimizer, a moment state of another kind than the config
-        says, a missing b2/eps, a state before its first update, or a bad ``v_floor``.
+        says, a missing b2/eps, a state before its first update, a bad ``v_floor``, or
+        ``drop_unmoved`` with an Adafactor checkpoint whose epsilon is > 0 (it could not
+        drop anything there).
     """
     optimizer = str(train_config.get("optimizer", "adamw"))
     if optimizer not in OPTIMIZER_KINDS:
@@ -225,7 +245,18 @@ def settings_from(
                 "checkpoint was trained with adafactor, whose epsilon is inside its stored "
                 "moments (train.adafactor_eps); set featurize.eps = -1"
             )
-        return CorrectionSettings(optimizer, kind, None, None, count, v_floor)
+        adafactor_eps = float(train_config.get("adafactor_eps", _OPTAX_ADAFACTOR_EPS))
+        if drop_unmoved and adafactor_eps > 0:
+            # optax adds epsilon to every squared gradient before averaging, so a statistic
+            # is never exactly 0 and the option would silently change nothing.
+            raise CorrectionError(
+                "featurize.drop_unmoved drops entries whose second moment is exactly 0, but "
+                f"this adafactor checkpoint was trained with train.adafactor_eps = "
+                f"{adafactor_eps:g}, which optax adds to every squared gradient, so no stored "
+                "statistic is 0 and nothing would be dropped; set featurize.drop_unmoved = "
+                "False (featurize.v_floor still bounds entries training never moved)"
+            )
+        return CorrectionSettings(optimizer, kind, None, None, count, v_floor, bool(drop_unmoved))
     missing = [k for k in ("b2", "eps") if k not in train_config]
     if missing:
         raise CorrectionError(
@@ -238,7 +269,7 @@ def settings_from(
         raise CorrectionError(f"the checkpoint's train.b2 = {b2}; it must be in [0, 1)")
     if not (math.isfinite(eps) and eps >= 0.0):
         raise CorrectionError(f"correction eps = {eps}; it must be a finite number >= 0")
-    return CorrectionSettings(optimizer, kind, b2, eps, count, v_floor)
+    return CorrectionSettings(optimizer, kind, b2, eps, count, v_floor, bool(drop_unmoved))
 
 
 def preconditioner_for(settings: CorrectionSettings, opt_state: Any, params: PyTree) -> PyTree:
@@ -255,7 +286,14 @@ def preconditioner_for(settings: CorrectionSettings, opt_state: Any, params: PyT
             f"{settings.count}, but this opt_state holds {_STATE_KINDS[state_kind]} moments at "
             f"step {count}; build the settings from this checkpoint with settings_from"
         )
-    return preconditioner(opt_state, params, settings.eps, b2=settings.b2, v_floor=settings.v_floor)
+    return preconditioner(
+        opt_state,
+        params,
+        settings.eps,
+        b2=settings.b2,
+        v_floor=settings.v_floor,
+        drop_unmoved=settings.drop_unmoved,
+    )
 
 
 def _single_state(opt_state: Any) -> tuple[str, Any]:
@@ -286,6 +324,7 @@ def preconditioner(
     *,
     b2: float | None = None,
     v_floor: float = 0.0,
+    drop_unmoved: bool = False,
 ) -> PyTree:
     """The optimizer correction factor, a pytree with the same paths as ``params``.
 
@@ -310,16 +349,34 @@ def preconditioner(
         applied to the (dense) second moment optax divides by; a factored tensor with any
         element below the floor is returned dense (the floored values are not rank one),
         the others stay factored.
+      drop_unmoved: give the factor 0 to entries whose second moment is exactly 0, instead
+        of the (floored) inverse square root. A second moment of exactly 0 means every
+        gradient the optimizer saw there was exactly 0, so training never moved the entry
+        through its gradient (only weight decay, if any, touched it); the question "which
+        training example moved this parameter" then has no answer there, and any weight
+        given to it (1/eps, or the floor's 1/sqrt(v_floor * mean)) only lets examples that
+        touch it (e.g. texts with tokens training never had) gain vector length that no
+        query can match. Every other entry keeps exactly the factor it has without the
+        option (the floor's mean still counts the zeros). Adam: ``nu == 0``. Adafactor
+        (whose factored moments keep one statistic per row and per column): an unfactored
+        ``v`` entry that is 0, and for a factored tensor every element whose row statistic
+        or column statistic is 0 (a statistic is a mean of squared gradients, so 0 means
+        every element it covers had gradient 0); a never-updated element whose row and
+        column both saw gradient elsewhere cannot be told apart in factored moments and is
+        kept. optax adds Adafactor's epsilon to each squared gradient, so with epsilon > 0
+        (as trackstar trains) no statistic is 0 and nothing is dropped; ``settings_from``
+        refuses the option there.
 
     Returns:
-      Adam: arrays ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)``. Adafactor:
-      ``FactoredScale`` for factored tensors and arrays ``max(v, floor)^-1/2`` for the rest.
+      Adam: arrays ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)`` (0 where dropped).
+      Adafactor: ``FactoredScale`` for factored tensors and arrays ``max(v, floor)^-1/2`` for
+      the rest (0 where dropped).
     """
     kind, state = _single_state(opt_state)
     v_floor = _check_v_floor(v_floor)
     if kind == "adam":
-        return _adam_preconditioner(state, params, eps, b2, v_floor)
-    return _factored_preconditioner(state, params, v_floor)
+        return _adam_preconditioner(state, params, eps, b2, v_floor, bool(drop_unmoved))
+    return _factored_preconditioner(state, params, v_floor, bool(drop_unmoved))
 
 
 second_moment = preconditioner  # the name docs/design.md uses
@@ -337,7 +394,12 @@ def _global_mean(leaves: Iterable[jax.Array]) -> float:
 
 
 def _adam_preconditioner(
-    state: Any, params: PyTree, eps: float | None, b2: float | None, v_floor: float
+    state: Any,
+    params: PyTree,
+    eps: float | None,
+    b2: float | None,
+    v_floor: float,
+    drop_unmoved: bool,
 ):
     if b2 is None or eps is None:
         raise CorrectionError(
@@ -366,12 +428,16 @@ def _adam_preconditioner(
         v_hat = v_hats[path]
         if floor > 0:
             v_hat = jnp.maximum(v_hat, floor)
-        return 1.0 / (jnp.sqrt(v_hat) + eps)
+        f = 1.0 / (jnp.sqrt(v_hat) + eps)
+        if drop_unmoved:
+            # v_hat = nu * (a scale >= 1) is 0 exactly where nu is: no underflow to mistake.
+            f = jnp.where(v_hats[path] == 0, 0.0, f)
+        return f
 
     return _map_with_path(factor, params)
 
 
-def _factored_preconditioner(state: Any, params: PyTree, v_floor: float):
+def _factored_preconditioner(state: Any, params: PyTree, v_floor: float, drop_unmoved: bool):
     _count(state)
     v_rows = _check_paths(params, _field(state, "v_row"), "v_row")
     v_cols = _check_paths(params, _field(state, "v_col"), "v_col")
@@ -400,6 +466,10 @@ def _factored_preconditioner(state: Any, params: PyTree, v_floor: float):
             )
         reduced_d1 = d1 - 1 if d1 > d0 else d1
         row_col_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
+        if drop_unmoved:
+            # A zero mean means every row statistic it averages is 0: all those elements are
+            # dropped, so divide by 1 there to keep them at an exact 0 instead of 0/0.
+            row_col_mean = jnp.where(row_col_mean == 0, 1.0, row_col_mean)
         return FactoredScale(v_row / row_col_mean, v_col, d0, d1)
 
     moments = {path: second_moment_of(path, p) for path, p in named_leaves(params)}
@@ -409,15 +479,27 @@ def _factored_preconditioner(state: Any, params: PyTree, v_floor: float):
             m.dense() if isinstance(m, FactoredScale) else m for m in moments.values()
         )
 
+    def inv_sqrt(x: jax.Array, unmoved: jax.Array | None) -> jax.Array:
+        return x**-0.5 if unmoved is None else jnp.where(unmoved, 0.0, x**-0.5)
+
     def factor(path: str, p: Any):
         m = moments[path]
         if not isinstance(m, FactoredScale):
-            return jnp.maximum(m, floor) ** -0.5 if floor > 0 else m**-0.5
+            unmoved = (m == 0) if drop_unmoved else None
+            return inv_sqrt(jnp.maximum(m, floor) if floor > 0 else m, unmoved)
+        # Zero row or column statistics, not zeros of the dense product: a product of two
+        # tiny nonzero statistics can underflow to 0 in float32.
+        row0 = (m.row == 0) if drop_unmoved else None
+        col0 = (m.col == 0) if drop_unmoved else None
         if floor > 0:
             full = m.dense()
             if float(jnp.min(full)) < floor:
-                return jnp.maximum(full, floor) ** -0.5
-        return FactoredScale(m.row**-0.5, m.col**-0.5, m.d0, m.d1)
+                unmoved = None
+                if drop_unmoved:
+                    unmoved = jnp.expand_dims(row0, m.d0) | jnp.expand_dims(col0, m.d1)
+                return inv_sqrt(jnp.maximum(full, floor), unmoved)
+        # Rank one stays rank one: 0 in a row (column) factor zeroes exactly that slice.
+        return FactoredScale(inv_sqrt(m.row, row0), inv_sqrt(m.col, col0), m.d0, m.d1)
 
     return _map_with_path(factor, params)
 

@@ -407,12 +407,14 @@ def make_projector(cfg, params) -> Projector:
 def correction_settings(cfg, trained: Trained) -> correction.CorrectionSettings:
     """The effective correction of ``trained``'s checkpoint: optimizer, b2, eps and step count
     from the checkpoint (``checkpoint_train_config`` and the moment state), the epsilon
-    override ``featurize.eps`` and the guard ``featurize.v_floor`` from ``cfg``."""
+    override ``featurize.eps``, the guard ``featurize.v_floor`` and ``featurize.drop_unmoved``
+    from ``cfg`` (a config without the last field means False, as before it existed)."""
     return correction.settings_from(
         trained.opt_state,
         checkpoint_train_config(cfg, trained.step),
         featurize_eps=float(cfg.featurize.eps),
         v_floor=float(cfg.featurize.v_floor),
+        drop_unmoved=bool(cfg.featurize.get("drop_unmoved", False)),
     )
 
 
