@@ -9,9 +9,66 @@ import pytest
 
 from trackstar import world as W
 from trackstar.config import load_config_file
+from trackstar.world import templates as WT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+# --- test oracle: which facts a sentence states, read back from the templates -----------------
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"(\[X\]|\[Y\])", template)
+    out = []
+    for part in parts:
+        if part == "[X]":
+            out.append("(?P<X>.+?)")
+        elif part == "[Y]":
+            out.append("(?P<Y>.+?)")
+        else:
+            out.append(re.escape(part))
+    return re.compile("^" + "".join(out) + "$")
+
+
+class FactParser:
+    """Finds the facts a sentence states by matching it against every relation's templates.
+
+    Only matches whose ``[X]`` is a known subject and ``[Y]`` a known object count, so a
+    match of a bare template inside a prefixed sentence is not mistaken for a fact.
+    """
+
+    def __init__(self, world: W.World):
+        self._subjects = set(world.subjects)
+        self._objects = set(world.objects)
+        self._patterns: list[tuple[str, re.Pattern]] = []
+        for r in world.relations:
+            templates = list(r.corpus_templates) + list(r.query_templates)
+            for t in dict.fromkeys(templates):
+                self._patterns.append((r.name, _template_regex(t)))
+            # The query form as the corpus writes it ("<prompt> <target> .").
+            for t in r.query_templates:
+                qt = t[: t.index("[Y]")].rstrip() + " [Y] ."
+                self._patterns.append((r.name, _template_regex(qt)))
+        self._fact_index = {(f.subject, f.relation): f for f in world.facts}
+
+    def parse(self, sentence: str) -> set[tuple[str, str, str]]:
+        """Returns the (subject, relation, object) triples the sentence states."""
+        found = set()
+        for rel, pat in self._patterns:
+            m = pat.match(sentence)
+            if m and m.group("X") in self._subjects and m.group("Y") in self._objects:
+                found.add((m.group("X"), rel, m.group("Y")))
+        return found
+
+    def fact_ids(self, sentence: str) -> set[int]:
+        """Ids of the world's facts the sentence states (a triple with a wrong object is not
+        a world fact and is returned as -1)."""
+        ids = set()
+        for s, r, o in self.parse(sentence):
+            f = self._fact_index.get((s, r))
+            ids.add(f.fact_id if f is not None and f.object == o else -1)
+        return ids
 
 
 def _cfg(name="tiny"):
@@ -58,10 +115,10 @@ def test_names_unique_and_not_template_words(world):
         words.append(o)
     assert len(set(world.subjects)) == len(world.subjects)
     assert len(set(world.objects)) == len(world.objects)
-    template_words = W._template_words(
+    template_words = WT._template_words(
         [t for r in world.relations for t in r.corpus_templates + r.query_templates]
-        + list(W._DISTRACTOR_TEMPLATES)
-        + list(W._FILLERS)
+        + list(WT._DISTRACTOR_TEMPLATES)
+        + list(WT._FILLERS)
     )
     names = {w.lower() for s in world.subjects for w in s.split()} | {o.lower() for o in words}
     assert not names & template_words
@@ -73,7 +130,7 @@ def test_relations_templates(cfg, world):
         assert len(r.corpus_templates) == 5 * cfg.n_prefixes
         assert len(set(r.corpus_templates)) == len(r.corpus_templates)
         for qt in r.query_templates:
-            assert W._is_query_template(qt)
+            assert WT._is_query_template(qt)
             assert qt not in r.corpus_templates
 
 
@@ -95,14 +152,14 @@ def test_every_fact_is_stated_its_frequency(cfg, world):
 
 
 def test_corpus_sentences_state_their_annotated_facts(world):
-    parser = W.FactParser(world)
+    parser = FactParser(world)
     for d in world.documents:
         for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
             assert parser.fact_ids(sent) == ({fid} if fid >= 0 else set()), sent
 
 
 def test_candidates_state_exactly_their_facts(cfg, world):
-    parser = W.FactParser(world)
+    parser = FactParser(world)
     assert [c.cand_id for c in world.candidates] == list(range(len(world.candidates)))
     texts = [c.text for c in world.candidates]
     assert len(set(texts)) == len(texts)
@@ -267,10 +324,10 @@ def test_rare_token_candidates():
     # Each carries 1-3 made-up words that no training document (nor query) contains.
     seen = _words([d.text for d in w.documents])
     seen |= _words([q.prompt for q in w.queries] + [q.target for q in w.queries])
-    fillers = {tuple(f.split()) for f in W._FILLERS}
+    fillers = {tuple(f.split()) for f in WT._FILLERS}
     made_up = []
     for c in rare:
-        new = [x for x in c.text.split() if x not in _words(W._FILLERS)]
+        new = [x for x in c.text.split() if x not in _words(WT._FILLERS)]
         assert 1 <= len(new) <= 3 and not set(new) & seen, c.text
         # Removing them gives back a filler sentence.
         assert tuple(x for x in c.text.split() if x not in new) in fillers
@@ -321,7 +378,7 @@ def test_lama_world_facts_and_templates(lama_world):
 
 
 def test_lama_world_candidates_and_round_trip(tmp_path, lama_world):
-    parser = W.FactParser(lama_world)
+    parser = FactParser(lama_world)
     for c in lama_world.candidates:
         assert parser.fact_ids(c.text) == set(c.fact_ids), c.text
     counts = collections.Counter(
