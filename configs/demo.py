@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # Master seed: model init and data order derive from it.
     c.run_dir = "runs/demo"  # Everything a run makes lands here (config, world, ckpts, results).
 
-    # --- Synthetic fact world (SPEC §5) ---
+    # --- Synthetic fact world (docs/method.md, Embedded synthetic world) ---
     w = c.world = ml_collections.ConfigDict()
     w.seed = 0  # World seed: names, facts, templates, documents.
     w.source = "synthetic"  # "synthetic" or "lama" (facts + templates jsonl, see *_path below).
@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     f.dtype = "float32"  # Store row dtype: "float32" or "bfloat16".
     f.skip_bad_examples = False  # Skip (and list) empty/too-long examples instead of failing.
 
-    # --- Hessian (SPEC §2.5) ---
+    # --- Hessian approximation R (docs/method.md) ---
     h = c.hessian = ml_collections.ConfigDict()
     h.lambda_mix = "auto_trace"  # A number in [0, 1], "auto" (eigen-crossing) or "auto_trace".
     h.crossing_per_65536 = 1000  # "auto": crossing component c = d * this / 65536.
@@ -110,21 +110,21 @@ def get_config() -> ml_collections.ConfigDict:
     h.eval_source = "heldout"  # "task" (the scored queries) or "heldout" queries.
     h.sample_seed = 0
 
-    # --- Scoring (SPEC §2.6, §3) ---
+    # --- Scoring (docs/method.md, Scoring) ---
     s = c.score = ml_collections.ConfigDict()
     s.preset = "trackstar"  # grad_dot, grad_cosine, trak, exp_opt, exp_opt_norm,
     #                          exp_opt_norm_rtrain, trackstar.
     s.top_k = 100  # Proponents kept per query.
     s.chunk_rows = 4096  # Train-store rows per scoring step.
 
-    # --- Evaluation: fact-tracing metrics and baselines (SPEC §3, §4) ---
+    # --- Evaluation: fact-tracing metrics and baselines (docs/method.md, Evaluation) ---
     e = c.eval = ml_collections.ConfigDict()
     e.mrr_k = 100  # MRR: 1/rank of the first ground-truth candidate within this many.
     e.at_k = 10  # Cut-off of Recall@k and Precision@k.
     e.bm25_stopwords = "english"  # bm25s stopword list: "english" or "none".
     e.random_seed = 0  # Seed of the random-ranking baseline.
 
-    # --- Tail-patch (SPEC §4) ---
+    # --- Tail-patch (docs/method.md, Tail-patch) ---
     tp = c.tailpatch = ml_collections.ConfigDict()
     tp.scale = "batch_share"  # "batch_share" (1 / tokens per training batch) or "single".
     tp.lr = -1.0  # Step size eta; < 0 means the final learning rate of training.
@@ -134,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
     tp.carry_momentum = False  # True: step = U(g) - U(0) with the training optimizer.
     tp.pair_batch = 32  # (query, proponent) pairs per vmapped call (memory vs speed).
 
-    # --- Experiments E1-E7 (SPEC §6); configs/e1.py ... e7.py set these per experiment ---
+    # --- Experiments E1-E7 (docs/method.md); configs/e1.py ... e7.py set these per experiment ---
     ex = c.experiment = ml_collections.ConfigDict()
     ex.name = "e1"  # Which runner: e1 ... e7 (trackstar.experiments.RUNNERS).
     ex.methods = ()  # Methods to compare (presets, "bm25", "random"); () = the runner's default.

@@ -17,6 +17,6 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     c = load_config_file(os.path.join(os.path.dirname(__file__), f"{base}.py"))
     e = c.experiment
     e.name = "e2"
-    e.methods = ("bm25", "random", "grad_dot", "grad_cosine", "trackstar")  # SPEC §6 E2 rows.
+    e.methods = ("bm25", "random", "grad_dot", "grad_cosine", "trackstar")  # The paper's E2 rows.
     e.store_tag = "v2"  # Fresh candidate and query stores, all from the current featurizer.
     return c

@@ -1,5 +1,5 @@
 """The main job, end to end: world -> train -> featurize -> R -> score -> proponents, then
-the E1 table (every SPEC §3 preset + bm25 + random: MRR, Recall@10, tail-patch with its lr sweep).
+the E1 table (every scoring preset + bm25 + random: MRR, Recall@10, tail-patch with its lr sweep).
 
     python scripts/run_experiment.py --config configs/demo.py
 

@@ -7,7 +7,7 @@ from trackstar import stages
 
 def _args(p):
     p.add_argument("--candidates", default="candidates", choices=["candidates", "corpus"])
-    p.add_argument("--preset", default=None, help="SPEC §3 preset (default: config score.preset)")
+    p.add_argument("--preset", default=None, help="scoring preset (default: config score.preset)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Non-gradient retrieval baselines: BM25 (lexical) and random (SPEC §3).
+"""Non-gradient retrieval baselines: BM25 (lexical) and random (docs/method.md, Baselines).
 
 Both return ``ranked_ids_QxK`` in the same form as the gradient scorers, so the same metrics
 apply. BM25 queries are the prompt followed by the target text.
@@ -56,7 +56,7 @@ def bm25_rank(
     """Top-``k`` candidate ids per query by BM25, ties broken by lower candidate id.
 
     Args:
-      query_texts: one text per query, ``prompt + " " + target`` (SPEC §3).
+      query_texts: one text per query, ``prompt + " " + target``.
       candidate_texts: the candidate pool; ids are positions in this list.
       k: how many to keep (padded with -1 if the pool is smaller).
       stopwords: bm25s stopword setting (``"english"``, a list, or None / ``"none"``).

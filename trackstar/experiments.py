@@ -1,4 +1,4 @@
-"""The paper's experiments E1–E7 (SPEC §6) over a run directory, built on ``stages``.
+"""The paper's experiments E1–E7 (docs/method.md) over a run directory, built on ``stages``.
 
 Each runner takes a full config (the demo sections plus an ``experiment`` section), reuses what
 the run directory already holds (checkpoint, stores, Hessian fits) and writes
@@ -11,7 +11,7 @@ proponent ids, checkpoint step), so a changed config never reads a stale value.
 
 | id | what | candidates |
 |---|---|---|
-| e1 | every SPEC §3 preset + bm25 + random: MRR, Recall@10, tail-patch | closed set |
+| e1 | every scoring preset + bm25 + random: MRR, Recall@10, tail-patch | closed set |
 | e2 | bm25, grad_dot, grad_cosine, trackstar | open set (corpus passages) |
 | e3 | MRR / tail-patch vs projection dim d = k·k | closed set |
 | e4 | the same across model sizes (one run dir per size) | closed set |
@@ -19,10 +19,11 @@ proponent ids, checkpoint step), so a changed config never reads a stale value.
 | e6 | tail-patch@1, 3, 5, 10 | closed set |
 | e7 | split by greedy correctness and by fact frequency bucket | closed set |
 
-Tail-patch follows SPEC §4 (``tailpatch`` section): final learning rate, ``batch_share`` scale
-= 1 / counted tokens of one training batch, the checkpoint's preconditioner, proponents = each
-method's top ``max(tailpatch.ks)``, plus a ``ground_truth`` row (the query's own fact
-statements as proponents) and a sweep over ``tailpatch.lr_multipliers`` in every table.
+Tail-patch (docs/method.md, Tail-patch; ``tailpatch`` section): final learning rate,
+``batch_share`` scale = 1 / counted tokens of one training batch, the checkpoint's
+preconditioner, proponents = each method's top ``max(tailpatch.ks)``, plus a ``ground_truth``
+row (the query's own fact statements as proponents) and a sweep over
+``tailpatch.lr_multipliers`` in every table.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from trackstar.baselines import bm25_rank, query_text, random_rank
 
 PRESET_METHODS = tuple(score.PRESETS)
 BASELINES = ("bm25", "random")
-# Table order: the baselines, then the preset ladder of SPEC §3.
+# Table order: the baselines, then the preset ladder (docs/method.md, Scoring).
 ALL_METHODS = (*BASELINES, *PRESET_METHODS)
 GROUND_TRUTH = "ground_truth"
 
@@ -408,7 +409,7 @@ def _default_mult_index(cfg) -> int:
     mults = [float(m) for m in cfg.tailpatch.lr_multipliers]
     if 1.0 not in mults:
         raise ExperimentError(
-            f"tailpatch.lr_multipliers = {tuple(mults)} lacks 1.0, the SPEC §4 default step; "
+            f"tailpatch.lr_multipliers = {tuple(mults)} lacks 1.0, the default step; "
             "add it to the sweep"
         )
     return mults.index(1.0)

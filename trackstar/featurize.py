@@ -1,4 +1,4 @@
-"""Featurize: examples -> per-example feature vectors -> a resumable store (SPEC §2.1-2.4).
+"""Featurize: examples -> per-example feature vectors -> a resumable store (docs/method.md).
 
 The jitted feature kernel (gradients + correction + projection) runs batch by batch; rows are
 grouped into store chunks and each chunk is committed atomically, so a killed run restarts at

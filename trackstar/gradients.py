@@ -1,4 +1,4 @@
-"""Output functions and per-example gradient kernels (SPEC §2.1).
+"""Output functions and per-example gradient kernels (docs/method.md, Output functions).
 
 Every output function is written as a loss (lower = more confident) over the tokens that count:
 ``weights[..., t] = 1`` means token ``t`` is predicted from ``logits[..., t - 1, :]``.
@@ -40,7 +40,7 @@ def _check_kind(kind: str) -> None:
 def output_loss(
     logits_BxTxV: jax.Array, tokens_BxT: jax.Array, weights_BxT: jax.Array, kind: str
 ) -> jax.Array:
-    """Per-example output function, summed over counted tokens (SPEC §2.1).
+    """Per-example output function, summed over counted tokens (docs/method.md).
 
     Works for any leading batch shape (``...`` may be empty). Returns one loss per example:
       - ``"train"`` / ``"loss"``: ``-sum_t w_t log p(y_t)``

@@ -1,4 +1,4 @@
-"""Fact-tracing metrics over ranked candidate lists (SPEC §4).
+"""Fact-tracing metrics over ranked candidate lists (docs/method.md, Evaluation).
 
 A ranking is an int array ``ranked_ids_QxK``: row q lists candidate ids, best first. Negative ids
 are padding (fewer than K candidates retrieved) and never count as hits. Ground truth is one set

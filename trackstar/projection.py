@@ -1,4 +1,4 @@
-"""Random projection of per-example gradients (SPEC §2.3).
+"""Random projection of per-example gradients (docs/method.md, Random projection).
 
 Each parameter tensor ``G_l`` is viewed as a matrix ``(n_in, n_out)`` (``ndim >= 2``:
 ``(prod(shape[:-1]), shape[-1])``; vector: ``(n, 1)``; scalar: ``(1, 1)``) and projected two-sided,

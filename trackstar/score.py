@@ -1,4 +1,4 @@
-"""Streaming scoring: method presets and a running top-k over the train store (SPEC §2.6, §3).
+"""Streaming scoring: method presets and a running top-k over the train store (docs/method.md).
 
 Every preset is one formula, score(m, q) = (T_q u_q) · (T_m u_m), optionally with both sides
 scaled to unit length: T = R^{-1/2} on both sides (R_train or the mixed R), T = I when the
@@ -42,7 +42,7 @@ class ScoreError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PresetSpec:
-    """One row of SPEC §3.
+    """One row of the presets table (docs/method.md, Scoring).
 
     corrected: score the store built with the optimizer correction (True) or without it.
     hessian: "none", "train" (R_train) or "mixed" (λ R_eval + (1 − λ) R_train).
@@ -394,7 +394,7 @@ def score_preset(
     rows_per_step: int | None = None,
     progress: bool | Callable[[int, int | None], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores with a SPEC §3 preset: picks the transforms from ``hessian_fit`` and streams.
+    """Scores with a scoring preset: picks the transforms from ``hessian_fit`` and streams.
 
     ``query_vectors`` may be an array or a store (read whole: Q is small). When the stores carry
     metadata, a store whose optimizer correction does not match the preset, or a fit made for

@@ -1,4 +1,4 @@
-"""Scale-out with JAX SPMD: one mesh, path rules for parameters, sharded kernels (SPEC §2).
+"""Scale-out with JAX SPMD: one mesh, path rules for parameters, sharded kernels (docs/scaling.md).
 
 The mesh has a ``data`` axis (examples, train-store rows) and a ``model`` axis (parameters:
 tensor-parallel or FSDP). Everything here is ``jax.jit`` with explicit ``NamedSharding``s (or
@@ -875,7 +875,7 @@ def score_preset_sharded(
     *,
     rows_per_step: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A SPEC §3 preset scored with ``top_k_scores_sharded`` (transforms from ``hessian_fit``)."""
+    """A scoring preset scored with ``top_k_scores_sharded`` (transforms from ``hessian_fit``)."""
     from trackstar import score
 
     spec = score.get_preset(preset)

@@ -1,8 +1,8 @@
-"""The pipeline's stages over a run directory (SPEC §1): world -> train -> featurize -> R -> score.
+"""The pipeline's stages over a run directory: world -> train -> featurize -> R -> score.
 
 Each stage reads what the previous one wrote under ``cfg.run_dir`` and is resumable: a stage
 whose output is complete is skipped, a partial one continues. Scripts in ``scripts/`` are thin
-wrappers over these functions; ``run_experiment.py`` chains them.
+wrappers over these functions; ``run_experiment.py`` chains them (docs/method.md, Pipeline).
 """
 
 from __future__ import annotations

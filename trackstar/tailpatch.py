@@ -1,6 +1,7 @@
 """Tail-patch: does one training step on a proponent raise the query target's probability?
 
-SPEC §4. From parameters theta, for each query q and each of its proponents m *separately*:
+docs/method.md, Tail-patch. From parameters theta, for each query q and each of its
+proponents m *separately*:
 
     theta' = theta - eta * mult * s * g_m * precond          (default: momentum not carried)
     theta' = theta + mult * (U(s * g_m) - U(0))                (``carry_momentum=True``)
