@@ -4,6 +4,8 @@ Run: python scripts/experiment.py --config configs/e2.py
 Tiny smoke setting: --config configs/e2.py:tiny (the tiny world and model of tiny.py).
 Documents longer than model.max_len (the learned position table) are split at sentence
 boundaries into passages; a passage is ground truth when one of its sentences states the fact.
+No store tag: the passages get their own store (stores/corpus-*), and the query stores are
+E1's, which E2 would featurize identically (same model and featurize section).
 """
 
 import os
@@ -18,5 +20,4 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     e = c.experiment
     e.name = "e2"
     e.methods = ("bm25", "random", "grad_dot", "grad_cosine", "trackstar")  # The paper's E2 rows.
-    e.store_tag = "v2"  # Fresh candidate and query stores, all from the current featurizer.
     return c

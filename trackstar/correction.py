@@ -379,9 +379,6 @@ def preconditioner(
     return _factored_preconditioner(state, params, v_floor, bool(drop_unmoved))
 
 
-second_moment = preconditioner  # the name docs/design.md uses
-
-
 def _global_mean(leaves: Iterable[jax.Array]) -> float:
     """Mean over every element of every leaf, summed leaf by leaf on device in float32 and
     across leaves in float64 on the host (a float32 running sum over many leaves drifts).

@@ -289,12 +289,6 @@ def inverse_sqrt(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]
     return (evecs * damped**-0.5) @ evecs.T, evals[::-1].copy()
 
 
-def inverse(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
-    """Returns ``(R^{-1} float64 d×d, eigenvalues descending)``, damped like ``inverse_sqrt``."""
-    evals, evecs, damped = _damped_eigh(R, damping)
-    return (evecs / damped) @ evecs.T, evals[::-1].copy()
-
-
 # ----------------------------------------------------------------------------- the fit
 
 

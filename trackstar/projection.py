@@ -48,11 +48,6 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), int(shape[-1])
 
 
-def leaf_key(seed: int, path: str) -> jax.Array:
-    """The PRNG key of one parameter tensor: ``fold_in(PRNGKey(seed), stable_hash(path))``."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), stable_hash(path))
-
-
 class Projector:
     """Projects per-example gradient pytrees to ``B x dim`` vectors.
 

@@ -88,8 +88,9 @@ def get_preset(name: str | PresetSpec) -> PresetSpec:
 # ----------------------------------------------------------------------------- jitted kernels
 
 
-def _unit_rows(x_NxD: jax.Array) -> jax.Array:
-    # A zero row stays zero (score 0) instead of turning into NaN.
+def unit_rows(x_NxD: jax.Array) -> jax.Array:
+    """Each row divided by its L2 norm (also the sharded scorer's); a zero row stays zero
+    (score 0) instead of turning into NaN."""
     sq = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
     return x_NxD * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x_NxD.dtype).tiny))
 
@@ -98,7 +99,7 @@ def _unit_rows(x_NxD: jax.Array) -> jax.Array:
 def _prepare_queries(q_QxD: jax.Array, t_DxD: jax.Array | None, normalize: bool) -> jax.Array:
     if t_DxD is not None:
         q_QxD = q_QxD @ t_DxD.T
-    return _unit_rows(q_QxD) if normalize else q_QxD
+    return unit_rows(q_QxD) if normalize else q_QxD
 
 
 def track_non_finite(
@@ -148,7 +149,7 @@ def _merge_step(
     if t_DxD is not None:
         vecs_NxD = vecs_NxD @ t_DxD.T
     if normalize:
-        vecs_NxD = _unit_rows(vecs_NxD)
+        vecs_NxD = unit_rows(vecs_NxD)
     s_QxN = q_QxD @ vecs_NxD.T
     bad = track_non_finite(bad, s_QxN, ids_N, valid_N)
     s_QxN = jnp.where(valid_N[None, :], s_QxN, -jnp.inf)

@@ -721,13 +721,8 @@ def fit_hessian_sharded(
 # ----------------------------------------------------------------------------- scoring
 
 
-def _unit_rows(x_NxD: jax.Array) -> jax.Array:
-    sq = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
-    return x_NxD * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x_NxD.dtype).tiny))
-
-
 def _score_step(mesh: Mesh, normalize: bool, k: int, has_transform: bool):
-    from trackstar.score import track_non_finite
+    from trackstar.score import track_non_finite, unit_rows
 
     rows = P(ALL_AXES)
 
@@ -735,7 +730,7 @@ def _score_step(mesh: Mesh, normalize: bool, k: int, has_transform: bool):
         if has_transform:
             vecs_NxD = vecs_NxD @ t_DxD.T
         if normalize:
-            vecs_NxD = _unit_rows(vecs_NxD)
+            vecs_NxD = unit_rows(vecs_NxD)
         s_QxN = q_QxD @ vecs_NxD.T
         # Each device tracks its own rows' non-finite scores; merged once after the loop.
         count_1, bad_ids_1xB, bad_q_1xQ = bad
@@ -782,7 +777,12 @@ def top_k_scores_sharded(
     refused like in ``top_k_scores`` (``ShardingError`` naming the query indices or the train
     example ids and store chunks).
     """
-    from trackstar.score import check_finite_inputs, init_non_finite, raise_if_non_finite
+    from trackstar.score import (
+        check_finite_inputs,
+        init_non_finite,
+        raise_if_non_finite,
+        unit_rows,
+    )
 
     q = np.asarray(query_vectors_QxD, np.float32)
     if q.ndim != 2 or q.shape[0] == 0:
@@ -804,7 +804,7 @@ def top_k_scores_sharded(
             q_dev, mk(rep, np.asarray(query_transform, np.float32))
         )
     if normalize:
-        q_dev = jax.jit(_unit_rows, out_shardings=rep)(q_dev)
+        q_dev = jax.jit(unit_rows, out_shardings=rep)(q_dev)
     check_finite_inputs(_fetch_replicated(q_dev), {}, ShardingError, prepared=True)
     t_dev = mk(
         rep,
@@ -890,28 +890,4 @@ def score_preset_sharded(
         t_q = hessian_fit.transform(query_name)
     return top_k_scores_sharded(
         train_store, query_vectors, t_m, t_q, spec.normalize, k, mesh, rows_per_step=rows_per_step
-    )
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def make_sharded_train_step(
-    apply_fn: Callable,
-    optimizer: Any,
-    mesh: Mesh,
-    param_sh: PyTree,
-    opt_sh: PyTree,
-):
-    """``trackstar.train.make_train_step`` jitted on ``mesh``: batch over ``data``, params and
-    optimizer state by the rules (``opt_sh`` from ``matched_shardings``). Donates its state."""
-    from trackstar.train import make_train_step
-
-    base = make_train_step(apply_fn, optimizer)
-    batch = batch_sharding(mesh)
-    return jax.jit(
-        base,
-        in_shardings=(param_sh, opt_sh, batch, batch),
-        out_shardings=(param_sh, opt_sh, replicated(mesh)),
-        donate_argnums=(0, 1),
     )
