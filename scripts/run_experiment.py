@@ -33,7 +33,7 @@ def main():
     print(report.proponents_preview(rows))
     with cfg.unlocked():
         cfg.experiment.name = "e1"
-    e1 = experiments.run_e1(cfg)
+    e1 = experiments.run(cfg)  # cfg.experiment.name = "e1"
     print("\n" + e1["markdown"])
     report.save_text(e1["markdown"], stages.path(cfg, "results", "summary.md"))
     save_resolved(cfg, stages.path(cfg, "results"))  # Beside summary.md.

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trackstar import experiments, metrics, model, stages, tokenizer, world
+from trackstar import experiments, metrics, model, stages, tailpatch, tokenizer, world
 from trackstar.config import load_config_file
+from trackstar.experiments import harness
 from trackstar.projection import Projector
 from trackstar.tree import named_leaves
 
@@ -94,8 +95,8 @@ def test_tailpatch_top1_equals_explicit_step(e1):
 
     g = jax.grad(loss)(t.params)
     assert setup.lr == pytest.approx(cfg.train.final_lr)
-    assert setup.tokens_per_batch == cfg.train.batch_size * (cfg.train.seq_len - 1)
-    step = setup.lr / setup.tokens_per_batch
+    assert setup.counted_tokens_per_batch == cfg.train.batch_size * (cfg.train.seq_len - 1)
+    step = setup.lr / setup.counted_tokens_per_batch
     patched = jax.tree.map(lambda p, gi, c: p - step * gi * c, t.params, g, setup.precond)
     before = jnp.exp(model.target_logprob(t.apply_fn, t.params, qt, qw)[0])
     after = jnp.exp(model.target_logprob(t.apply_fn, patched, qt, qw)[0])
@@ -106,7 +107,29 @@ def test_tailpatch_top1_equals_explicit_step(e1):
     assert pq["tailpatch@1"][0] == pytest.approx(want, rel=2e-2, abs=1e-7)
 
 
-def test_e6_and_e7_reuse_e1_caches(e1, run_dir):
+def _spy(calls: list, name: str, fn):
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_e6_and_e7_reuse_e1_caches(e1, run_dir, monkeypatch):
+    """E6 and E7 with E1's settings read every ranking and tail-patch delta from E1's caches.
+
+    Recomputing would give equal numbers, so a miss is caught where it happens: the cache
+    helper counts it in ``CACHE_MISSES`` and the spied ranking and tail-patch functions log it.
+    """
+    calls: list[str] = []
+    for module, name in (
+        (stages, "stage_score"),
+        (tailpatch, "tailpatch_sweep"),
+        (harness, "bm25_rank"),
+        (harness, "random_rank"),
+    ):
+        monkeypatch.setattr(module, name, _spy(calls, name, getattr(module, name)))
+    misses = dict(experiments.CACHE_MISSES)
     cfg6 = tiny_config("e6", run_dir)
     cfg6.tailpatch.ks = (1, 3)
     cfg6.experiment.methods = ("random", "trackstar")
@@ -124,6 +147,8 @@ def test_e6_and_e7_reuse_e1_caches(e1, run_dir):
     assert n_weighted / cfg7.world.n_queries == pytest.approx(r7["methods"]["bm25"]["mrr"])
     out = experiments.output_dir(cfg7)
     assert os.path.exists(os.path.join(out, "mrr_by_bucket.png"))
+    assert calls == []
+    assert dict(experiments.CACHE_MISSES) == misses
 
 
 def test_subgrid_is_the_projection_with_truncated_factors():
@@ -226,7 +251,9 @@ def test_config_errors_and_cache_keys(e1, run_dir):
         experiments.evaluate(setup, ids)
     # Another damping is another R: the cached trackstar ranking must not be reused.
     before = set(os.listdir(stages.path(cfg, "results", "cache")))
+    misses = experiments.CACHE_MISSES["rank"]
     cfg.hessian.damping = 0.5
     experiments.rank(experiments.make_setup(cfg), "trackstar", progress=False)
     after = set(os.listdir(stages.path(cfg, "results", "cache")))
     assert any(f.startswith("rank_candidates_trackstar") for f in after - before)
+    assert experiments.CACHE_MISSES["rank"] == misses + 1  # the counter E6/E7's test relies on

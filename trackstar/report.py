@@ -80,6 +80,105 @@ def sweep_markdown(
     return markdown_table(headers, rows)
 
 
+def sweeps_of(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Sequence[Mapping[str, Any]]]:
+    """The lr sweep of every row that has one (``rows[name]["sweep"]``), in row order."""
+    return {name: r["sweep"] for name, r in rows.items() if "sweep" in r}
+
+
+def sweep_section(rows: Mapping[str, Mapping[str, Any]], k_max: int) -> str:
+    """A titled ``sweep_markdown`` of tail-patch@k_max over the rows' lr sweeps."""
+    return (
+        f"Tail-patch@{k_max} (pp) over learning-rate multipliers (1× = final training lr):\n\n"
+        + sweep_markdown(sweeps_of(rows), f"tailpatch@{k_max}")
+    )
+
+
+# ----- experiment tables ----------------------------------------------------------------------
+
+
+def metric_headers(at_k: int, k_max: int) -> list[str]:
+    """The headers of ``metric_cells``."""
+    return ["MRR", f"Recall@{at_k}", f"tail-patch@{k_max} (pp)"]
+
+
+def metric_cells(row: Mapping[str, Any], at_k: int, k_max: int) -> list[str]:
+    """MRR, Recall@at_k and tail-patch@k_max (pp, ± standard error) of one result row."""
+    return [
+        pm(row.get("mrr"), None, 3, sign=False),
+        pm(row.get(f"recall@{at_k}"), None, 3, sign=False),
+        pm(row.get(f"tailpatch@{k_max}"), row.get(f"tailpatch@{k_max}_se")),
+    ]
+
+
+def main_table(rows: Mapping[str, Mapping[str, Any]], at_k: int, k_max: int) -> str:
+    """Method | MRR | Recall@k | tail-patch@1 | tail-patch@max k (pp, ± standard error)."""
+    headers = ["method", "MRR", f"Recall@{at_k}", "tail-patch@1 (pp)", f"tail-patch@{k_max} (pp)"]
+    body = [
+        [
+            name,
+            pm(r.get("mrr"), None, 3, sign=False),
+            pm(r.get(f"recall@{at_k}"), None, 3, sign=False),
+            pm(r.get("tailpatch@1"), r.get("tailpatch@1_se")),
+            pm(r.get(f"tailpatch@{k_max}"), r.get(f"tailpatch@{k_max}_se")),
+        ]
+        for name, r in rows.items()
+    ]
+    return markdown_table(headers, body)
+
+
+def tailpatch_at_k_table(rows: Mapping[str, Mapping[str, Any]], ks: Sequence[int]) -> str:
+    """Method | tail-patch@k for every k (pp, ± standard error)."""
+    return markdown_table(
+        ["method", *[f"tail-patch@{k} (pp)" for k in ks]],
+        [
+            [n, *[pm(r.get(f"tailpatch@{k}"), r.get(f"tailpatch@{k}_se")) for k in ks]]
+            for n, r in rows.items()
+        ],
+    )
+
+
+def split_table(
+    splits: Mapping[str, Mapping[str, Any]],
+    split: str,
+    sizes: Mapping[str, int],
+    at_k: int,
+    k_max: int,
+) -> str:
+    """Method | split label | queries | MRR | Recall | tail-patch, a row per method and label.
+
+    ``splits[method][metric]["by"][split][label]`` holds ``mean`` and ``se``
+    (``metrics.summarize``); ``sizes[label]`` the queries with that label.
+    """
+    body = []
+    for method, s in splits.items():
+        for label in sorted(sizes, key=label_order):
+            row: dict[str, Any] = {}
+            for metric, by_split in s.items():
+                cell = by_split["by"][split].get(label, {})
+                row[metric], row[f"{metric}_se"] = cell.get("mean"), cell.get("se")
+            body.append([method, label, sizes[label], *metric_cells(row, at_k, k_max)])
+    return markdown_table(["method", split, "queries", *metric_headers(at_k, k_max)], body)
+
+
+def retrieval_header(title: str, results: Mapping[str, Any], candidates: str) -> str:
+    """The heading of a retrieval table: query, candidate and tail-patch counts, accuracy, λ."""
+    tp = results["tailpatch"]
+    return (
+        f"## {title}\n\n{results['n_queries']} queries (MRR, recall), {tp['n_queries']} "
+        f"tail-patched; {results['n_candidates']} candidates ({candidates}); greedy "
+        f"accuracy {results['accuracy']:.3f}; λ = {results.get('lambda_mix')}; tail-patch lr "
+        f"{tp['lr']:.1e}, scale {tp['scale']} (1/{tp['counted_tokens_per_batch']:.0f}).\n"
+    )
+
+
+def label_order(label: str) -> tuple:
+    """Sort key of split labels: numbers by value first, then other labels by text."""
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
 # ----- plots (matplotlib, Agg: files only, no display) ----------------------------------------
 
 
@@ -176,6 +275,95 @@ def grouped_bars(
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, file)
+
+
+# ----- experiment plots -----------------------------------------------------------------------
+
+
+def method_bars(
+    rows: Mapping[str, Mapping[str, Any]],
+    extra: Mapping[str, Mapping[str, Any]],
+    k_max: int,
+    title: str,
+    file: str,
+) -> str:
+    """MRR of ``rows`` and tail-patch@k_max of ``rows`` then ``extra`` (rows without MRR,
+    e.g. the ground truth), side by side."""
+    names = list(rows) + list(extra)
+    tp_rows = {**rows, **extra}
+    return bar_panels(
+        names,
+        [
+            ("MRR", [rows[n].get("mrr") for n in rows] + [None] * len(extra), None),
+            (
+                f"tail-patch@{k_max} (pp)",
+                [tp_rows[n].get(f"tailpatch@{k_max}") for n in names],
+                [tp_rows[n].get(f"tailpatch@{k_max}_se") for n in names],
+            ),
+        ],
+        title,
+        file,
+    )
+
+
+def sweep_chart(
+    rows: Mapping[str, Mapping[str, Any]],
+    lr_multipliers: Sequence[float],
+    k_max: int,
+    title: str,
+    file: str,
+) -> str | None:
+    """Tail-patch@k_max over the lr multipliers, a line per row with a sweep (None: no row)."""
+    sweeps = sweeps_of(rows)
+    if not sweeps:
+        return None
+    key = f"tailpatch@{k_max}"
+    series = {n: ([r[key] for r in s], [r[f"{key}_se"] for r in s]) for n, s in sweeps.items()}
+    mults = [float(m) for m in lr_multipliers]
+    return line_chart(
+        mults, series, "lr multiplier", f"tail-patch@{k_max} (pp)", title, file, logx=True
+    )
+
+
+def metric_series(
+    table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    groups: Sequence[str],
+    names: Sequence[str],
+    metric: str,
+) -> dict[str, tuple[list, list]]:
+    """``{name: (values, errors)}`` of ``table[group][name][metric]`` (and ``_se``) over
+    ``groups``: the series of ``grouped_bars`` and ``line_chart``."""
+    return {
+        n: (
+            [table[g][n].get(metric) for g in groups],
+            [table[g][n].get(f"{metric}_se") for g in groups],
+        )
+        for n in names
+    }
+
+
+def split_bars(
+    splits: Mapping[str, Mapping[str, Any]],
+    split: str,
+    labels: Sequence[str],
+    metric: str,
+    ylabel: str,
+    title: str,
+    file: str,
+    skip: Sequence[str] = (),
+) -> str:
+    """``grouped_bars`` of one metric over a split's labels, a colour per method (``splits`` as
+    in ``split_table``); methods in ``skip`` or without the metric are left out."""
+    series = {}
+    for method, s in splits.items():
+        if metric not in s or method in skip:
+            continue
+        by = s[metric]["by"][split]
+        series[method] = (
+            [by.get(lab, {}).get("mean") for lab in labels],
+            [by.get(lab, {}).get("se") for lab in labels],
+        )
+    return grouped_bars(labels, series, split, ylabel, title, file)
 
 
 def _save(fig, file: str) -> str:

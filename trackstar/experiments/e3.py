@@ -1,0 +1,184 @@
+"""E3 (paper Fig. 2 left): MRR and tail-patch vs projection dimension d = k·k.
+
+Smaller d are exact ``subgrid``s of the stored global-mode ``featurize.k_in x k_out`` vectors;
+their rankings are cached as ``rank_candidates_<method>-k<k>``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from trackstar import hessian, report, score, stages
+from trackstar.experiments.evaluation import evaluate, methods_from, tailpatch_info
+from trackstar.experiments.harness import (
+    ExperimentError,
+    cache_file,
+    cached,
+    cutoffs,
+    ensure_stores,
+    experiment_section,
+    hash_key,
+    make_setup,
+    rank,
+    section,
+    write_results,
+)
+
+
+def subgrid(vectors_NxD: np.ndarray, k_in: int, k_out: int, k: int) -> np.ndarray:
+    """The top-left ``k x k`` block of global-mode Kronecker vectors, rescaled to variance 1/k.
+
+    A global-mode vector is ``sum_l A_l^T G_l B_l`` flattened row-major from a ``k_in x k_out``
+    grid; its ``[:k, :k]`` block is the same sum with only the first ``k`` columns of every
+    ``A_l`` and ``B_l``, i.e. an independent Gaussian Kronecker projection to ``d = k^2``. The
+    factor ``sqrt(k_in/k) * sqrt(k_out/k)`` restores the ``1/k`` entry variance (E[PᵀP] = I).
+    """
+    n = vectors_NxD.shape[0]
+    if vectors_NxD.shape[1] != k_in * k_out:
+        raise ExperimentError(
+            f"vectors have d = {vectors_NxD.shape[1]}, not k_in * k_out = {k_in * k_out}"
+        )
+    if not 0 < k <= min(k_in, k_out):
+        raise ExperimentError(f"sub-grid k = {k} must be in [1, min(k_in, k_out)]")
+    grid = np.asarray(vectors_NxD, np.float32).reshape(n, k_in, k_out)[:, :k, :k]
+    return grid.reshape(n, k * k) * np.float32(math.sqrt(k_in / k) * math.sqrt(k_out / k))
+
+
+def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """E3 (paper Fig. 2 left): MRR and tail-patch vs projection dimension d = k·k.
+
+    The stores are featurized once at the config's ``k_in x k_out`` (global mode); every
+    smaller d is the ``subgrid`` of those vectors (exact, no re-featurization). Methods in
+    ``experiment.tailpatch_methods`` are tail-patched at every d.
+    """
+    t0 = time.perf_counter()
+    ex = experiment_section(cfg)
+    f = cfg.featurize
+    if f.projection_mode != "global":
+        raise ExperimentError(
+            "E3 sub-grids global-mode vectors; set featurize.projection_mode = 'global'"
+        )
+    methods = methods_from(cfg, ("grad_cosine", "exp_opt_norm", "trackstar"))
+    tp_methods = set(ex.get("tailpatch_methods", ("trackstar",)))
+    ks = sorted(int(k) for k in ex.k_values)
+    setup = make_setup(cfg, "candidates")
+    vectors: dict[tuple[bool, str], np.ndarray] = {}
+
+    def read(corrected: bool, which: str) -> np.ndarray:
+        if (corrected, which) not in vectors:
+            # The sub-grid vectors go into R and scores as plain arrays, which carry no
+            # metadata to check later: every store must match the candidate store here.
+            ref = stages.open_store(stages.store_path(cfg, "candidates", corrected))
+            st = stages.open_store(
+                stages.store_path(cfg, which, corrected), ref.meta, ("candidates", which)
+            )
+            vectors[(corrected, which)] = np.asarray(st.read_all()[1], np.float32)
+        return vectors[(corrected, which)]
+
+    rows: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    for method in methods:
+        spec = score.get_preset(method)
+        ensure_stores(cfg, setup.trained, "candidates", spec.corrected)
+        for k in ks:
+            d = k * k
+            if k == f.k_in == f.k_out:
+                ids = rank(setup, method, progress=progress)  # the stored d: E1's ranking
+            else:
+                key = hash_key(
+                    method,
+                    k,
+                    os.path.abspath(cfg.run_dir),
+                    setup.trained.step,
+                    [section(cfg, s) for s in ("featurize", "hessian", "score")],
+                )
+
+                def make(method=method, spec=spec, k=k, d=d) -> np.ndarray:
+                    sub = {
+                        w: subgrid(read(spec.corrected, w), f.k_in, f.k_out, k)
+                        for w in ("candidates", "task", cfg.hessian.eval_source)
+                    }
+                    fit = None
+                    if spec.hessian != "none":
+                        fit = hessian.fit_hessian(
+                            sub["candidates"], sub[cfg.hessian.eval_source], cfg.hessian, d
+                        )
+                    ids, _ = score.score_preset(
+                        sub["candidates"],
+                        sub["task"],
+                        method,
+                        fit,
+                        int(cfg.score.top_k),
+                        rows_per_step=int(cfg.score.chunk_rows),
+                    )
+                    return ids
+
+                ids = cached(cache_file(cfg, "rank", f"candidates_{method}-k{k}", key), make)
+            row, _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
+            rows[method][str(d)] = dict(row, k_in=k, k_out=k)
+    results = {
+        "experiment": ex.name,
+        "d_values": [k * k for k in ks],
+        "methods": rows,
+        "n_queries": setup.n_queries,
+        "tailpatch": tailpatch_info(setup),
+        "note": "smaller d = top-left k x k sub-grid of the stored global Kronecker vectors",
+        "wall_s": time.perf_counter() - t0,
+    }
+    at_k, k_max = cutoffs(cfg)
+    body = [
+        [method, d, *report.metric_cells(r, at_k, k_max)]
+        for method, by_d in rows.items()
+        for d, r in by_d.items()
+    ]
+    sweeps = {
+        f"{m} d={d}": r["sweep"]
+        for m, by_d in rows.items()
+        for d, r in by_d.items()
+        if "sweep" in r
+    }
+    md = "\n\n".join(
+        [
+            f"## E3: quality vs projection dimension d\n\n{setup.n_queries} queries, "
+            f"{setup.n_tailpatch} tail-patched; d = k·k from the stored "
+            f"{f.k_in}x{f.k_out} grid.",
+            report.markdown_table(["method", "d", *report.metric_headers(at_k, k_max)], body),
+            f"Tail-patch@{k_max} (pp) over lr multipliers:\n\n"
+            + report.sweep_markdown(sweeps, f"tailpatch@{k_max}"),
+        ]
+    )
+    out = write_results(cfg, results, md)
+    ds = [k * k for k in ks]
+    report.line_chart(
+        ds,
+        {m: ([rows[m][str(d)].get("mrr") for d in ds], None) for m in methods},
+        "projection dim d",
+        "MRR",
+        "E3: MRR vs d",
+        os.path.join(out, "mrr_vs_d.png"),
+        logx=True,
+    )
+    tp_series = {
+        m: (
+            [rows[m][str(d)].get(f"tailpatch@{k_max}") for d in ds],
+            [rows[m][str(d)].get(f"tailpatch@{k_max}_se") for d in ds],
+        )
+        for m in methods
+        if m in tp_methods
+    }
+    if tp_series:
+        report.line_chart(
+            ds,
+            tp_series,
+            "projection dim d",
+            f"tail-patch@{k_max} (pp)",
+            "E3: tail-patch vs d",
+            os.path.join(out, "tailpatch_vs_d.png"),
+            logx=True,
+        )
+    results["markdown"] = md
+    return results

@@ -1,0 +1,92 @@
+"""E5 (paper Table A.3): the query output function, ``loss`` vs ``margin`` vs ``logit``.
+
+Each output function has its own query stores and R (R_eval is built from query vectors); the
+candidate store is shared.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ml_collections
+
+from trackstar import report
+from trackstar.experiments.evaluation import evaluate, lambda_mix, methods_from, tailpatch_info
+from trackstar.experiments.harness import (
+    cutoffs,
+    experiment_section,
+    make_setup,
+    rank,
+    with_overrides,
+    write_results,
+)
+
+
+def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """E5 (paper Table A.3): the query output function, ``loss`` vs ``margin`` vs ``logit``.
+
+    Each output function has its own query stores (tag = its name; ``loss`` is the default
+    store) and its own R (R_eval comes from the queries); the candidate store is shared.
+    """
+    t0 = time.perf_counter()
+    ex = experiment_section(cfg)
+    methods = methods_from(cfg, ("exp_opt_norm", "trackstar"))
+    tp_methods = set(ex.get("tailpatch_methods", ("trackstar",)))
+    setup = make_setup(cfg, "candidates")
+    rows: dict[str, dict[str, dict]] = {}
+    lambdas = {}
+    store_tag = str(ex.get("store_tag", "") or "")
+    for fn in ex.output_fns:
+        vcfg = with_overrides(cfg, {"featurize": {"query_output_fn": fn}})
+        tag = "-".join(t for t in (store_tag, "" if fn == "loss" else fn) if t)
+        rows[fn] = {}
+        for method in methods:
+            ids = rank(setup, method, store_tag, tag, cfg=vcfg, progress=progress)
+            rows[fn][method], _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
+        lambdas[fn] = lambda_mix(vcfg, "candidates", store_tag, tag)
+    results = {
+        "experiment": ex.name,
+        "output_fns": rows,
+        "lambda_mix": lambdas,
+        "n_queries": setup.n_queries,
+        "tailpatch": tailpatch_info(setup),
+        "wall_s": time.perf_counter() - t0,
+    }
+    at_k, k_max = cutoffs(cfg)
+    body = [
+        [fn, method, *report.metric_cells(r, at_k, k_max)]
+        for fn, by_m in rows.items()
+        for method, r in by_m.items()
+    ]
+    sweeps = {
+        f"{fn}: {m}": r["sweep"]
+        for fn, by_m in rows.items()
+        for m, r in by_m.items()
+        if "sweep" in r
+    }
+    md = "\n\n".join(
+        [
+            f"## E5: query output function\n\n{setup.n_queries} queries, {setup.n_tailpatch} "
+            f"tail-patched; λ per output function: {lambdas}.",
+            report.markdown_table(
+                ["output fn", "method", *report.metric_headers(at_k, k_max)], body
+            ),
+            f"Tail-patch@{k_max} (pp) over lr multipliers:\n\n"
+            + report.sweep_markdown(sweeps, f"tailpatch@{k_max}"),
+        ]
+    )
+    out = write_results(cfg, results, md)
+    fns = list(rows)
+    for metric, label in (("mrr", "MRR"), (f"tailpatch@{k_max}", f"tail-patch@{k_max} (pp)")):
+        shown = [m for m in methods if metric == "mrr" or m in tp_methods]
+        report.grouped_bars(
+            fns,
+            report.metric_series(rows, fns, shown, metric),
+            "query output function",
+            label,
+            f"E5: {label} by output function",
+            os.path.join(out, f"{metric.replace('@', '_at_')}_by_output_fn.png"),
+        )
+    results["markdown"] = md
+    return results
