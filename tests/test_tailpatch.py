@@ -112,7 +112,7 @@ def _sweep(params, precond, scale="batch_share"):
         lr_multipliers=MULTS,
         precond=precond,
         scale=scale,
-        tokens_per_batch=8,
+        counted_tokens_per_batch=8,
         pair_batch=3,
     )
 
@@ -144,11 +144,11 @@ def test_scale_single_equals_batch_share_at_own_token_count(trained):
     args = (apply_fn, params, QUERY_T, QUERY_W, CAND_T, CAND_W, IDS[:, :1])
     kw = dict(lr=LR, precond=precond, pair_batch=3)
     single = tailpatch.tailpatch_deltas(*args, scale="single", **kw)
-    share = tailpatch.tailpatch_deltas(*args, scale="batch_share", tokens_per_batch=3, **kw)
+    share = tailpatch.tailpatch_deltas(*args, scale="batch_share", counted_tokens_per_batch=3, **kw)
     assert_close(single, share)
     assert (single > 0).all()
     smaller = [
-        tailpatch.tailpatch_deltas(*args, scale="batch_share", tokens_per_batch=n, **kw)
+        tailpatch.tailpatch_deltas(*args, scale="batch_share", counted_tokens_per_batch=n, **kw)
         for n in (300, 3000)
     ]
     # Far smaller steps are in the linear regime: 10x smaller step, 10x smaller delta.
@@ -170,7 +170,7 @@ def test_carry_momentum_matches_optimizer_difference_and_zero_gradient(trained):
         lr=LR,
         lr_multipliers=MULTS,
         scale="batch_share",
-        tokens_per_batch=8,
+        counted_tokens_per_batch=8,
         carry_momentum=True,
         optimizer=OPT,
         opt_state=opt_state,
@@ -202,7 +202,7 @@ def test_sweep_table_and_at_k_on_known_deltas():
 def test_bad_inputs_raise(trained):
     params, _, precond = trained
     args = (apply_fn, params, QUERY_T, QUERY_W, CAND_T, CAND_W, IDS)
-    with pytest.raises(tailpatch.TailPatchError, match="tokens_per_batch"):
+    with pytest.raises(tailpatch.TailPatchError, match="counted_tokens_per_batch"):
         tailpatch.tailpatch_deltas(*args, lr=LR, precond=precond)
     with pytest.raises(tailpatch.TailPatchError, match="scale"):
         tailpatch.tailpatch_deltas(*args, lr=LR, precond=precond, scale="full")

@@ -71,7 +71,11 @@ class TrainStream:
 
     @property
     def tokens_per_batch(self) -> int:
-        """Token positions in one batch (``batch_size * seq_len``)."""
+        """Token positions in one batch (``batch_size * seq_len``), counted or not.
+
+        The training loss counts ``batch_size * (seq_len - 1)`` of them (``weights[:, 0] = 0``);
+        tail-patch calls that number ``counted_tokens_per_batch``.
+        """
         return self.batch_size * self.seq_len
 
     @property

@@ -1,7 +1,9 @@
-"""Output functions and per-example gradient kernels (docs/method.md, Output functions).
+"""Per-example gradient kernels of the output functions (docs/method.md, Output functions).
 
-Every output function is written as a loss (lower = more confident) over the tokens that count:
-``weights[..., t] = 1`` means token ``t`` is predicted from ``logits[..., t - 1, :]``.
+The output functions themselves (and every token log-probability) live in ``trackstar.losses``;
+``OUTPUT_FNS`` and ``output_loss`` are re-exported here. ``output_fn`` is a name in
+``losses.OUTPUT_FNS`` or ``losses.TRAIN_OUTPUT_FN`` (the training examples' stored label for
+``"loss"``).
 
 The kernels take any model as a pure function ``apply_fn(params, tokens_BxT) -> logits_BxTxV``
 over a params pytree, so they work for the project's nnx model and for a researcher's own model.
@@ -14,59 +16,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from trackstar.losses import OUTPUT_FNS as OUTPUT_FNS  # re-exported
+from trackstar.losses import output_loss, resolve_output_fn
 from trackstar.tree import named_leaves, path_name
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
-
-# "train" is the corpus-example name of the same quantity as the query output function "loss".
-OUTPUT_FNS = ("train", "loss", "margin", "logit")
-
-
-class NonFiniteFeatureError(ValueError):
-    """A per-example feature contains NaN or inf; the message names the examples."""
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in OUTPUT_FNS:
-        raise ValueError(
-            f"unknown output_fn {kind!r}; choose one of {', '.join(OUTPUT_FNS)} "
-            "(config field featurize.query_output_fn)"
-        )
-
-
-def output_loss(
-    logits_BxTxV: jax.Array, tokens_BxT: jax.Array, weights_BxT: jax.Array, kind: str
-) -> jax.Array:
-    """Per-example output function, summed over counted tokens (docs/method.md).
-
-    Works for any leading batch shape (``...`` may be empty). Returns one loss per example:
-      - ``"train"`` / ``"loss"``: ``-sum_t w_t log p(y_t)``
-      - ``"margin"``: ``-sum_t w_t [log p(y_t) - log(1 - p(y_t))]``
-      - ``"logit"``: ``-sum_t w_t z_{y_t}``
-    where ``y_t = tokens[t]`` and ``p``/``z`` come from ``logits[t - 1]``.
-    """
-    _check_kind(kind)
-    logits = logits_BxTxV[..., :-1, :].astype(jnp.float32)
-    targets = tokens_BxT[..., 1:]
-    weights = weights_BxT[..., 1:].astype(jnp.float32)
-    z_y = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    if kind == "logit":
-        per_token = -z_y
-    else:
-        log_norm = jax.nn.logsumexp(logits, axis=-1)
-        logp_y = z_y - log_norm
-        if kind in ("train", "loss"):
-            per_token = -logp_y
-        else:
-            # log(1 - p_y) = logsumexp over the other tokens - logsumexp over all: exact and
-            # finite even when p_y rounds to 1, unlike log1p(-exp(logp_y)).
-            is_target = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.bool_)
-            log_rest = jax.nn.logsumexp(jnp.where(is_target, -jnp.inf, logits), axis=-1)
-            per_token = -(logp_y - (log_rest - log_norm))
-    return jnp.sum(weights * per_token, axis=-1)
 
 
 def per_example_grads(
@@ -82,7 +38,7 @@ def per_example_grads(
     example runs through ``apply_fn`` at batch size 1 inside ``jax.vmap``, so other rows of the
     batch (including padding rows with zero weights) cannot influence it.
     """
-    _check_kind(output_fn)
+    resolve_output_fn(output_fn)
     if tokens_BxT.ndim != 2 or tokens_BxT.shape != weights_BxT.shape:
         raise ValueError(
             f"tokens and weights must both be B x T, got {tokens_BxT.shape} and "
@@ -120,7 +76,7 @@ def make_feature_fn(
     ``tapped`` method (the project's model does) and the vmap-of-grad reference otherwise;
     ``True`` requires the fast path, ``False`` forces the reference. Both give the same vectors.
     """
-    _check_kind(output_fn)
+    resolve_output_fn(output_fn)
     leaf_paths = [path for path, _ in named_leaves(projector.params_like)]
     if preconditioner is not None:
         _check_same_paths(leaf_paths, preconditioner)
@@ -192,7 +148,7 @@ def activation_features(
     every parameterized op (``trackstar.model.LMApply.tapped`` documents the kinds), with
     ``x``/``y`` whose leading axes broadcast to ``(B, T)``; every parameter must be covered.
     """
-    _check_kind(output_fn)
+    resolve_output_fn(output_fn)
     batch, seq = tokens_BxT.shape
     calls = _discover_taps(apply_fn, params, tokens_BxT)
     leaf_set = set(projector.paths)
@@ -392,24 +348,3 @@ def _project_corrected_leaf(
             )
         scale = scale.dense()
     return projector.project_leaf(path, g * scale.astype(jnp.float32), factors=factors)
-
-
-def nonfinite_rows(vectors_BxD: Any) -> np.ndarray:
-    """Indices of rows holding any NaN or inf (empty when all rows are finite)."""
-    v = np.asarray(vectors_BxD)
-    return np.flatnonzero(~np.isfinite(v).all(axis=tuple(range(1, v.ndim))))
-
-
-def check_finite(vectors_BxD: Any, example_ids: Any = None) -> None:
-    """Raises ``NonFiniteFeatureError`` naming the examples whose feature is not finite.
-
-    ``example_ids`` (length B) names rows in the message; without it the row indices are used.
-    """
-    bad = nonfinite_rows(vectors_BxD)
-    if bad.size:
-        names = [example_ids[i] for i in bad] if example_ids is not None else bad.tolist()
-        raise NonFiniteFeatureError(
-            f"non-finite feature for {len(names)} example(s): {names[:20]}"
-            f"{' ...' if len(names) > 20 else ''}; check these examples (empty weights, "
-            "overlong input) and the optimizer state (zero second moments) before rerunning"
-        )

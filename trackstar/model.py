@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from trackstar import losses
+
 Params = dict[str, Any]
 
 # Named sizes; explicit config fields > 0 override them.
@@ -269,22 +271,14 @@ def count_params(params: Params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def _token_logprobs(apply_fn, params, tokens_BxT, weights_BxT):
-    logits_BxTxV = apply_fn(params, tokens_BxT)
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
-    target_BxT = tokens_BxT[:, 1:]
-    tok_logp_BxT = jnp.take_along_axis(logp_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
-    return logits_BxTxV, tok_logp_BxT, weights_BxT[:, 1:]
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def target_logprob(apply_fn, params: Params, tokens_BxT, weights_BxT) -> jax.Array:
     """Sum over weighted tokens of log p(token | prefix), per example: float32[B].
 
-    ``weights[b, t] = 1`` marks token t as a target predicted from ``tokens[b, :t]``.
+    ``weights[b, t] = 1`` marks token t as a target predicted from ``tokens[b, :t]``
+    (``trackstar.losses.sequence_logprob`` of the model's logits).
     """
-    _, tok_logp_BxT, w_BxT = _token_logprobs(apply_fn, params, tokens_BxT, weights_BxT)
-    return jnp.sum(tok_logp_BxT * w_BxT, axis=-1)
+    return losses.sequence_logprob(apply_fn(params, tokens_BxT), tokens_BxT, weights_BxT)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -295,7 +289,7 @@ def greedy_correct(apply_fn, params: Params, tokens_BxT, weights_BxT) -> jax.Arr
     its target, greedy decoding walks through exactly the same prefixes. Examples without any
     weighted token count as correct (vacuously); callers should not pass them.
     """
-    logits_BxTxV, _, w_BxT = _token_logprobs(apply_fn, params, tokens_BxT, weights_BxT)
+    logits_BxTxV = apply_fn(params, tokens_BxT)
     pred_BxT = jnp.argmax(logits_BxTxV[:, :-1], axis=-1)
-    hit_BxT = (pred_BxT == tokens_BxT[:, 1:]) | (w_BxT == 0)
+    hit_BxT = (pred_BxT == tokens_BxT[:, 1:]) | (weights_BxT[:, 1:] == 0)
     return jnp.all(hit_BxT, axis=-1)

@@ -23,6 +23,7 @@ from trackstar import train as train_lib
 from trackstar.config import run_dir_conflicts, save_config, validate
 from trackstar.featurize import Examples, featurize_into_store
 from trackstar.gradients import make_feature_fn
+from trackstar.losses import TRAIN_OUTPUT_FN
 from trackstar.projection import Projector
 from trackstar.tree import tree_fingerprint
 
@@ -311,7 +312,7 @@ def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]
         else:
             texts = [p.text for p in corpus_passages(w, tok, max_len)]
         ex = _encoded(lambda s: data.encode_texts(tok, texts, max_len, s, **unk), len(texts), skip)
-        return ex, "train", "train"
+        return ex, TRAIN_OUTPUT_FN, "train"  # the "loss" output function
     if which in ("task", "heldout"):
         qs = w.task_queries if which == "task" else w.heldout_queries
         prompts, targets = [q.prompt for q in qs], [q.target for q in qs]

@@ -162,7 +162,9 @@ class StoreMeta:
     model_fingerprint: str
     optimizer_fingerprint: str
     projection: dict  # mode, seed, k_in, k_out, dim, structure_hash.
-    output_fn: str  # "train_loss" for corpus examples; "loss", "margin", "logit" for queries.
+    # losses.TRAIN_OUTPUT_FN ("train") for training examples; "loss", "margin", "logit" for
+    # queries (trackstar.losses; "train" is the "loss" quantity under its stored name).
+    output_fn: str
     correction: str  # "adam", "adafactor" or "none".
     # The effective optimizer-correction settings the vectors were made with, as read from the
     # checkpoint and config (e.g. {"optimizer": "adamw", "b2": 0.98, "eps": 1e-8, "count": 1500,

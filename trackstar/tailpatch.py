@@ -11,10 +11,11 @@ with g_m the gradient of m's summed training loss, ``precond`` the optimizer cor
 ``trackstar.correction.preconditioner`` (Adam: ``1 / (sqrt(v_hat) + eps)``; Adafactor: its
 factored scale, ``FactoredScale`` leaves used as ``FactoredScale.dense()``, the same elementwise
 factor featurize applies), eta the final training learning rate and s the scale: ``"batch_share"``
-(1 / tokens per training batch: m's share of one ordinary batch) or ``"single"`` (1 / m's own
-counted tokens: a batch holding only m). U is one full update of the training optimizer from
-the checkpoint's ``opt_state``; subtracting U(0) keeps only m's contribution (momentum, weight
-decay and the step's own schedule cancel), so the two definitions can be compared.
+(1 / counted tokens per training batch, B (T - 1): m's share of one ordinary batch) or
+``"single"`` (1 / m's own counted tokens: a batch holding only m). U is one full update of the
+training optimizer from the checkpoint's ``opt_state``; subtracting U(0) keeps only m's
+contribution (momentum, weight decay and the step's own schedule cancel), so the two definitions
+can be compared.
 
 The model is any pure ``apply_fn(params, tokens_BxT) -> logits_BxTxV``. (query, proponent)
 pairs are processed in fixed-size padded batches with ``jax.vmap`` (one compilation per
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trackstar import losses
 from trackstar.correction import FactoredScale, dense
 from trackstar.metrics import mean_se
 from trackstar.tree import named_leaves, path_name
@@ -46,23 +48,23 @@ class TailPatchError(ValueError):
 
 
 def _sequence_logprob(apply_fn: ApplyFn, params: PyTree, tokens_T, weights_T) -> jax.Array:
-    """sum_t w_t log p(tokens[t] | tokens[:t]) for one example."""
-    logits_TxV = apply_fn(params, tokens_T[None])[0].astype(jnp.float32)
-    logp_TxV = jax.nn.log_softmax(logits_TxV[:-1], axis=-1)
-    tok_logp = jnp.take_along_axis(logp_TxV, tokens_T[1:, None], axis=-1)[:, 0]
-    return jnp.sum(weights_T[1:] * tok_logp)
+    """sum_t w_t log p(tokens[t] | tokens[:t]) for one example (``losses.sequence_logprob``)."""
+    return losses.sequence_logprob(
+        apply_fn(params, tokens_T[None]), tokens_T[None], weights_T[None]
+    )[0]
 
 
 @functools.lru_cache(maxsize=16)
 def _pair_fn(apply_fn: ApplyFn, carry_momentum: bool, optimizer: Any) -> Callable:
     """The jitted batch computation; cached so repeated calls compile once per shape."""
 
-    def train_loss(params, tokens_S, weights_S):
-        return -_sequence_logprob(apply_fn, params, tokens_S, weights_S)
+    def example_loss(params, tokens_S, weights_S):
+        """m's summed training loss (the ``"loss"`` output function)."""
+        return losses.loss(apply_fn(params, tokens_S[None]), tokens_S[None], weights_S[None])[0]
 
     def one_pair(params, precond, opt_state, zero_update, lr, mults_M, qt, qw, mt, mw, scale):
         base = _sequence_logprob(apply_fn, params, qt, qw)
-        g = jax.grad(train_loss)(params, mt, mw)
+        g = jax.grad(example_loss)(params, mt, mw)
         if carry_momentum:
             scaled = jax.tree.map(lambda x: scale * x, g)
             update, _ = optimizer.update(scaled, opt_state, params)
@@ -142,7 +144,7 @@ def tailpatch_sweep(
     lr_multipliers: Sequence[float] = (1.0,),
     precond: PyTree | None = None,
     scale: str = "batch_share",
-    tokens_per_batch: float | None = None,
+    counted_tokens_per_batch: float | None = None,
     carry_momentum: bool = False,
     optimizer: optax.GradientTransformation | None = None,
     opt_state: PyTree | None = None,
@@ -165,8 +167,9 @@ def tailpatch_sweep(
         paths as params: arrays ``1 / (sqrt(v_hat) + eps)`` (Adam) and, for Adafactor,
         ``FactoredScale`` leaves, applied as their ``dense()`` elementwise factor (not needed
         with ``carry_momentum``).
-      scale: ``"batch_share"`` (needs ``tokens_per_batch``) or ``"single"``.
-      tokens_per_batch: counted tokens in one ordinary training batch.
+      scale: ``"batch_share"`` (needs ``counted_tokens_per_batch``) or ``"single"``.
+      counted_tokens_per_batch: counted tokens in one ordinary training batch
+        (``batch_size * (seq_len - 1)``: every position after the first of each window).
       carry_momentum: use ``U(s g) - U(0)`` with the training optimizer instead of the
         preconditioned gradient step.
       optimizer, opt_state: the training optimizer and its checkpointed state
@@ -178,10 +181,12 @@ def tailpatch_sweep(
     """
     if scale not in SCALES:
         raise TailPatchError(f"unknown tail-patch scale {scale!r}; use one of {SCALES}")
-    if scale == "batch_share" and (tokens_per_batch is None or tokens_per_batch <= 0):
+    if scale == "batch_share" and (
+        counted_tokens_per_batch is None or counted_tokens_per_batch <= 0
+    ):
         raise TailPatchError(
-            "scale='batch_share' needs tokens_per_batch > 0 (counted tokens in one training "
-            "batch, e.g. batch_size * seq_len); or use scale='single'"
+            "scale='batch_share' needs counted_tokens_per_batch > 0 (counted tokens in one "
+            "training batch, batch_size * (seq_len - 1)); or use scale='single'"
         )
     if carry_momentum:
         if optimizer is None or opt_state is None:
@@ -225,7 +230,7 @@ def tailpatch_sweep(
     q_idx, k_idx = np.nonzero(ids >= 0)
     m_idx = ids[q_idx, k_idx]
     if scale == "batch_share":
-        scales = np.full(m_idx.shape, 1.0 / float(tokens_per_batch), np.float32)
+        scales = np.full(m_idx.shape, 1.0 / float(counted_tokens_per_batch), np.float32)
     else:
         # A proponent with no counted tokens has zero gradient; max() only avoids 0/0.
         scales = (1.0 / np.maximum(cw[m_idx].sum(axis=1), 1.0)).astype(np.float32)

@@ -24,6 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 from trackstar import checkpoint
+from trackstar.losses import mean_token_loss
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -111,18 +112,6 @@ def make_optimizer(cfg_train: ml_collections.ConfigDict | dict) -> optax.Gradien
         weight_decay_rate=float(c["weight_decay"]) or None,
         weight_decay_mask=_decay_mask,
     )
-
-
-def mean_token_loss(logits_BxTxV, tokens_BxT, weights_BxT) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy averaged over weighted tokens: ``(loss, n_weighted_tokens)``.
-
-    ``weights[b, t] = 1`` when token t is predicted from ``tokens[b, :t]``.
-    """
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    w_BxT = weights_BxT[:, 1:].astype(jnp.float32)
-    n = jnp.sum(w_BxT)
-    return jnp.sum(nll_BxT * w_BxT) / jnp.maximum(n, 1.0), n
 
 
 @functools.lru_cache(maxsize=8)
