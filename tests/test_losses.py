@@ -79,6 +79,16 @@ def test_sequence_logprob_and_mean_token_loss_match_loop():
     assert float(n0) == 0 and float(loss0) == 0
 
 
+def test_both_roundings_of_log_p_agree():
+    # Training / tail-patch (log_softmax) and the output functions (z - logsumexp) compute the
+    # same log-probability in two float32 roundings; they must agree to rounding.
+    logits, tokens, weights = _inputs(2)
+    seq = np.asarray(losses.sequence_logprob(logits, tokens, weights))
+    assert_close(seq, -np.asarray(losses.loss(logits, tokens, weights)))
+    per_token = np.asarray(losses.token_logprobs(logits, tokens))[:, 1:]
+    assert_close((per_token * weights[:, 1:]).sum(-1), seq)
+
+
 def test_train_output_fn_is_the_loss():
     """The training examples' stored label computes the query ``"loss"`` exactly."""
     logits, tokens, weights = _inputs(2)

@@ -14,8 +14,10 @@ one value per example; ``OUTPUT_FNS`` is the table of them:
   - ``"logit"``: ``-sum_t w_t z_{y_t}``
 
 with ``y_t = tokens[t]`` and ``p``/``z`` from ``logits[t - 1]``. ``log p(y_t)`` is always
-``z_{y_t} - logsumexp(z)`` in float32 (``token_logprobs``); training (``mean_token_loss``),
-tail-patch (``sequence_logprob``), the model's accuracy checks and featurize all use it.
+computed in float32, as ``z_{y_t} - logsumexp(z)`` by the output functions (featurize) and as
+``log_softmax(z)[y_t]`` by ``token_logprobs``, ``sequence_logprob`` (tail-patch, the model's
+target log-probability) and ``mean_token_loss`` (training): the two roundings each path has
+always used, kept so that checkpoints and stores reproduce bit for bit.
 
 Names. The training examples' output function (candidates, corpus passages: every token after
 BOS counts) is the same quantity as the query output function ``"loss"``; its one name is
@@ -55,6 +57,18 @@ def _next_token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.
     return z_y - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _log_softmax_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
+    """``log p(tokens[t] | tokens[:t])`` for t = 1..T-1 via ``jax.nn.log_softmax``.
+
+    The same quantity as ``_next_token_logprobs`` in another float32 rounding. Training,
+    tail-patch and the model's log-probabilities have always used this one, the output
+    functions the other; each keeps its own so that trained checkpoints and featurized stores
+    reproduce bit for bit (they agree to float32 rounding: tests/test_losses.py).
+    """
+    logp = jax.nn.log_softmax(logits_BxTxV[..., :-1, :].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens_BxT[..., 1:, None], axis=-1)[..., 0]
+
+
 def _weighted_sum(weights_BxT: jax.Array, per_token: jax.Array) -> jax.Array:
     """``sum_t w_t x_t`` per example over the predicted positions t = 1..T-1."""
     return jnp.sum(weights_BxT[..., 1:].astype(jnp.float32) * per_token, axis=-1)
@@ -65,7 +79,7 @@ def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
 
     Nothing predicts the first token, so ``logp[..., 0] = 0``; weights never count it.
     """
-    logp = _next_token_logprobs(logits_BxTxV, tokens_BxT)
+    logp = _log_softmax_logprobs(logits_BxTxV, tokens_BxT)
     return jnp.pad(logp, [(0, 0)] * (logp.ndim - 1) + [(1, 0)])
 
 
@@ -73,7 +87,7 @@ def sequence_logprob(
     logits_BxTxV: jax.Array, tokens_BxT: jax.Array, weights_BxT: jax.Array
 ) -> jax.Array:
     """``sum_t w_t log p(tokens[t] | tokens[:t])`` per example (tail-patch, target log-prob)."""
-    return _weighted_sum(weights_BxT, _next_token_logprobs(logits_BxTxV, tokens_BxT))
+    return _weighted_sum(weights_BxT, _log_softmax_logprobs(logits_BxTxV, tokens_BxT))
 
 
 def loss(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, weights_BxT: jax.Array) -> jax.Array:
@@ -134,7 +148,7 @@ def mean_token_loss(
     Returns ``(loss, n_counted_tokens)``; ``loss = sum_b loss_b / max(n, 1)`` with ``loss_b``
     the ``"loss"`` output function of example b.
     """
-    nll = -_next_token_logprobs(logits_BxTxV, tokens_BxT)
+    nll = -_log_softmax_logprobs(logits_BxTxV, tokens_BxT)
     w = weights_BxT[..., 1:].astype(jnp.float32)
     n = jnp.sum(w)
     return jnp.sum(nll * w) / jnp.maximum(n, 1.0), n

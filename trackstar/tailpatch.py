@@ -60,7 +60,9 @@ def _pair_fn(apply_fn: ApplyFn, carry_momentum: bool, optimizer: Any) -> Callabl
 
     def example_loss(params, tokens_S, weights_S):
         """m's summed training loss (the ``"loss"`` output function)."""
-        return losses.loss(apply_fn(params, tokens_S[None]), tokens_S[None], weights_S[None])[0]
+        # -sequence_logprob, not losses.loss: the same quantity in the rounding tail-patch
+        # deltas have always been computed with (losses module docstring).
+        return -_sequence_logprob(apply_fn, params, tokens_S, weights_S)
 
     def one_pair(params, precond, opt_state, zero_update, lr, mults_M, qt, qw, mt, mw, scale):
         base = _sequence_logprob(apply_fn, params, qt, qw)
