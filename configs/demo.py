@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Featurize: per-example gradient -> V correction -> projection -> store ---
     f = c.featurize = ml_collections.ConfigDict()
-    f.query_output_fn = "loss"  # "loss", "margin" or "logit" (trackstar.gradients.output_loss).
+    f.query_output_fn = "loss"  # "loss", "margin" or "logit" (trackstar.losses.OUTPUT_FNS).
     f.projection_mode = "global"  # "global" (summed Kronecker grid), "per_tensor", "dense".
     f.k_in = 64  # Kronecker input-side dim; d = k_in * k_out in "global" mode.
     f.k_out = 64

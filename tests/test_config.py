@@ -197,7 +197,7 @@ def test_every_demo_field_has_a_rule():
 def test_choices_match_the_modules():
     from trackstar import (
         experiments,
-        gradients,
+        losses,
         model,
         projection,
         score,
@@ -213,7 +213,7 @@ def test_choices_match_the_modules():
     assert C.MODEL_MAX_LEN == {k: v["max_len"] for k, v in model.SIZES.items()}
     assert set(C.MODEL_DTYPES) == set(model._DTYPES)
     assert C.OPTIMIZERS == train_lib.OPTIMIZERS
-    assert C.QUERY_OUTPUT_FNS == tuple(f for f in gradients.OUTPUT_FNS if f != "train")
+    assert C.QUERY_OUTPUT_FNS == tuple(losses.OUTPUT_FNS)
     assert C.PROJECTION_MODES == projection.MODES
     assert C.TAILPATCH_SCALES == tailpatch.SCALES
     assert C.MESH_RULES == tuple(sharding.RULE_PRESETS)
