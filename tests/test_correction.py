@@ -10,6 +10,7 @@ import pytest
 from tolerances import assert_close
 from toy_models import make_toy_gru
 
+from trackstar import correction
 from trackstar.correction import (
     CorrectionError,
     CorrectionSettings,
@@ -22,7 +23,7 @@ from trackstar.correction import (
     settings_from,
 )
 from trackstar.gradients import output_loss
-from trackstar.tree import named_leaves
+from trackstar.tree import named_leaves, path_name
 
 VOCAB, HIDDEN = 29, 6
 B2, EPS = 0.95, 1e-6
@@ -317,3 +318,88 @@ def test_settings_come_from_the_training_config_and_build_the_same_factor(adamw_
         settings_from(fstate, {"optimizer": "adafactor"}, drop_unmoved=True)
     zero_eps = {"optimizer": "adafactor", "adafactor_eps": 0.0}
     assert settings_from(fstate, zero_eps, drop_unmoved=True).drop_unmoved
+
+
+# ----------------------------------------------------------------------------- Scale interface
+
+
+def test_scales_share_one_interface_and_apply_their_dense_factor():
+    rng = np.random.default_rng(7)
+    row, col = jnp.asarray(rng.uniform(0.5, 2, 5)), jnp.asarray(rng.uniform(0.5, 2, 3))
+    arr = jnp.asarray(rng.uniform(0.5, 2, (3, 5)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    elementwise, factored = correction.ElementwiseScale(arr), FactoredScale(row, col, 0, 1)
+    cube = FactoredScale(jnp.ones((2, 5)), jnp.ones((2, 3)), 1, 2)  # 3-D: no in/out form
+    for s in (elementwise, factored, cube):
+        assert isinstance(s, correction.Scale) and correction.is_scale(s)
+    assert not correction.is_scale(arr)
+    assert correction.as_scale(arr).dense() is arr and correction.as_scale(factored) is factored
+    assert elementwise.in_out_factors() is None and cube.in_out_factors() is None
+    in_, out = factored.in_out_factors()
+    np.testing.assert_array_equal(np.outer(in_, out), factored.dense())
+    for s in (elementwise, factored):
+        np.testing.assert_array_equal(s.apply(g), g * s.dense())
+        assert s.shape() == (3, 5)
+        # Pytree nodes: a scale is a jit argument and comes back as the same kind.
+        np.testing.assert_array_equal(jax.jit(lambda s: s.apply(g))(s), s.apply(g))
+    assert cube.shape() == (2, 3, 5)
+    # named_scales keeps a factored scale whole (one parameter) and wraps plain arrays.
+    named = correction.named_scales({"a": arr, "b": factored})
+    assert [p for p, _ in named] == ["a", "b"]
+    assert named[0][1].kind == "elementwise" and named[1][1] is factored
+    np.testing.assert_array_equal(dense({"a": arr, "b": factored})["b"], factored.dense())
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_gives_the_store_labels_and_covers_every_training_optimizer():
+    from trackstar import store, train
+
+    assert list(correction.CORRECTIONS) == ["adam", "adafactor"]  # labels stores record
+    assert store.CORRECTIONS == ("adam", "adafactor", "none")
+    assert correction.OPTIMIZER_KINDS == {"adamw": "adam", "adafactor": "adafactor"}
+    assert set(correction.OPTIMIZER_KINDS) == set(train.OPTIMIZERS)
+    assert correction.for_optimizer("sgd") is None
+    assert correction.for_optimizer("adafactor").label == "adafactor"
+
+
+def _rms_settings(train_config, featurize_eps, drop_unmoved):
+    return None, float(featurize_eps if featurize_eps >= 0 else train_config["eps"])
+
+
+def _rms_preconditioner(state, params, *, eps, b2, v_floor, drop_unmoved):
+    nu = dict(named_leaves(state.nu))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: 1.0 / (jnp.sqrt(nu[path_name(p)]) + eps), params
+    )
+
+
+def test_a_new_correction_is_one_registered_entry(monkeypatch):
+    """RMSProp as an example: registering it is all settings_from / preconditioner need."""
+    for name in ("CORRECTIONS", "OPTIMIZER_KINDS", "_STATE_KINDS"):
+        monkeypatch.setattr(correction, name, dict(getattr(correction, name)))
+    correction.register(
+        correction.Correction(
+            label="rms",
+            optimizer="rmsprop",
+            state_kind="rms",
+            state_type=type(optax.rmsprop(0.1, bias_correction=True).init({})[0]),
+            state_fields=frozenset({"count", "nu"}),
+            train_fields=("eps",),
+            read_settings=_rms_settings,
+            build=_rms_preconditioner,
+        )
+    )
+    with pytest.raises(ValueError, match="exists"):
+        correction.register(correction.CORRECTIONS["rms"])
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    opt = optax.rmsprop(0.1, bias_correction=True)
+    state = opt.init(params)
+    _, state = opt.update(jax.tree.map(lambda x: 2 * x, params), state, params)
+    assert [k for k, _ in correction.find_moment_states(state)] == ["rms"]
+    settings = settings_from(state, {"optimizer": "rmsprop", "eps": 1e-3})
+    assert (settings.kind, settings.eps, settings.count) == ("rms", 1e-3, 1)
+    pre = preconditioner_for(settings, state, params)
+    nu = optax.tree_utils.tree_get(state, "nu")
+    np.testing.assert_array_equal(pre["w"], 1.0 / (jnp.sqrt(nu["w"]) + 1e-3))

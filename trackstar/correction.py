@@ -12,6 +12,16 @@ are the elementwise factor the gradient is multiplied by:
   (``FactoredScale``: a row and a column factor), so a projector can fold them into its
   Kronecker factors; ``dense()`` expands them for tests.
 
+Each parameter's factor is used through one interface, ``Scale`` (``dense()``,
+``in_out_factors()`` or ``None``, ``apply(g)``): ``ElementwiseScale`` (an array; preconditioner
+pytrees keep these as plain arrays, ``as_scale`` / ``named_scales`` wrap them) and
+``FactoredScale``. Featurize (``trackstar.gradients``), projection folding and tail-patch go
+through it and never ask which kind a scale is.
+
+``CORRECTIONS`` registers the corrections by store label (``Correction``: the optimizer whose
+moments it reads, the optax state it recognizes, how it reads its settings and builds its
+scales); the store's allowed labels, ``OPTIMIZER_KINDS`` and the stages read from it.
+
 The settings a correction depends on (optimizer kind, b2, eps, step count, V floor,
 drop_unmoved) come from one place, ``settings_from``, which reads them from the checkpoint's own
 training config and optimizer state; ``preconditioner_for(settings, ...)`` builds the factor
@@ -24,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +46,6 @@ from trackstar.tree import named_leaves, path_name
 
 PyTree = Any
 
-_ADAM_FIELDS = {"count", "mu", "nu"}
-_FACTORED_FIELDS = {"count", "v_row", "v_col", "v"}
-
 
 class CorrectionError(ValueError):
     """An optimizer state that cannot give a correction; the message says how to fix it."""
@@ -48,6 +55,69 @@ class PathMismatchError(CorrectionError):
     """Params and optimizer-state moments do not cover the same parameter paths."""
 
 
+@runtime_checkable
+class Scale(Protocol):
+    """The correction of one parameter: what featurize, projection folding and tail-patch use.
+
+    Every correction's per-parameter factor is one of these (``ElementwiseScale``,
+    ``FactoredScale``); a new shape of factor is a new class with these methods, registered as
+    a pytree node so a preconditioner can be a jit argument. Plain arrays in a preconditioner
+    pytree stand for ``ElementwiseScale`` (``as_scale``).
+    """
+
+    kind: str  # How messages name it: "elementwise", "factored".
+
+    def dense(self) -> jax.Array:
+        """The full elementwise factor (shaped like the parameter, or broadcasting to it)."""
+        ...
+
+    def in_out_factors(self) -> tuple[jax.Array, jax.Array] | None:
+        """``(in_N, out_M)`` with ``dense() == outer(in, out)`` in the ``(n_in, n_out)`` view,
+        which a Kronecker projector folds into its factors; ``None`` when not of that form."""
+        ...
+
+    def apply(self, g: jax.Array, dtype: Any = None) -> jax.Array:
+        """``g * dense()`` (the factor cast to ``dtype`` first when given)."""
+        ...
+
+    def shape(self) -> tuple[int, ...]:
+        """The dense factor's shape (checked against the parameter's)."""
+        ...
+
+
+@jax.tree_util.register_pytree_node_class
+class ElementwiseScale:
+    """A full elementwise factor (Adam's, or an unfactored Adafactor tensor's).
+
+    Preconditioner pytrees hold such factors as plain arrays; ``as_scale`` wraps them.
+    """
+
+    kind = "elementwise"
+
+    def __init__(self, array: Any):
+        self.array = array
+
+    def tree_flatten(self):
+        return (self.array,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def dense(self) -> Any:
+        return self.array
+
+    def in_out_factors(self) -> None:
+        return None
+
+    def apply(self, g: jax.Array, dtype: Any = None) -> jax.Array:
+        return g * (self.array if dtype is None else self.array.astype(dtype))
+
+    def shape(self) -> tuple[int, ...]:
+        """The factor's shape (checked against the parameter's)."""
+        return tuple(np.shape(self.array))
+
+
 @jax.tree_util.register_pytree_node_class
 class FactoredScale:
     """Adafactor's factored scale of one tensor: ``expand(row, d0) * expand(col, d1)``.
@@ -55,6 +125,8 @@ class FactoredScale:
     Mirrors optax's ``scale_by_factored_rms``: ``row`` has the tensor's shape without axis
     ``d0`` and ``col`` its shape without axis ``d1``.
     """
+
+    kind = "factored"
 
     def __init__(self, row: jax.Array, col: jax.Array, d0: int, d1: int):
         self.row, self.col, self.d0, self.d1 = row, col, d0, d1
@@ -82,14 +154,35 @@ class FactoredScale:
         by_axis = {self.d1: self.row, self.d0: self.col}
         return by_axis[0], by_axis[1]
 
+    def apply(self, g: jax.Array, dtype: Any = None) -> jax.Array:
+        full = self.dense()
+        return g * (full if dtype is None else full.astype(dtype))
+
+    def shape(self) -> tuple[int, ...]:
+        """The dense factor's shape; ``TypeError``/``ValueError`` when row and column do not
+        combine into one scale."""
+        return tuple(jax.eval_shape(self.dense).shape)
+
+
+def is_scale(x: Any) -> bool:
+    """Whether ``x`` is one parameter's scale object (a pytree node standing for one leaf)."""
+    return isinstance(x, Scale)
+
+
+def as_scale(x: Any) -> Scale:
+    """A preconditioner leaf as a ``Scale``: scale objects as they are, arrays wrapped."""
+    return x if is_scale(x) else ElementwiseScale(x)
+
+
+def named_scales(precond: PyTree) -> list[tuple[str, Any]]:
+    """``[(path, Scale), ...]`` of a preconditioner pytree, one per parameter, in order."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(precond, is_leaf=is_scale)
+    return [(path_name(p), as_scale(leaf)) for p, leaf in leaves]
+
 
 def dense(precond: PyTree) -> PyTree:
-    """Expands every ``FactoredScale`` in a preconditioner pytree to a full array."""
-    return jax.tree.map(
-        lambda s: s.dense() if isinstance(s, FactoredScale) else s,
-        precond,
-        is_leaf=lambda s: isinstance(s, FactoredScale),
-    )
+    """Expands every scale object in a preconditioner pytree to a full array."""
+    return jax.tree.map(lambda s: as_scale(s).dense(), precond, is_leaf=is_scale)
 
 
 def _field(state: Any, name: str) -> Any:
@@ -97,15 +190,14 @@ def _field(state: Any, name: str) -> Any:
 
 
 def _kind(node: Any) -> str | None:
-    if isinstance(node, optax.ScaleByAdamState):
-        return "adam"
-    if isinstance(node, optax.FactoredState):
-        return "factored"
+    """The registered moment-state kind of ``node`` (``Correction.state_kind``), or None."""
+    for c in CORRECTIONS.values():
+        if isinstance(node, c.state_type):
+            return c.state_kind
     # A state restored without a target (e.g. Orbax into plain dicts) keeps the field names.
-    if isinstance(node, dict) and set(node) == _ADAM_FIELDS:
-        return "adam"
-    if isinstance(node, dict) and set(node) == _FACTORED_FIELDS:
-        return "factored"
+    for c in CORRECTIONS.values():
+        if isinstance(node, dict) and set(node) == c.state_fields:
+            return c.state_kind
     return None
 
 
@@ -154,10 +246,6 @@ def _count(state: Any) -> int:
 
 # Adafactor's epsilon when a train config does not record it (trackstar.train's default too).
 _OPTAX_ADAFACTOR_EPS = 1e-30
-
-# train.optimizer -> the moment-state kind its correction reads (StoreMeta.correction).
-OPTIMIZER_KINDS = {"adamw": "adam", "adafactor": "adafactor"}
-_STATE_KINDS = {"adam": "adam", "factored": "adafactor"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,25 +326,14 @@ def settings_from(
         )
     count = _count(state)
     v_floor = _check_v_floor(v_floor)
-    if kind != "adam":
-        if featurize_eps >= 0:
-            raise CorrectionError(
-                f"featurize.eps = {featurize_eps} sets Adam's correction epsilon, but the "
-                "checkpoint was trained with adafactor, whose epsilon is inside its stored "
-                "moments (train.adafactor_eps); set featurize.eps = -1"
-            )
-        adafactor_eps = float(train_config.get("adafactor_eps", _OPTAX_ADAFACTOR_EPS))
-        if drop_unmoved and adafactor_eps > 0:
-            # optax adds epsilon to every squared gradient before averaging, so a statistic
-            # is never exactly 0 and the option would silently change nothing.
-            raise CorrectionError(
-                "featurize.drop_unmoved drops entries whose second moment is exactly 0, but "
-                f"this adafactor checkpoint was trained with train.adafactor_eps = "
-                f"{adafactor_eps:g}, which optax adds to every squared gradient, so no stored "
-                "statistic is 0 and nothing would be dropped; set featurize.drop_unmoved = "
-                "False (featurize.v_floor still bounds entries training never moved)"
-            )
-        return CorrectionSettings(optimizer, kind, None, None, count, v_floor, bool(drop_unmoved))
+    b2, eps = CORRECTIONS[kind].read_settings(train_config, featurize_eps, bool(drop_unmoved))
+    return CorrectionSettings(optimizer, kind, b2, eps, count, v_floor, bool(drop_unmoved))
+
+
+def _adam_settings(
+    train_config: Mapping, featurize_eps: float, drop_unmoved: bool
+) -> tuple[float, float]:
+    """Adam's ``(b2, eps)``: the checkpoint's b2, and its eps unless ``featurize_eps >= 0``."""
     missing = [k for k in ("b2", "eps") if k not in train_config]
     if missing:
         raise CorrectionError(
@@ -269,7 +346,32 @@ def settings_from(
         raise CorrectionError(f"the checkpoint's train.b2 = {b2}; it must be in [0, 1)")
     if not (math.isfinite(eps) and eps >= 0.0):
         raise CorrectionError(f"correction eps = {eps}; it must be a finite number >= 0")
-    return CorrectionSettings(optimizer, kind, b2, eps, count, v_floor, bool(drop_unmoved))
+    return b2, eps
+
+
+def _adafactor_settings(
+    train_config: Mapping, featurize_eps: float, drop_unmoved: bool
+) -> tuple[None, None]:
+    """Adafactor records no b2/eps (its epsilon is inside the moments); refuses settings that
+    would not change anything."""
+    if featurize_eps >= 0:
+        raise CorrectionError(
+            f"featurize.eps = {featurize_eps} sets Adam's correction epsilon, but the "
+            "checkpoint was trained with adafactor, whose epsilon is inside its stored "
+            "moments (train.adafactor_eps); set featurize.eps = -1"
+        )
+    adafactor_eps = float(train_config.get("adafactor_eps", _OPTAX_ADAFACTOR_EPS))
+    if drop_unmoved and adafactor_eps > 0:
+        # optax adds epsilon to every squared gradient before averaging, so a statistic
+        # is never exactly 0 and the option would silently change nothing.
+        raise CorrectionError(
+            "featurize.drop_unmoved drops entries whose second moment is exactly 0, but "
+            f"this adafactor checkpoint was trained with train.adafactor_eps = "
+            f"{adafactor_eps:g}, which optax adds to every squared gradient, so no stored "
+            "statistic is 0 and nothing would be dropped; set featurize.drop_unmoved = "
+            "False (featurize.v_floor still bounds entries training never moved)"
+        )
+    return None, None
 
 
 def preconditioner_for(settings: CorrectionSettings, opt_state: Any, params: PyTree) -> PyTree:
@@ -374,9 +476,9 @@ def preconditioner(
     """
     kind, state = _single_state(opt_state)
     v_floor = _check_v_floor(v_floor)
-    if kind == "adam":
-        return _adam_preconditioner(state, params, eps, b2, v_floor, bool(drop_unmoved))
-    return _factored_preconditioner(state, params, v_floor, bool(drop_unmoved))
+    return CORRECTIONS[_STATE_KINDS[kind]].build(
+        state, params, eps=eps, b2=b2, v_floor=v_floor, drop_unmoved=bool(drop_unmoved)
+    )
 
 
 def _global_mean(leaves: Iterable[jax.Array]) -> float:
@@ -393,11 +495,12 @@ def _global_mean(leaves: Iterable[jax.Array]) -> float:
 def _adam_preconditioner(
     state: Any,
     params: PyTree,
+    *,
     eps: float | None,
     b2: float | None,
     v_floor: float,
     drop_unmoved: bool,
-):
+) -> PyTree:
     if b2 is None or eps is None:
         raise CorrectionError(
             "an Adam state needs the optimizer's b2 (bias correction) and eps: build the "
@@ -434,7 +537,16 @@ def _adam_preconditioner(
     return _map_with_path(factor, params)
 
 
-def _factored_preconditioner(state: Any, params: PyTree, v_floor: float, drop_unmoved: bool):
+def _factored_preconditioner(
+    state: Any,
+    params: PyTree,
+    *,
+    eps: float | None = None,
+    b2: float | None = None,
+    v_floor: float,
+    drop_unmoved: bool,
+) -> PyTree:
+    del eps, b2  # Adafactor's epsilon is inside its stored moments; it has no bias correction.
     _count(state)
     v_rows = _check_paths(params, _field(state, "v_row"), "v_row")
     v_cols = _check_paths(params, _field(state, "v_col"), "v_col")
@@ -499,6 +611,80 @@ def _factored_preconditioner(state: Any, params: PyTree, v_floor: float, drop_un
         return FactoredScale(inv_sqrt(m.row, row0), inv_sqrt(m.col, col0), m.d0, m.d1)
 
     return _map_with_path(factor, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Correction:
+    """One registered correction: the optimizer whose moments it reads and how.
+
+    ``CORRECTIONS`` maps each store label to one of these; ``OPTIMIZER_KINDS``, the store's
+    allowed labels (``trackstar.store.CORRECTIONS``), ``trackstar.stages.correction_kind`` and
+    ``settings_from`` all read from it (docs/design.md, "Adding a correction").
+    """
+
+    label: str  # StoreMeta.correction and CorrectionSettings.kind: "adam", "adafactor".
+    optimizer: str  # The train.optimizer whose moments it reads (trackstar.train.OPTIMIZERS).
+    state_kind: str  # find_moment_states' name for the optax moment state.
+    state_type: type  # That optax state class.
+    state_fields: frozenset  # Its field names (a state restored into plain dicts).
+    # Train-config fields the settings read besides ``optimizer`` (a featurize config must
+    # agree with the checkpoint on them: trackstar.stages.checkpoint_train_config).
+    train_fields: tuple[str, ...]
+    # (train_config, featurize_eps, drop_unmoved) -> (b2, eps) of CorrectionSettings; raises
+    # CorrectionError for settings this correction cannot honour.
+    read_settings: Callable[[Mapping, float, bool], tuple[float | None, float | None]]
+    # (state, params, *, eps, b2, v_floor, drop_unmoved) -> the preconditioner pytree, whose
+    # per-parameter leaves are arrays or Scale objects.
+    build: Callable[..., PyTree]
+
+
+CORRECTIONS: dict[str, Correction] = {
+    c.label: c
+    for c in (
+        Correction(
+            label="adam",
+            optimizer="adamw",
+            state_kind="adam",
+            state_type=optax.ScaleByAdamState,
+            state_fields=frozenset({"count", "mu", "nu"}),
+            train_fields=("b2", "eps"),
+            read_settings=_adam_settings,
+            build=_adam_preconditioner,
+        ),
+        Correction(
+            label="adafactor",
+            optimizer="adafactor",
+            state_kind="factored",
+            state_type=optax.FactoredState,
+            state_fields=frozenset({"count", "v_row", "v_col", "v"}),
+            train_fields=(),
+            read_settings=_adafactor_settings,
+            build=_factored_preconditioner,
+        ),
+    )
+}
+# train.optimizer -> the label of the correction that reads its moments (StoreMeta.correction).
+OPTIMIZER_KINDS = {c.optimizer: c.label for c in CORRECTIONS.values()}
+_STATE_KINDS = {c.state_kind: c.label for c in CORRECTIONS.values()}
+
+
+def register(c: Correction) -> None:
+    """Adds a correction to ``CORRECTIONS`` (and the lookups derived from it) at run time.
+
+    The project's corrections are listed in ``CORRECTIONS`` above; this is for tests and
+    plugins. ``trackstar.store.CORRECTIONS`` (the labels a store accepts) is fixed at import.
+    """
+    if c.label in CORRECTIONS or c.label == "none" or c.optimizer in OPTIMIZER_KINDS:
+        raise ValueError(f"a correction labelled {c.label!r} or for {c.optimizer!r} exists")
+    CORRECTIONS[c.label] = c
+    OPTIMIZER_KINDS[c.optimizer] = c.label
+    _STATE_KINDS[c.state_kind] = c.label
+
+
+def for_optimizer(optimizer: str) -> Correction | None:
+    """The registered correction of a ``train.optimizer``, or None when it has none."""
+    label = OPTIMIZER_KINDS.get(optimizer)
+    return CORRECTIONS[label] if label is not None else None
 
 
 def _map_with_path(fn, tree: PyTree) -> PyTree:

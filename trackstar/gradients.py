@@ -17,9 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from trackstar.correction import named_scales
 from trackstar.losses import OUTPUT_FNS as OUTPUT_FNS  # re-exported
 from trackstar.losses import output_loss, resolve_output_fn
-from trackstar.tree import named_leaves, path_name
+from trackstar.projection import fold_scales
+from trackstar.tree import named_leaves
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -96,13 +98,11 @@ def make_feature_fn(
         grads = per_example_grads(apply_fn, params, tokens_BxT, weights_BxT, output_fn)
         named_grads = named_leaves(grads)
         _check_grad_paths(leaf_paths, [p for p, _ in named_grads])
-        scales = dict(_named_scales(precond)) if precond is not None else {}
+        scales = dict(named_scales(precond)) if precond is not None else {}
         factors = projector.leaf_factors()
         blocks = []
         for path, g in named_grads:
-            blocks.append(
-                _project_corrected_leaf(projector, path, g, scales.get(path), factors[path])
-            )
+            blocks.append(projector.project_corrected(path, g, scales.get(path), factors[path]))
         return projector.combine(blocks)
 
     jitted = jax.jit(features)
@@ -166,7 +166,7 @@ def activation_features(
     zeros = [jnp.zeros((batch, seq, n_out), jnp.float32) for _, _, n_out in calls]
     deltas, inputs = jax.grad(total_loss, has_aux=True)(zeros)
 
-    scales = dict(_named_scales(precond)) if precond is not None else {}
+    scales = dict(named_scales(precond)) if precond is not None else {}
     factors = projector.leaf_factors()
     blocks: dict[str, jax.Array] = {}
 
@@ -177,7 +177,7 @@ def activation_features(
         if path in leaf_set:
             add(
                 path,
-                _project_corrected_leaf(projector, path, g_BxN, scales.get(path), factors[path]),
+                projector.project_corrected(path, g_BxN, scales.get(path), factors[path]),
             )
 
     last = jnp.zeros((), jnp.float32)
@@ -233,10 +233,6 @@ def _discover_taps(apply_fn: Any, params: PyTree, tokens_BxT: jax.Array) -> list
     return calls
 
 
-def _is_factored(scale: Any) -> bool:
-    return hasattr(scale, "in_out_factors")
-
-
 def _materializes(projector: Any, path: str, seq: int, scale: Any) -> bool:
     """Whether a dense kernel's corrected gradient must (or had better) be materialized.
 
@@ -245,7 +241,7 @@ def _materializes(projector: Any, path: str, seq: int, scale: Any) -> bool:
     """
     if projector.mode == "dense":
         return True
-    if scale is not None and not (_is_factored(scale) and scale.in_out_factors() is not None):
+    if scale is not None and scale.in_out_factors() is None:
         return True
     n_in, n_out = projector.shapes[path]
     k_in, k_out = projector.k_in, projector.k_out
@@ -270,16 +266,12 @@ def _kernel_block(
     if not _materializes(projector, path, seq, scale):
         k_in, k_out = projector.k_in, projector.k_out
         row, col = scale.in_out_factors() if scale is not None else (None, None)
-        a, b = factors
-        if row is not None:
-            a = a * jnp.reshape(row, (n_in, 1)).astype(jnp.float32)
-        if col is not None:
-            b = b * jnp.reshape(col, (n_out, 1)).astype(jnp.float32)
+        a, b = fold_scales(factors, row, col)
         xa_BxTxK = jnp.einsum("bti,ik->btk", x_BxTxI, a)
         db_BxTxL = jnp.einsum("bto,ol->btl", d_BxTxO, b)
         return jnp.einsum("btk,btl->bkl", xa_BxTxK, db_BxTxL).reshape(batch, k_in * k_out)
     g_BxIxO = jnp.einsum("bti,bto->bio", x_BxTxI, d_BxTxO)
-    return _project_corrected_leaf(projector, path, g_BxIxO, scale, factors)
+    return projector.project_corrected(path, g_BxIxO, scale, factors)
 
 
 def _embed_block(
@@ -291,9 +283,8 @@ def _embed_block(
     if len(shape) != 2 or shape[1] != width:
         raise ValueError(f"embedding {path!r} has shape {shape}, tap output width {width}")
     if scale is not None:
-        dense_scale = scale.dense() if _is_factored(scale) else scale
         # The gradient's row id_t is delta_t, so any elementwise V applies per token.
-        d_BxTxD = d_BxTxD * dense_scale.astype(jnp.float32)[ids_BxT]
+        d_BxTxD = d_BxTxD * scale.dense().astype(jnp.float32)[ids_BxT]
     if projector.mode == "dense":
         g_BxVxD = jax.vmap(lambda i, v: jnp.zeros(shape, jnp.float32).at[i].add(v))(
             ids_BxT, d_BxTxD
@@ -304,16 +295,8 @@ def _embed_block(
     return jnp.einsum("btk,btl->bkl", a[ids_BxT], db_BxTxL).reshape(batch, -1)
 
 
-def _named_scales(precond: PyTree) -> list[tuple[str, Any]]:
-    # Factored scales are pytree nodes; keep them whole so each path maps to one scale object.
-    leaves, _ = jax.tree_util.tree_flatten_with_path(
-        precond, is_leaf=lambda x: hasattr(x, "in_out_factors")
-    )
-    return [(path_name(p), leaf) for p, leaf in leaves]
-
-
 def _check_same_paths(param_paths: list[str], precond: PyTree) -> None:
-    have = {p for p, _ in _named_scales(precond)}
+    have = {p for p, _ in named_scales(precond)}
     want = set(param_paths)
     if have != want:
         raise ValueError(
@@ -331,20 +314,3 @@ def _check_grad_paths(param_paths: list[str], grad_paths: list[str]) -> None:
             "the params passed to the feature function do not match the projector's params: "
             f"missing {missing}, extra {extra}; build the Projector from these params"
         )
-
-
-def _project_corrected_leaf(
-    projector: Any, path: str, g: jax.Array, scale: Any, factors: tuple
-) -> jax.Array:
-    g = g.astype(jnp.float32)
-    if scale is None:
-        return projector.project_leaf(path, g, factors=factors)
-    if hasattr(scale, "in_out_factors"):
-        in_out = scale.in_out_factors() if projector.can_fold else None
-        if in_out is not None:
-            row_scale, col_scale = in_out
-            return projector.project_leaf(
-                path, g, row_scale=row_scale, col_scale=col_scale, factors=factors
-            )
-        scale = scale.dense()
-    return projector.project_leaf(path, g * scale.astype(jnp.float32), factors=factors)

@@ -48,6 +48,21 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), int(shape[-1])
 
 
+def fold_scales(
+    factors: tuple[jax.Array, jax.Array],
+    row_scale: jax.Array | None,
+    col_scale: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(diag(row) A, diag(col) B)``: a factored correction folded into Kronecker factors, so
+    projecting ``G`` with them projects ``diag(row) G diag(col)``. ``None`` leaves a factor."""
+    a, b = factors
+    if row_scale is not None:
+        a = a * jnp.reshape(row_scale, (a.shape[0], 1)).astype(jnp.float32)
+    if col_scale is not None:
+        b = b * jnp.reshape(col_scale, (b.shape[0], 1)).astype(jnp.float32)
+    return a, b
+
+
 class Projector:
     """Projects per-example gradient pytrees to ``B x dim`` vectors.
 
@@ -178,11 +193,7 @@ class Projector:
             return g.reshape(batch, -1) @ factors[0].T
         n_in, n_out = matrix_shape(shape)
         g_BxIxO = g.reshape(batch, n_in, n_out)
-        a, b = factors
-        if row_scale is not None:
-            a = a * jnp.reshape(row_scale, (n_in, 1)).astype(jnp.float32)
-        if col_scale is not None:
-            b = b * jnp.reshape(col_scale, (n_out, 1)).astype(jnp.float32)
+        a, b = fold_scales(factors, row_scale, col_scale)
         # Contract the cheaper side first; both orders give the same k_in x k_out block.
         cost_b_first = n_in * n_out * self.k_out + n_in * self.k_in * self.k_out
         cost_a_first = n_in * n_out * self.k_in + n_out * self.k_in * self.k_out
@@ -191,6 +202,30 @@ class Projector:
         else:
             out = jnp.einsum("ik,bio->bko", a, g_BxIxO) @ b
         return out.reshape(batch, self.k_in * self.k_out)
+
+    def project_corrected(
+        self,
+        path: str,
+        g_Bx: jax.Array,
+        scale: Any = None,
+        factors: tuple[jax.Array, ...] | None = None,
+    ) -> jax.Array:
+        """``project_leaf`` of ``g * scale`` for one parameter's correction ``scale``.
+
+        ``scale`` is a ``trackstar.correction.Scale`` (or ``None``: no correction). A scale
+        with ``in_out_factors()`` is folded into the Kronecker factors where the mode can
+        fold; otherwise the gradient is multiplied by its dense factor (``apply``) first.
+        """
+        g = g_Bx.astype(jnp.float32)
+        if scale is None:
+            return self.project_leaf(path, g, factors=factors)
+        in_out = scale.in_out_factors() if self.can_fold else None
+        if in_out is not None:
+            row_scale, col_scale = in_out
+            return self.project_leaf(
+                path, g, row_scale=row_scale, col_scale=col_scale, factors=factors
+            )
+        return self.project_leaf(path, scale.apply(g, jnp.float32), factors=factors)
 
     def combine(self, blocks: list[jax.Array]) -> jax.Array:
         """Combines per-leaf blocks (in parameter order) into ``B x dim`` vectors."""

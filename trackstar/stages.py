@@ -326,8 +326,11 @@ def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]
 
 
 # Train fields the correction reads from the checkpoint's own training config (b2 and eps only
-# for AdamW); cfg.train must agree with the checkpoint on them (see checkpoint_train_config).
-_CORRECTION_TRAIN_FIELDS = {"adamw": ("optimizer", "b2", "eps"), "adafactor": ("optimizer",)}
+# for AdamW; read from the correction registry); cfg.train must agree with the checkpoint on
+# them (see checkpoint_train_config).
+_CORRECTION_TRAIN_FIELDS = {
+    c.optimizer: ("optimizer", *c.train_fields) for c in correction.CORRECTIONS.values()
+}
 
 
 def checkpoint_train_config(cfg, step: int | None = None) -> dict:
@@ -382,12 +385,13 @@ def correction_kind(cfg, corrected: bool) -> str:
         optimizer = checkpoint_train_config(cfg).get("optimizer", "adamw")
     else:
         optimizer = cfg.train.optimizer
-    if optimizer not in correction.OPTIMIZER_KINDS:
+    registered = correction.for_optimizer(optimizer)
+    if registered is None:
         raise StageError(
             f"optimizer {optimizer!r} has no known second-moment correction; corrected stores "
             f"need one of {sorted(correction.OPTIMIZER_KINDS)} (or use an uncorrected preset)"
         )
-    return correction.OPTIMIZER_KINDS[optimizer]
+    return registered.label
 
 
 def _tagged(name: str, *tags: str) -> str:

@@ -89,6 +89,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from trackstar import correction as _correction
 from trackstar.files import write_json
 
 try:
@@ -102,7 +103,8 @@ except ImportError:  # An editable install that resolves `trackstar` as a namesp
 SCHEMA_VERSION = 2
 KINDS = ("train", "query")
 DTYPES = ("float32", "bfloat16")
-CORRECTIONS = ("adam", "adafactor", "none")
+# The registered corrections' labels (trackstar.correction.CORRECTIONS) and "none".
+CORRECTIONS = (*_correction.CORRECTIONS, "none")
 
 _META = "meta.json"
 _COMPLETE = "complete.json"

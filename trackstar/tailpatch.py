@@ -9,13 +9,13 @@ proponents m *separately*:
 
 with g_m the gradient of m's summed training loss, ``precond`` the optimizer correction of
 ``trackstar.correction.preconditioner`` (Adam: ``1 / (sqrt(v_hat) + eps)``; Adafactor: its
-factored scale, ``FactoredScale`` leaves used as ``FactoredScale.dense()``, the same elementwise
-factor featurize applies), eta the final training learning rate and s the scale: ``"batch_share"``
-(1 / counted tokens per training batch, B (T - 1): m's share of one ordinary batch) or
-``"single"`` (1 / m's own counted tokens: a batch holding only m). U is one full update of the
-training optimizer from the checkpoint's ``opt_state``; subtracting U(0) keeps only m's
-contribution (momentum, weight decay and the step's own schedule cancel), so the two definitions
-can be compared.
+factored scale; each parameter's ``correction.Scale`` multiplies the gradient with ``apply``,
+the same elementwise factor featurize applies), eta the final training learning rate and s the
+scale: ``"batch_share"`` (1 / counted tokens per training batch, B (T - 1): m's share of one
+ordinary batch) or ``"single"`` (1 / m's own counted tokens: a batch holding only m). U is one
+full update of the training optimizer from the checkpoint's ``opt_state``; subtracting U(0)
+keeps only m's contribution (momentum, weight decay and the step's own schedule cancel), so the
+two definitions can be compared.
 
 The model is any pure ``apply_fn(params, tokens_BxT) -> logits_BxTxV``. (query, proponent)
 pairs are processed in fixed-size padded batches with ``jax.vmap`` (one compilation per
@@ -34,9 +34,9 @@ import numpy as np
 import optax
 
 from trackstar import losses
-from trackstar.correction import FactoredScale, dense
+from trackstar.correction import as_scale, is_scale, named_scales
 from trackstar.metrics import mean_se
-from trackstar.tree import named_leaves, path_name
+from trackstar.tree import named_leaves
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -72,10 +72,13 @@ def _pair_fn(apply_fn: ApplyFn, carry_momentum: bool, optimizer: Any) -> Callabl
             update, _ = optimizer.update(scaled, opt_state, params)
             direction = jax.tree.map(lambda u, u0: u - u0, update, zero_update)
         else:
-            # Factored (Adafactor) scales are expanded here, inside the jit, so only their row
-            # and column factors are held between calls; the product is the elementwise factor
+            # Each parameter's Scale multiplies its gradient (Scale.apply): factored
+            # (Adafactor) scales are expanded here, inside the jit, so only their row and
+            # column factors are held between calls; the product is the elementwise factor
             # featurize multiplies the gradient by.
-            direction = jax.tree.map(lambda x, p: -lr * scale * x * p, g, dense(precond))
+            direction = jax.tree.map(
+                lambda x, c: as_scale(c).apply(-lr * scale * x), g, precond, is_leaf=is_scale
+            )
 
         def at_mult(mult):
             patched = jax.tree.map(lambda p, d: p + (mult * d).astype(p.dtype), params, direction)
@@ -88,19 +91,9 @@ def _pair_fn(apply_fn: ApplyFn, carry_momentum: bool, optimizer: Any) -> Callabl
     return jax.jit(batched)
 
 
-def _is_factored(x: Any) -> bool:
-    return isinstance(x, FactoredScale)
-
-
-def _scale_leaves(precond: PyTree) -> list[tuple[str, Any]]:
-    # A FactoredScale is a pytree node (row and column factors) but stands for one parameter.
-    leaves, _ = jax.tree_util.tree_flatten_with_path(precond, is_leaf=_is_factored)
-    return [(path_name(p), leaf) for p, leaf in leaves]
-
-
 def _check_precond(params: PyTree, precond: PyTree) -> None:
     p_leaves = named_leaves(params)
-    c_leaves = _scale_leaves(precond)
+    c_leaves = named_scales(precond)
     p_paths = [p for p, _ in p_leaves]
     c_paths = [p for p, _ in c_leaves]
     if p_paths != c_paths:
@@ -112,22 +105,22 @@ def _check_precond(params: PyTree, precond: PyTree) -> None:
             "correction.preconditioner(opt_state, params, eps, b2=...)"
         )
     for (path, p), (_, c) in zip(p_leaves, c_leaves, strict=True):
+        parts = "/".join(str(np.shape(x)) for x in jax.tree.leaves(c))
         try:
-            shape = jax.eval_shape(c.dense).shape if _is_factored(c) else np.shape(c)
+            shape = c.shape()
         except (TypeError, ValueError):
             raise TailPatchError(
-                f"factored precond at {path!r} has row/column factors of shapes "
-                f"{np.shape(c.row)}/{np.shape(c.col)} that do not combine into one scale; "
-                "build it with correction.preconditioner(opt_state, params)"
+                f"{c.kind} precond at {path!r} has factors of shapes {parts} that do not "
+                "combine into one scale; build it with correction.preconditioner(opt_state, "
+                "params)"
             ) from None
         try:
             fits = np.broadcast_shapes(shape, np.shape(p)) == np.shape(p)
         except ValueError:  # numpy raises when the shapes do not broadcast at all
             fits = False
         if not fits:
-            kind = "factored precond (dense)" if _is_factored(c) else "precond"
             raise TailPatchError(
-                f"{kind} at {path!r} has shape {shape}, which does not broadcast to the "
+                f"{c.kind} precond at {path!r} has shape {shape}, which does not broadcast to the "
                 f"parameter's shape {np.shape(p)}; build it from this checkpoint's opt_state "
                 "and params"
             )
@@ -167,8 +160,8 @@ def tailpatch_sweep(
       lr_multipliers: step multipliers to sweep; the gradient is computed once per pair.
       precond: the optimizer correction from ``trackstar.correction.preconditioner``, same
         paths as params: arrays ``1 / (sqrt(v_hat) + eps)`` (Adam) and, for Adafactor,
-        ``FactoredScale`` leaves, applied as their ``dense()`` elementwise factor (not needed
-        with ``carry_momentum``).
+        ``FactoredScale`` leaves; each parameter's ``correction.Scale`` is applied with
+        ``apply``, its ``dense()`` elementwise factor (not needed with ``carry_momentum``).
       scale: ``"batch_share"`` (needs ``counted_tokens_per_batch``) or ``"single"``.
       counted_tokens_per_batch: counted tokens in one ordinary training batch
         (``batch_size * (seq_len - 1)``: every position after the first of each window).
