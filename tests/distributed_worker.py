@@ -1,0 +1,118 @@
+"""Subprocess worker for tests/test_distributed.py.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX is imported, so
+the multi-device run happens here, in a fresh process, and is reported as an npz; the test
+asserts.
+
+    python tests/distributed_worker.py ROOT OUT.npz --data D --model M
+
+One tiny trained run (configs/tiny.py, fewer steps) is copied into two run dirs before any
+featurize: ``ROOT/single`` goes through ``trackstar.stages`` (featurize, hessian, score, each on
+one device) and ``ROOT/mesh`` through ``trackstar.distributed`` on a D x M mesh of this
+process's devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+STORES = ("candidates", "task")
+
+
+def config(run_dir: str):
+    from trackstar.config import load_config_file
+
+    cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    cfg.run_dir = run_dir
+    cfg.world.n_subjects = 12  # ~200 candidates instead of 660
+    cfg.world.n_distractor_candidates = 8
+    cfg.world.n_queries = 12  # two task chunks of 8, the last one partial
+    cfg.world.n_heldout_queries = 8
+    cfg.train.steps = 4  # a real AdamW state (v̂ not uniform), not a useful model
+    cfg.train.warmup_steps = 2
+    cfg.train.checkpoint_every = 4
+    cfg.featurize.chunk_size = 8  # several chunks per store (the task store: two)
+    cfg.hessian.eval_source = "task"
+    return cfg
+
+
+_T0 = time.time()
+
+
+def _log(what: str) -> None:
+    print(f"[distributed_worker] {time.time() - _T0:6.1f} s  {what}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root")
+    ap.add_argument("out")
+    ap.add_argument("--data", type=int, default=2)
+    ap.add_argument("--model", type=int, default=2)
+    args = ap.parse_args()
+
+    import jax
+
+    from trackstar import distributed, hessian, stages, store
+
+    single = config(os.path.join(args.root, "single"))
+    stages.stage_world(single)
+    _log("world")
+    stages.stage_train(single, progress=False)
+    _log("train")
+    mesh = config(os.path.join(args.root, "mesh"))
+    shutil.copytree(single.run_dir, mesh.run_dir)  # same world, checkpoint and tokenizer
+    mesh.mesh.data, mesh.mesh.model = args.data, args.model
+    # This world's vocabulary (225) divides by no model axis: replicate the output layer.
+    mesh.mesh.rule_overrides = ("(^|/)unembed/=",)
+
+    out: dict[str, object] = {"devices": jax.device_count()}
+    trained = stages.load_trained(single)
+    out["has_taps"] = callable(getattr(trained.apply_fn, "tapped", None))
+
+    for which in STORES:
+        p1 = stages.stage_featurize(single, which, trained=trained, progress=False)
+        p2 = distributed.stage_featurize_distributed(mesh, which, trained=trained, progress=False)
+        for name, p in (("single", p1), ("mesh", p2)):
+            vs = store.VectorStore.open(p)
+            out[f"{name}_{which}_ids"], out[f"{name}_{which}_vecs"] = vs.read_all()
+            out[f"{name}_{which}_meta"] = json.dumps(vs.meta.to_dict(), sort_keys=True)
+            out[f"{name}_{which}_name"] = os.path.basename(p)
+        _log(f"featurize {which}")
+
+    fits = {
+        "single": hessian.HessianFit.load(stages.stage_hessian(single)),
+        "mesh": hessian.HessianFit.load(distributed.stage_hessian_distributed(mesh)),
+    }
+    _log("hessian")
+    for name, fit in fits.items():
+        out[f"{name}_lambda"] = fit.lambda_mix
+        out[f"{name}_eigenvalues"] = fit.eigenvalues
+        out[f"{name}_transform_names"] = json.dumps(sorted(fit.transforms))
+        for t, m in fit.transforms.items():
+            out[f"{name}_T_{t}"] = m
+
+    res = stages.stage_score(single, progress=False)
+    out["single_ids"], out["single_scores"] = res["ids"], res["scores"]
+    ids, scores = distributed.stage_score_distributed(mesh)
+    out["mesh_ids"], out["mesh_scores"] = np.asarray(ids), np.asarray(scores)
+    _log("score")
+    for name, cfg in (("single", single), ("mesh", mesh)):
+        results = os.path.join(cfg.run_dir, "results")
+        files = sorted(f for f in os.listdir(results) if f.startswith("proponents"))
+        out[f"{name}_proponents_files"] = json.dumps(files)
+    np.savez(args.out, **out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""trackstar.distributed's stages on a 2 (data) x 2 (model) mesh of 4 CPU devices agree with
+the single-process stages of trackstar.stages on one tiny trained run.
+
+The mesh run needs ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before JAX is
+imported, so both runs happen in one subprocess (tests/distributed_worker.py: the single-process
+stages there use one device) and this process only asserts. Checked:
+  - featurize: the candidate and task stores have the same name, metadata (so either run can
+    resume the other's partial store), ids exactly and rows to 1e-5 of their scale;
+  - hessian: the same λ, spectrum of R and transforms (R^{-1/2} and friends) to rounding;
+  - score: the same top-k ids per query, scores to 1e-5.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tolerances import assert_close
+
+from trackstar import distributed, stages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
+DATA, MODEL = 2, 2
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    env = dict(os.environ)
+    # The two LLVM flags halve the run time (it is mostly compiling); they change only the CPU
+    # backend's code generation, after sharding propagation and SPMD partitioning, and both
+    # runs compared are compiled with them.
+    flags = f"--xla_force_host_platform_device_count={DATA * MODEL}"
+    flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env.update(
+        XLA_FLAGS=flags,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+    )
+    cmd = [sys.executable, WORKER, str(root / "runs"), str(root / "out.npz")]
+    cmd += ["--data", str(DATA), "--model", str(MODEL)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    with np.load(root / "out.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_featurize_on_a_mesh_writes_the_single_process_store(report):
+    assert int(report["devices"]) == DATA * MODEL
+    assert bool(report["has_taps"])  # the project's model: both runs take the fast path
+    for which in ("candidates", "task"):
+        s, m = f"single_{which}", f"mesh_{which}"
+        assert str(report[f"{m}_name"]) == str(report[f"{s}_name"])
+        assert json.loads(str(report[f"{m}_meta"])) == json.loads(str(report[f"{s}_meta"]))
+        np.testing.assert_array_equal(report[f"{m}_ids"], report[f"{s}_ids"])
+        assert len(report[f"{s}_ids"]) > 8  # more than one chunk of 8 rows
+        assert_close(report[f"{m}_vecs"], report[f"{s}_vecs"], rtol=0, peak_rtol=1e-5)
+
+
+def test_hessian_on_a_mesh_equals_the_single_process_fit(report):
+    assert_close(report["mesh_lambda"], report["single_lambda"], rtol=1e-5)
+    # R's spectrum; the sharded reduction sums in another order, so equal to rounding.
+    assert_close(report["mesh_eigenvalues"], report["single_eigenvalues"], rtol=0, peak_rtol=1e-5)
+    names = json.loads(str(report["single_transform_names"]))
+    assert json.loads(str(report["mesh_transform_names"])) == names
+    assert "mixed_inv_sqrt" in names  # the transform the trackstar preset scores with
+    for t in names:
+        assert_close(
+            report[f"mesh_T_{t}"], report[f"single_T_{t}"], rtol=0, peak_rtol=1e-5, err_msg=t
+        )
+
+
+def test_score_on_a_mesh_returns_the_single_process_top_k(report):
+    np.testing.assert_array_equal(report["mesh_ids"], report["single_ids"])
+    np.testing.assert_allclose(report["mesh_scores"], report["single_scores"], atol=1e-5)
+
+
+def test_current_gaps_of_the_distributed_stages(report):
+    """Current behaviour, asserted so a change is noticed; not fixed here (the distributed
+    stages are to be merged into trackstar.stages)."""
+    # stage_score writes the proponents file; stage_score_distributed only returns the top-k.
+    single = json.loads(str(report["single_proponents_files"]))
+    assert "proponents_candidates_trackstar.jsonl" in single
+    assert json.loads(str(report["mesh_proponents_files"])) == []
+    # Tags: stage_featurize_distributed takes a store tag, but the distributed hessian and
+    # score stages have no train_tag / query_tag, so they read only the untagged stores.
+    for single_fn, mesh_fn in (
+        (stages.stage_hessian, distributed.stage_hessian_distributed),
+        (stages.stage_score, distributed.stage_score_distributed),
+    ):
+        assert {"train_tag", "query_tag"} <= set(inspect.signature(single_fn).parameters)
+        assert not {"train_tag", "query_tag"} & set(inspect.signature(mesh_fn).parameters)
+    assert "tag" in inspect.signature(distributed.stage_featurize_distributed).parameters
