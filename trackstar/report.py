@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from trackstar.files import write_text
@@ -108,6 +108,36 @@ def metric_cells(row: Mapping[str, Any], at_k: int, k_max: int) -> list[str]:
         pm(row.get(f"recall@{at_k}"), None, 3, sign=False),
         pm(row.get(f"tailpatch@{k_max}"), row.get(f"tailpatch@{k_max}_se")),
     ]
+
+
+def nested_metric_table(
+    rows: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    headers: Sequence[str],
+    at_k: int,
+    k_max: int,
+    sweep_label: Callable[[str, str], str],
+) -> str:
+    """A metric table over two-level results ``rows[outer][inner]`` (E3: method, d; E5: output
+    function, method), followed by the tail-patch@k_max lr sweep of every row that has one,
+    labelled ``sweep_label(outer, inner)``."""
+    body = [
+        [outer, inner, *metric_cells(r, at_k, k_max)]
+        for outer, by_inner in rows.items()
+        for inner, r in by_inner.items()
+    ]
+    sweeps = {
+        sweep_label(outer, inner): r["sweep"]
+        for outer, by_inner in rows.items()
+        for inner, r in by_inner.items()
+        if "sweep" in r
+    }
+    return "\n\n".join(
+        [
+            markdown_table([*headers, *metric_headers(at_k, k_max)], body),
+            f"Tail-patch@{k_max} (pp) over lr multipliers:\n\n"
+            + sweep_markdown(sweeps, f"tailpatch@{k_max}"),
+        ]
+    )
 
 
 def main_table(rows: Mapping[str, Mapping[str, Any]], at_k: int, k_max: int) -> str:

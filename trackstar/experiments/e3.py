@@ -130,25 +130,14 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "wall_s": time.perf_counter() - t0,
     }
     at_k, k_max = cutoffs(cfg)
-    body = [
-        [method, d, *report.metric_cells(r, at_k, k_max)]
-        for method, by_d in rows.items()
-        for d, r in by_d.items()
-    ]
-    sweeps = {
-        f"{m} d={d}": r["sweep"]
-        for m, by_d in rows.items()
-        for d, r in by_d.items()
-        if "sweep" in r
-    }
     md = "\n\n".join(
         [
             f"## E3: quality vs projection dimension d\n\n{setup.n_queries} queries, "
             f"{setup.n_tailpatch} tail-patched; d = k·k from the stored "
             f"{f.k_in}x{f.k_out} grid.",
-            report.markdown_table(["method", "d", *report.metric_headers(at_k, k_max)], body),
-            f"Tail-patch@{k_max} (pp) over lr multipliers:\n\n"
-            + report.sweep_markdown(sweeps, f"tailpatch@{k_max}"),
+            report.nested_metric_table(
+                rows, ["method", "d"], at_k, k_max, lambda m, d: f"{m} d={d}"
+            ),
         ]
     )
     out = write_results(cfg, results, md)

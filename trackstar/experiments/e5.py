@@ -54,26 +54,13 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "wall_s": time.perf_counter() - t0,
     }
     at_k, k_max = cutoffs(cfg)
-    body = [
-        [fn, method, *report.metric_cells(r, at_k, k_max)]
-        for fn, by_m in rows.items()
-        for method, r in by_m.items()
-    ]
-    sweeps = {
-        f"{fn}: {m}": r["sweep"]
-        for fn, by_m in rows.items()
-        for m, r in by_m.items()
-        if "sweep" in r
-    }
     md = "\n\n".join(
         [
             f"## E5: query output function\n\n{setup.n_queries} queries, {setup.n_tailpatch} "
             f"tail-patched; λ per output function: {lambdas}.",
-            report.markdown_table(
-                ["output fn", "method", *report.metric_headers(at_k, k_max)], body
+            report.nested_metric_table(
+                rows, ["output fn", "method"], at_k, k_max, lambda fn, m: f"{fn}: {m}"
             ),
-            f"Tail-patch@{k_max} (pp) over lr multipliers:\n\n"
-            + report.sweep_markdown(sweeps, f"tailpatch@{k_max}"),
         ]
     )
     out = write_results(cfg, results, md)
