@@ -140,6 +140,31 @@ def nested_metric_table(
     )
 
 
+def metric_bar_charts(
+    groups: Sequence[str],
+    rows: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    keys: Sequence[str],
+    methods_for: Callable[[str], Sequence[str]],
+    k_max: int,
+    xlabel: str,
+    title: str,
+    out_dir: str,
+    file_name: str,
+) -> None:
+    """Grouped bar charts of MRR and tail-patch@k_max, one group per ``keys`` entry of
+    ``rows[key][method]`` (E4: model variants, E5: output functions). ``methods_for(metric)``
+    picks the bars; ``title`` is formatted with ``label``, ``file_name`` with ``metric``."""
+    for metric, label in (("mrr", "MRR"), (f"tailpatch@{k_max}", f"tail-patch@{k_max} (pp)")):
+        grouped_bars(
+            groups,
+            metric_series(rows, keys, methods_for(metric), metric),
+            xlabel,
+            label,
+            title.format(label=label),
+            os.path.join(out_dir, file_name.format(metric=metric.replace("@", "_at_"))),
+        )
+
+
 def main_table(rows: Mapping[str, Mapping[str, Any]], at_k: int, k_max: int) -> str:
     """Method | MRR | Recall@k | tail-patch@1 | tail-patch@max k (pp, ± standard error)."""
     headers = ["method", "MRR", f"Recall@{at_k}", "tail-patch@1 (pp)", f"tail-patch@{k_max} (pp)"]

@@ -6,7 +6,6 @@ evaluated and tail-patched as in E1.
 
 from __future__ import annotations
 
-import os
 import time
 
 import ml_collections
@@ -79,15 +78,16 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     out = write_results(cfg, results, md)
     names = list(variants)
     groups = [f"{n}\n({variants[n]['n_params'] / 1e6:.2f}M)" for n in names]
-    for metric, label in (("mrr", "MRR"), (f"tailpatch@{k_max}", f"tail-patch@{k_max} (pp)")):
-        by_model = {n: variants[n]["methods"] for n in names}
-        report.grouped_bars(
-            groups,
-            report.metric_series(by_model, names, methods, metric),
-            "model",
-            label,
-            f"E4: {label} by model size",
-            os.path.join(out, f"{metric.replace('@', '_at_')}_by_model.png"),
-        )
+    report.metric_bar_charts(
+        groups,
+        {n: variants[n]["methods"] for n in names},
+        names,
+        lambda metric: methods,
+        k_max,
+        "model",
+        "E4: {label} by model size",
+        out,
+        "{metric}_by_model.png",
+    )
     results["markdown"] = md
     return results

@@ -6,7 +6,6 @@ candidate store is shared.
 
 from __future__ import annotations
 
-import os
 import time
 
 import ml_collections
@@ -65,15 +64,16 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     )
     out = write_results(cfg, results, md)
     fns = list(rows)
-    for metric, label in (("mrr", "MRR"), (f"tailpatch@{k_max}", f"tail-patch@{k_max} (pp)")):
-        shown = [m for m in methods if metric == "mrr" or m in tp_methods]
-        report.grouped_bars(
-            fns,
-            report.metric_series(rows, fns, shown, metric),
-            "query output function",
-            label,
-            f"E5: {label} by output function",
-            os.path.join(out, f"{metric.replace('@', '_at_')}_by_output_fn.png"),
-        )
+    report.metric_bar_charts(
+        fns,
+        rows,
+        fns,
+        lambda metric: [m for m in methods if metric == "mrr" or m in tp_methods],
+        k_max,
+        "query output function",
+        "E5: {label} by output function",
+        out,
+        "{metric}_by_output_fn.png",
+    )
     results["markdown"] = md
     return results
