@@ -50,6 +50,6 @@ if __name__ == "__main__":
         if info.process_index == 0:
             print(f"hessian: {out}")
     if args.score:
-        ids, scores = distributed.stage_score_distributed(cfg)
+        res = distributed.stage_score_distributed(cfg)
         if info.process_index == 0:
-            print(f"top-1 of the first queries: {ids[:5, 0].tolist()}")
+            print(f"proponents: {res['path']}")

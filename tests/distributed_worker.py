@@ -9,7 +9,8 @@ asserts.
 One tiny trained run (configs/tiny.py, fewer steps) is copied into two run dirs before any
 featurize: ``ROOT/single`` goes through ``trackstar.stages`` (featurize, hessian, score, each on
 one device) and ``ROOT/mesh`` through ``trackstar.distributed`` on a D x M mesh of this
-process's devices.
+process's devices; then the mesh run's stores are renamed to a tagged pair and its Hessian and
+score stages run again with those tags.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 STORES = ("candidates", "task")
+TRAIN_TAG, QUERY_TAG = "t1", "q1"
+STORE_KEYS = ("train_store", "eval_store")
+
+
+def _proponents(out: dict, name: str, jsonl: str) -> None:
+    """The proponents files a score stage wrote: name, jsonl rows and the npz arrays."""
+    out[f"{name}_proponents_name"] = os.path.basename(jsonl)
+    with open(jsonl) as f:
+        out[f"{name}_proponents_rows"] = json.dumps([json.loads(line) for line in f])
+    with np.load(jsonl[: -len(".jsonl")] + ".npz") as f:
+        for k in f.files:
+            out[f"{name}_proponents_npz_{k}"] = f[k]
 
 
 def config(run_dir: str):
@@ -104,9 +117,25 @@ def main() -> None:
 
     res = stages.stage_score(single, progress=False)
     out["single_ids"], out["single_scores"] = res["ids"], res["scores"]
-    ids, scores = distributed.stage_score_distributed(mesh)
-    out["mesh_ids"], out["mesh_scores"] = np.asarray(ids), np.asarray(scores)
+    mres = distributed.stage_score_distributed(mesh)
+    out["mesh_ids"], out["mesh_scores"] = np.asarray(mres["ids"]), np.asarray(mres["scores"])
     _log("score")
+    _proponents(out, "single", res["path"])
+    _proponents(out, "mesh", mres["path"])
+
+    # Tags: the mesh run's untagged stores are renamed to a tagged pair (so only the tagged
+    # ones exist), then the distributed Hessian and score stages run with those tags.
+    for which, tag in (("candidates", TRAIN_TAG), ("task", QUERY_TAG)):
+        os.rename(stages.store_path(mesh, which, True), stages.store_path(mesh, which, True, tag))
+    tags = {"train_tag": TRAIN_TAG, "query_tag": QUERY_TAG}
+    hpath = distributed.stage_hessian_distributed(mesh, **tags)
+    out["tagged_hessian_name"] = os.path.basename(hpath)
+    out["tagged_hessian_stores"] = json.dumps(
+        [os.path.basename(hessian.HessianFit.load(hpath).provenance[k]) for k in STORE_KEYS]
+    )
+    tres = distributed.stage_score_distributed(mesh, **tags)
+    _proponents(out, "tagged", tres["path"])
+    _log("tagged hessian + score")
     for name, cfg in (("single", single), ("mesh", mesh)):
         results = os.path.join(cfg.run_dir, "results")
         files = sorted(f for f in os.listdir(results) if f.startswith("proponents"))

@@ -7,7 +7,10 @@ stages there use one device) and this process only asserts. Checked:
   - featurize: the candidate and task stores have the same name, metadata (so either run can
     resume the other's partial store), ids exactly and rows to 1e-5 of their scale;
   - hessian: the same λ, spectrum of R and transforms (R^{-1/2} and friends) to rounding;
-  - score: the same top-k ids per query, scores to 1e-5.
+  - score: the same top-k ids per query, scores to 1e-5, and the same proponents files (name,
+    rows, arrays);
+  - tags: with train_tag / query_tag the distributed hessian and score read the tagged store
+    pair and name the Hessian and proponents files as trackstar.stages does.
 """
 
 from __future__ import annotations
@@ -81,19 +84,56 @@ def test_score_on_a_mesh_returns_the_single_process_top_k(report):
     np.testing.assert_allclose(report["mesh_scores"], report["single_scores"], atol=1e-5)
 
 
-def test_current_gaps_of_the_distributed_stages(report):
-    """Current behaviour, asserted so a change is noticed; not fixed here (the distributed
-    stages are to be merged into trackstar.stages)."""
-    # stage_score writes the proponents file; stage_score_distributed only returns the top-k.
-    single = json.loads(str(report["single_proponents_files"]))
-    assert "proponents_candidates_trackstar.jsonl" in single
-    assert json.loads(str(report["mesh_proponents_files"])) == []
-    # Tags: stage_featurize_distributed takes a store tag, but the distributed hessian and
-    # score stages have no train_tag / query_tag, so they read only the untagged stores.
+def _assert_same_proponents(report, name: str) -> None:
+    """``name``'s proponents files hold the single-process ones: same queries, texts and ids,
+    scores to the score tolerance."""
+    single = json.loads(str(report["single_proponents_rows"]))
+    rows = json.loads(str(report[f"{name}_proponents_rows"]))
+    assert len(rows) == len(single) > 0
+    for row, want in zip(rows, single, strict=True):
+        assert {k: v for k, v in row.items() if k != "scores"} == {
+            k: v for k, v in want.items() if k != "scores"
+        }
+        np.testing.assert_allclose(row["scores"], want["scores"], atol=1e-5)
+    for key in ("query_ids", "ids"):
+        np.testing.assert_array_equal(
+            report[f"{name}_proponents_npz_{key}"], report[f"single_proponents_npz_{key}"]
+        )
+    np.testing.assert_allclose(
+        report[f"{name}_proponents_npz_scores"], report["single_proponents_npz_scores"], atol=1e-5
+    )
+
+
+def test_score_on_a_mesh_writes_the_single_process_proponents(report):
+    assert str(report["single_proponents_name"]) == "proponents_candidates_trackstar.jsonl"
+    assert str(report["mesh_proponents_name"]) == str(report["single_proponents_name"])
+    np.testing.assert_array_equal(report["single_proponents_npz_ids"], report["single_ids"])
+    _assert_same_proponents(report, "mesh")
+    single_files = json.loads(str(report["single_proponents_files"]))
+    assert single_files == [
+        "proponents_candidates_trackstar.jsonl",
+        "proponents_candidates_trackstar.npz",
+    ]
+    assert set(single_files) <= set(json.loads(str(report["mesh_proponents_files"])))
+
+
+def test_distributed_hessian_and_score_use_the_tagged_store_pair(report):
+    """With train_tag / query_tag the distributed stages read the tagged stores (the untagged
+    ones no longer exist in that run) and name their outputs as the single-process stages do."""
     for single_fn, mesh_fn in (
         (stages.stage_hessian, distributed.stage_hessian_distributed),
         (stages.stage_score, distributed.stage_score_distributed),
     ):
-        assert {"train_tag", "query_tag"} <= set(inspect.signature(single_fn).parameters)
-        assert not {"train_tag", "query_tag"} & set(inspect.signature(mesh_fn).parameters)
-    assert "tag" in inspect.signature(distributed.stage_featurize_distributed).parameters
+        for tag in ("train_tag", "query_tag"):
+            assert inspect.signature(mesh_fn).parameters[tag].default == ""
+            assert inspect.signature(single_fn).parameters[tag].default == ""
+    assert str(report["tagged_hessian_name"]) == "candidates-adam-t1-q1.npz"
+    assert json.loads(str(report["tagged_hessian_stores"])) == [
+        "candidates-adam-t1",
+        "task-adam-q1",
+    ]
+    assert str(report["tagged_proponents_name"]) == "proponents_candidates_trackstar-t1-q1.jsonl"
+    assert "proponents_candidates_trackstar-t1-q1.npz" in json.loads(
+        str(report["mesh_proponents_files"])
+    )
+    _assert_same_proponents(report, "tagged")

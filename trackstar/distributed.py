@@ -1,9 +1,10 @@
 """Multi-host pipeline stages: featurize, fit R and score on a mesh (docs/scaling.md).
 
-The same stores and Hessian files as ``trackstar.stages``, made by every process of a
-``jax.distributed`` run: featurize splits the store's chunks over processes (each process on
-its own devices, or on the global mesh), R is one sharded reduction over every device, and
-scoring shards the train rows over every device. Process 0 writes the shared outputs.
+The same stores, Hessian files and proponents files as ``trackstar.stages`` (named, opened,
+checked and written by its code), made by every process of a ``jax.distributed`` run:
+featurize splits the store's chunks over processes (each process on its own devices, or on
+the global mesh), R is one sharded reduction over every device, and scoring shards the train
+rows over every device. Process 0 writes the shared outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from trackstar import score, sharding, stages
+from trackstar import sharding, stages
 
 
 def stage_featurize_distributed(
@@ -52,16 +53,20 @@ def stage_featurize_distributed(
 
 
 def stage_hessian_distributed(
-    cfg: ml_collections.ConfigDict, candidates: str = "candidates", corrected: bool = True
+    cfg: ml_collections.ConfigDict,
+    candidates: str = "candidates",
+    corrected: bool = True,
+    train_tag: str = "",
+    query_tag: str = "",
 ) -> str:
-    """``stages.stage_hessian`` with both Gauss-Newton sums reduced over the global mesh."""
+    """``stages.stage_hessian`` with both Gauss-Newton sums reduced over the global mesh.
+
+    The same stores (``train_tag`` / ``query_tag`` as there, opened by
+    ``stages.hessian_stores``) and the same Hessian file (``stages.hessian_path``).
+    """
     mesh = sharding.mesh_from_config(cfg.mesh)
-    train_store = stages.open_store(stages.store_path(cfg, candidates, corrected))
-    # Checked before the sharded reductions (fit_from_moments checks again after them).
-    eval_store = stages.open_store(
-        stages.store_path(cfg, cfg.hessian.eval_source, corrected),
-        train_store.meta,
-        ("train", "R_eval"),
+    train_store, eval_store = stages.hessian_stores(
+        cfg, candidates, corrected, train_tag, query_tag
     )
     fit = sharding.fit_hessian_sharded(
         train_store,
@@ -71,7 +76,7 @@ def stage_hessian_distributed(
         mesh,
         provenance={"train_store": train_store.path, "eval_store": eval_store.path},
     )
-    out = stages.hessian_path(cfg, candidates, corrected)
+    out = stages.hessian_path(cfg, candidates, corrected, train_tag, query_tag)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         fit.save(out)
@@ -80,25 +85,30 @@ def stage_hessian_distributed(
 
 
 def stage_score_distributed(
-    cfg: ml_collections.ConfigDict, preset: str | None = None, candidates: str = "candidates"
-):
-    """Top-k proponents of the task queries, train rows sharded over the global mesh.
+    cfg: ml_collections.ConfigDict,
+    preset: str | None = None,
+    candidates: str = "candidates",
+    train_tag: str = "",
+    query_tag: str = "",
+) -> dict:
+    """``stages.stage_score`` with the train rows sharded over the global mesh.
 
-    Returns ``(ids_QxK, scores_QxK)`` on every process (the same on each).
+    The same inputs (``stages.score_inputs``, tags as there) and the same proponents files
+    (``stages.write_score_results``, written by process 0). Returns
+    ``{"ids", "scores", "path"}`` on every process (the same on each).
     """
-    from trackstar import hessian
-
     preset = preset or cfg.score.preset
-    spec = score.get_preset(preset)
     mesh = sharding.mesh_from_config(cfg.mesh)
-    train_store = stages.open_store(stages.store_path(cfg, candidates, spec.corrected))
-    query_store = stages.open_store(
-        stages.store_path(cfg, "task", spec.corrected), train_store.meta, ("train", "query")
+    inputs = stages.score_inputs(cfg, preset, candidates, train_tag, query_tag)
+    ids, scores = sharding.score_preset_sharded(
+        inputs.train_store, inputs.query_store, preset, inputs.fit, cfg.score.top_k, mesh
     )
-    fit = None
-    if spec.hessian != "none":
-        fit = hessian.HessianFit.load(stages.hessian_path(cfg, candidates, spec.corrected))
-        fit.check_compatible(train_store.meta.to_dict(), "the train store")
-    return sharding.score_preset_sharded(
-        train_store, query_store, preset, fit, cfg.score.top_k, mesh
-    )
+    if jax.process_index() == 0:
+        result = stages.write_score_results(
+            cfg, candidates, preset, ids, scores, train_tag, query_tag
+        )
+    else:
+        out = stages.proponents_path(cfg, candidates, preset, train_tag, query_tag)
+        result = {"ids": ids, "scores": scores, "path": out + ".jsonl"}
+    sharding.barrier("trackstar-proponents-saved")
+    return result

@@ -542,6 +542,26 @@ def hessian_path(
     return path(cfg, "hessian", f"{name}.npz")
 
 
+def hessian_stores(
+    cfg, candidates: str, corrected: bool, train_tag: str = "", query_tag: str = ""
+) -> tuple[store.VectorStore, store.VectorStore]:
+    """``(train_store, eval_store)`` a Hessian fit reads: the finished candidate store and the
+    R_eval store (``hessian.eval_source``), checked compatible before any vector is read.
+
+    ``train_tag`` / ``query_tag`` pick tagged candidate / query stores (see ``store_path``).
+    The single-process and distributed Hessian stages both open their inputs here.
+    """
+    train_store = open_store(store_path(cfg, candidates, corrected, train_tag))
+    eval_source = cfg.hessian.eval_source
+    if eval_source not in ("task", "heldout"):
+        raise StageError(f"hessian.eval_source must be 'task' or 'heldout', got {eval_source!r}")
+    # An R_eval store featurized unlike the train store is refused (fit_hessian checks again).
+    eval_store = open_store(
+        store_path(cfg, eval_source, corrected, query_tag), train_store.meta, ("train", "R_eval")
+    )
+    return train_store, eval_store
+
+
 def stage_hessian(
     cfg,
     candidates: str = "candidates",
@@ -553,12 +573,7 @@ def stage_hessian(
 
     ``train_tag`` / ``query_tag`` pick tagged candidate / query stores (see ``store_path``).
     """
-    train_store = open_store(store_path(cfg, candidates, corrected, train_tag))
-    eval_source = cfg.hessian.eval_source
-    if eval_source not in ("task", "heldout"):
-        raise StageError(f"hessian.eval_source must be 'task' or 'heldout', got {eval_source!r}")
-    # fit_hessian refuses an R_eval store featurized unlike the train store (check_compatible).
-    eval_store = open_store(store_path(cfg, eval_source, corrected, query_tag))
+    train_store, eval_store = hessian_stores(cfg, candidates, corrected, train_tag, query_tag)
     fit = hessian.fit_hessian(
         train_store,
         eval_store,
@@ -570,6 +585,71 @@ def stage_hessian(
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fit.save(out)
     return out
+
+
+@dataclasses.dataclass
+class ScoreInputs:
+    """What scoring one preset reads: the train and query stores and the Hessian fit (None
+    for a preset without one)."""
+
+    train_store: store.VectorStore
+    query_store: store.VectorStore
+    fit: hessian.HessianFit | None
+
+
+def score_inputs(
+    cfg, preset: str, candidates: str, train_tag: str = "", query_tag: str = ""
+) -> ScoreInputs:
+    """Opens and checks the stores (and Hessian fit) ``preset`` scores the task queries with.
+
+    The query store must match the train store (``store.check_compatible``) and the fit must
+    have been made from vectors like the train store's (a ``ScoreError`` otherwise). The
+    single-process and distributed score stages both open their inputs here.
+    """
+    spec = score.get_preset(preset)
+    train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
+    query_store = open_store(
+        store_path(cfg, "task", spec.corrected, query_tag), train_store.meta, ("train", "query")
+    )
+    fit = None
+    if spec.hessian != "none":
+        fit = hessian.HessianFit.load(
+            hessian_path(cfg, candidates, spec.corrected, train_tag, query_tag)
+        )
+        try:
+            fit.check_compatible(train_store.meta.to_dict(), "the train store")
+        except hessian.HessianError as e:
+            raise score.ScoreError(str(e)) from None
+    return ScoreInputs(train_store, query_store, fit)
+
+
+def proponents_path(
+    cfg, candidates: str, preset: str, train_tag: str = "", query_tag: str = ""
+) -> str:
+    """``results/proponents_<candidates>_<preset>[-<tags>]`` (add ``.jsonl`` / ``.npz``)."""
+    return path(cfg, "results", _tagged(f"proponents_{candidates}_{preset}", train_tag, query_tag))
+
+
+def write_score_results(
+    cfg,
+    candidates: str,
+    preset: str,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    train_tag: str = "",
+    query_tag: str = "",
+) -> dict:
+    """Writes the task queries' top-k proponents (``proponents_path`` + ``.jsonl`` / ``.npz``,
+    with the candidate texts) and returns ``{"ids", "scores", "path"}`` (path: the jsonl).
+
+    The single-process and distributed score stages both write their results here.
+    """
+    w, tok = load_world_and_tokenizer(cfg)
+    texts, _ = candidate_pool(cfg, w, tok, candidates)
+    queries = [dataclasses.asdict(q) for q in w.task_queries]
+    out = proponents_path(cfg, candidates, preset, train_tag, query_tag)
+    score.write_proponents(out + ".jsonl", out + ".npz", queries, ids, scores, texts)
+    return {"ids": ids, "scores": scores, "path": out + ".jsonl"}
 
 
 def stage_score(
@@ -586,28 +666,14 @@ def stage_score(
     the proponents file then carries the tags in its name.
     """
     preset = preset or cfg.score.preset
-    spec = score.get_preset(preset)
-    train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
-    query_store = open_store(
-        store_path(cfg, "task", spec.corrected, query_tag), train_store.meta, ("train", "query")
-    )
-    fit = None
-    if spec.hessian != "none":
-        fit = hessian.HessianFit.load(
-            hessian_path(cfg, candidates, spec.corrected, train_tag, query_tag)
-        )
+    inputs = score_inputs(cfg, preset, candidates, train_tag, query_tag)
     ids, scores = score.score_preset(
-        train_store,
-        query_store,
+        inputs.train_store,
+        inputs.query_store,
         preset,
-        fit,
+        inputs.fit,
         cfg.score.top_k,
         rows_per_step=cfg.score.chunk_rows,
         progress=progress,
     )
-    w, tok = load_world_and_tokenizer(cfg)
-    texts, _ = candidate_pool(cfg, w, tok, candidates)
-    queries = [dataclasses.asdict(q) for q in w.task_queries]
-    out = path(cfg, "results", _tagged(f"proponents_{candidates}_{preset}", train_tag, query_tag))
-    score.write_proponents(out + ".jsonl", out + ".npz", queries, ids, scores, texts)
-    return {"ids": ids, "scores": scores, "path": out + ".jsonl"}
+    return write_score_results(cfg, candidates, preset, ids, scores, train_tag, query_tag)
