@@ -19,9 +19,4 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     e.methods = ("exp_opt_norm", "trackstar")  # Presets scored with each output function.
     e.tailpatch_methods = ("trackstar",)  # Tail-patched for each output function.
     e.output_fns = ("loss", "margin", "logit")
-    # Not needed for correctness: each non-loss output function's query stores get its name as
-    # a suffix anyway, and E5's loss stores equal E1's (same model and featurize section; E5's
-    # loss row reproduces E1's). Kept because tests/test_experiments.py builds E5's store
-    # names as f"{store_tag}-{fn}", and because runs/demo holds E5's stores under this tag.
-    e.store_tag = "v2"
     return c

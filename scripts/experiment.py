@@ -21,7 +21,7 @@ def main():
     cfg, _ = parse(__doc__, default_config="configs/e1.py")
     t0 = time.perf_counter()
     stages.stage_world(cfg)
-    acc = experiments.ensure_trained(cfg)
+    acc = stages.stage_train(cfg)
     print(report.accuracy_table(acc) + "\n")
     results = experiments.run(cfg)
     print(results["markdown"])

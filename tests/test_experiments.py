@@ -129,7 +129,7 @@ def test_e6_and_e7_reuse_e1_caches(e1, run_dir, monkeypatch):
         (harness, "random_rank"),
     ):
         monkeypatch.setattr(module, name, _spy(calls, name, getattr(module, name)))
-    misses = dict(experiments.CACHE_MISSES)
+    misses = dict(stages.CACHE_MISSES)
     cfg6 = tiny_config("e6", run_dir)
     cfg6.tailpatch.ks = (1, 3)
     cfg6.experiment.methods = ("random", "trackstar")
@@ -148,7 +148,7 @@ def test_e6_and_e7_reuse_e1_caches(e1, run_dir, monkeypatch):
     out = experiments.output_dir(cfg7)
     assert os.path.exists(os.path.join(out, "mrr_by_bucket.png"))
     assert calls == []
-    assert dict(experiments.CACHE_MISSES) == misses
+    assert dict(stages.CACHE_MISSES) == misses
 
 
 def test_subgrid_is_the_projection_with_truncated_factors():
@@ -196,7 +196,7 @@ def test_e5_output_fns_use_their_own_stores(e1, run_dir):
     )
     assert res["lambda_mix"]["margin"] != res["lambda_mix"]["loss"]
     for fn in ("margin",):
-        tag = f"{cfg.experiment.store_tag}-{fn}"  # e5 featurizes fresh, tagged stores
+        tag = "-".join(t for t in (cfg.experiment.store_tag, fn) if t)  # e5's tagged stores
         meta = json.load(open(os.path.join(stages.store_path(cfg, "task", True, tag), "meta.json")))
         assert fn in json.dumps(meta)
 
@@ -251,9 +251,15 @@ def test_config_errors_and_cache_keys(e1, run_dir):
         experiments.evaluate(setup, ids)
     # Another damping is another R: the cached trackstar ranking must not be reused.
     before = set(os.listdir(stages.path(cfg, "results", "cache")))
-    misses = experiments.CACHE_MISSES["rank"]
+    misses = stages.CACHE_MISSES["rank"]
     cfg.hessian.damping = 0.5
     experiments.rank(experiments.make_setup(cfg), "trackstar", progress=False)
     after = set(os.listdir(stages.path(cfg, "results", "cache")))
     assert any(f.startswith("rank_candidates_trackstar") for f in after - before)
-    assert experiments.CACHE_MISSES["rank"] == misses + 1  # the counter E6/E7's test relies on
+    assert stages.CACHE_MISSES["rank"] == misses + 1  # the counter E6/E7's test relies on
+    # ... and the Hessian stage refit R (its fit records the hessian section's key) ...
+    assert stages.CACHE_MISSES["hessian"] >= 1
+    hmisses = stages.CACHE_MISSES["hessian"]
+    # ... while asking again for the same fit reuses it.
+    stages.stage_hessian(cfg)
+    assert stages.CACHE_MISSES["hessian"] == hmisses

@@ -151,3 +151,35 @@ def test_stage_hessian_refuses_an_eval_store_with_another_projection_seed(run):
     with pytest.raises(store.StoreMismatchError, match=r"projection.seed: train=0, R_eval=1"):
         stages.stage_hessian(cfg, "task", True, train_tag="seed", query_tag="seed")
     assert not os.path.exists(stages.hessian_path(cfg, "task", True, "seed", "seed"))
+
+
+def test_finished_training_is_reused_and_restores_are_shared(run):
+    """A run with its final checkpoint is not trained again (the train counter stays put) and
+    returns the saved accuracy report; one process restores a checkpoint once."""
+    cfg, trained = run
+    misses = stages.CACHE_MISSES["train"]
+    saved = stages.stage_train(cfg, progress=False)
+    assert stages.CACHE_MISSES["train"] == misses
+    assert os.path.exists(stages.path(cfg, "results", "accuracy.json"))
+    assert saved == stages.stage_train(copy.deepcopy(cfg), progress=False)
+    assert stages.load_trained(copy.deepcopy(cfg)) is trained
+
+
+def test_cached_array_computes_once_per_key(run, tmp_path):
+    cfg = copy.deepcopy(run[0])
+    cfg.run_dir = str(tmp_path)
+    calls = []
+
+    def make():
+        calls.append(1)
+        return np.arange(3)
+
+    key = stages.config_key(stages.config_section(cfg, "score"))
+    a = stages.cached_array(cfg, "demo", "x", key, make)
+    b = stages.cached_array(cfg, "demo", "x", key, make)
+    assert calls == [1] and np.array_equal(a, b) and stages.CACHE_MISSES["demo"] == 1
+    cfg.score.top_k += 1  # another config section value: another key, computed again
+    stages.cached_array(
+        cfg, "demo", "x", stages.config_key(stages.config_section(cfg, "score")), make
+    )
+    assert calls == [1, 1]

@@ -383,6 +383,16 @@ class HessianFit:
         atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
         atomic_write(path[: -len(".npz")] + ".json", lambda f: f.write(meta_text + "\n"))
 
+    @staticmethod
+    def read_meta(path: str) -> dict | None:
+        """The metadata ``save`` recorded (λ, transforms, provenance) without reading the d×d
+        arrays; None when there is no readable fit at ``path``."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return json.loads(str(z["meta_json"]))
+        except (OSError, KeyError, ValueError):
+            return None
+
     @classmethod
     def load(cls, path: str) -> HessianFit:
         """Reads a fit written by ``save``; other schema versions are refused."""

@@ -8,8 +8,11 @@ wrappers over these functions; ``run_experiment.py`` chains them (docs/method.md
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,6 +25,7 @@ from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar.config import run_dir_conflicts, save_config, validate
 from trackstar.featurize import Examples, featurize_into_store
+from trackstar.files import atomic_write, write_json
 from trackstar.gradients import make_feature_fn
 from trackstar.losses import TRAIN_OUTPUT_FN
 from trackstar.projection import Projector
@@ -45,12 +49,47 @@ def path(cfg: ml_collections.ConfigDict, *parts: str) -> str:
     return os.path.join(cfg.run_dir, *parts)
 
 
-def _write_json(file: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    tmp = file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, file)
+# ----- caches ---------------------------------------------------------------------------------
+# One scheme for every derived result in the run directory: a result is keyed by a hash of what
+# decides its content (config sections, store metadata, checkpoint step, ...). Arrays live in
+# ``results/cache/<kind>_<name>_<key>.npz``; a Hessian fit records its key in its provenance.
+# Everything is written atomically (``trackstar.files``), so a killed run leaves no half file.
+
+# Values computed (cache misses) per kind ("rank", "tailpatch", "hessian", ...) in this process.
+CACHE_MISSES: Counter[str] = Counter()
+
+
+def config_key(*parts: Any) -> str:
+    """A short stable hash of ``parts`` (JSON with sorted keys; other objects by ``str``)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def config_section(cfg: ml_collections.ConfigDict, name: str) -> dict:
+    """The config section ``name`` as a plain dict ({} when the config has none)."""
+    return cfg[name].to_dict() if name in cfg else {}
+
+
+def cache_path(cfg: ml_collections.ConfigDict, kind: str, name: str, key: str) -> str:
+    """``results/cache/<kind>_<name>_<key>.npz`` inside the run directory."""
+    return path(cfg, "results", "cache", f"{kind}_{name}_{key}.npz")
+
+
+def cached_array(
+    cfg: ml_collections.ConfigDict, kind: str, name: str, key: str, make: Callable[[], Any]
+) -> np.ndarray:
+    """The array cached under ``(kind, name, key)``, or ``make()`` saved there first.
+
+    Each computed value is counted in ``CACHE_MISSES[kind]`` (tests use it to prove reuse).
+    """
+    file = cache_path(cfg, kind, name, key)
+    if os.path.exists(file):
+        with np.load(file) as z:
+            return z["value"]
+    CACHE_MISSES[kind] += 1
+    value = np.asarray(make())
+    atomic_write(file, lambda f: np.savez(f, value=value), binary=True)
+    return value
 
 
 # ----- world + tokenizer ----------------------------------------------------------------------
@@ -148,7 +187,22 @@ def _model_and_optimizer(cfg, tok):
 
 
 def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
-    """Trains (resuming from the latest checkpoint) and reports greedy accuracy per bucket."""
+    """Trains (resuming from the latest checkpoint) and reports greedy accuracy per bucket.
+
+    A run with its final checkpoint is used as it is (its ``results/accuracy.json`` when
+    present), so a config field that does not change training never forces a retrain.
+    """
+    step = checkpoint.latest_step(path(cfg, "checkpoints"))
+    if step is not None and step >= int(cfg.train.steps):
+        file = path(cfg, "results", "accuracy.json")
+        if os.path.exists(file):
+            with open(file) as f:
+                return json.load(f)
+        t = load_trained(cfg)
+        acc = accuracy_report(cfg, t.apply_fn, t.params, t.tok, t.world)
+        write_json(file, acc, default=str)
+        return acc
+    CACHE_MISSES["train"] += 1
     w, tok = load_world_and_tokenizer(cfg)
     apply_fn, params, optimizer = _model_and_optimizer(cfg, tok)
     stream = data.train_stream(tok, w, cfg.train.seq_len, cfg.train.batch_size, cfg.seed)
@@ -163,12 +217,31 @@ def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         meta={"data_fingerprint": stream.fingerprint},
     )
     acc = accuracy_report(cfg, apply_fn, params, tok, w)
-    _write_json(path(cfg, "results", "accuracy.json"), acc)
+    write_json(path(cfg, "results", "accuracy.json"), acc, default=str)
     return acc
 
 
+# Restored checkpoints by (run dir, model and train config, step): every stage and experiment
+# in one process shares one ``Trained`` and so one apply function, whose jitted kernels then
+# compile only once.
+_TRAINED: dict[str, Trained] = {}
+
+
 def load_trained(cfg: ml_collections.ConfigDict) -> Trained:
-    """Restores the final checkpoint of a run (params and full optimizer state)."""
+    """Restores the final checkpoint of a run (params and full optimizer state), memoized per
+    run dir, model and train config and final step."""
+    key = config_key(
+        os.path.abspath(cfg.run_dir),
+        config_section(cfg, "model"),
+        config_section(cfg, "train"),
+        checkpoint.latest_step(path(cfg, "checkpoints")),
+    )
+    if key not in _TRAINED:
+        _TRAINED[key] = _restore_trained(cfg)
+    return _TRAINED[key]
+
+
+def _restore_trained(cfg: ml_collections.ConfigDict) -> Trained:
     w, tok = load_world_and_tokenizer(cfg)
     apply_fn, params, optimizer = _model_and_optimizer(cfg, tok)
     ckpt_dir = path(cfg, "checkpoints")
@@ -572,16 +645,29 @@ def stage_hessian(
     """Fits R_train (from the candidate store), R_eval (task or held-out queries), λ, R^{-1/2}.
 
     ``train_tag`` / ``query_tag`` pick tagged candidate / query stores (see ``store_path``).
+    A fit already made from the same stores with the same ``hessian`` section is reused: its
+    provenance carries the key (``config_key`` of both and of the stores' metadata).
     """
     train_store, eval_store = hessian_stores(cfg, candidates, corrected, train_tag, query_tag)
+    out = hessian_path(cfg, candidates, corrected, train_tag, query_tag)
+    key = config_key(
+        config_section(cfg, "hessian"), train_store.meta.to_dict(), eval_store.meta.to_dict()
+    )
+    saved = hessian.HessianFit.read_meta(out) or {}
+    if saved.get("provenance", {}).get("config_key") == key:
+        return out
+    CACHE_MISSES["hessian"] += 1
     fit = hessian.fit_hessian(
         train_store,
         eval_store,
         cfg.hessian,
         train_store.dim,
-        provenance={"train_store": train_store.path, "eval_store": eval_store.path},
+        provenance={
+            "train_store": train_store.path,
+            "eval_store": eval_store.path,
+            "config_key": key,
+        },
     )
-    out = hessian_path(cfg, candidates, corrected, train_tag, query_tag)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fit.save(out)
     return out

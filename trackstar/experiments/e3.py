@@ -17,15 +17,11 @@ from trackstar import hessian, report, score, stages
 from trackstar.experiments.evaluation import evaluate, methods_from, tailpatch_info
 from trackstar.experiments.harness import (
     ExperimentError,
-    cache_file,
-    cached,
     cutoffs,
     ensure_stores,
     experiment_section,
-    hash_key,
     make_setup,
     rank,
-    section,
     write_results,
 )
 
@@ -89,12 +85,12 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
             if k == f.k_in == f.k_out:
                 ids = rank(setup, method, progress=progress)  # the stored d: E1's ranking
             else:
-                key = hash_key(
+                key = stages.config_key(
                     method,
                     k,
                     os.path.abspath(cfg.run_dir),
                     setup.trained.step,
-                    [section(cfg, s) for s in ("featurize", "hessian", "score")],
+                    [stages.config_section(cfg, s) for s in ("featurize", "hessian", "score")],
                 )
 
                 def make(method=method, spec=spec, k=k, d=d) -> np.ndarray:
@@ -117,7 +113,7 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
                     )
                     return ids
 
-                ids = cached(cache_file(cfg, "rank", f"candidates_{method}-k{k}", key), make)
+                ids = stages.cached_array(cfg, "rank", f"candidates_{method}-k{k}", key, make)
             row, _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
             rows[method][str(d)] = dict(row, k_in=k, k_out=k)
     results = {

@@ -16,9 +16,7 @@ from trackstar.experiments.evaluation import methods_from, retrieval_results
 from trackstar.experiments.harness import (
     GROUND_TRUTH,
     cutoffs,
-    ensure_trained,
     experiment_section,
-    load_trained,
     with_overrides,
     write_results,
 )
@@ -43,8 +41,8 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         if suffix:
             vcfg.run_dir = cfg.run_dir + suffix
         stages.stage_world(vcfg)
-        acc = ensure_trained(vcfg, progress=progress)
-        trained = load_trained(vcfg)
+        acc = stages.stage_train(vcfg, progress=progress)
+        trained = stages.load_trained(vcfg)
         res, _, _ = retrieval_results(vcfg, "candidates", methods, trained, progress=progress)
         res["n_params"] = model_lib.count_params(trained.params)
         res["accuracy_report"] = acc

@@ -24,14 +24,10 @@ from trackstar.experiments.harness import (
     GROUND_TRUTH,
     ExperimentError,
     Setup,
-    cache_file,
-    cached,
     experiment_section,
     ground_truth_ids,
-    hash_key,
     make_setup,
     rank,
-    section,
 )
 
 # ----- tail-patch -----------------------------------------------------------------------------
@@ -46,18 +42,17 @@ def tailpatch_deltas(setup: Setup, ids_QxK: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids_QxK, np.int64)[index, :k]
     if ids.shape[1] < k:
         ids = np.concatenate([ids, np.full((ids.shape[0], k - ids.shape[1]), -1)], axis=1)
-    key = hash_key(
+    key = stages.config_key(
         setup.candidates,
         os.path.abspath(cfg.run_dir),
         setup.trained.step,
-        section(cfg, "tailpatch"),
-        section(cfg, "train"),
-        section(cfg, "model"),
+        stages.config_section(cfg, "tailpatch"),
+        stages.config_section(cfg, "train"),
+        stages.config_section(cfg, "model"),
         # The step's preconditioner depends on featurize.eps and featurize.v_floor too.
         stages.correction_settings(cfg, setup.trained).to_dict(),
         hashlib.sha256(ids.tobytes()).hexdigest(),
     )
-    file = cache_file(cfg, "tailpatch", setup.candidates, key)
 
     def make() -> np.ndarray:
         t = setup.trained
@@ -80,7 +75,7 @@ def tailpatch_deltas(setup: Setup, ids_QxK: np.ndarray) -> np.ndarray:
             pair_batch=int(tp.pair_batch),
         )
 
-    return cached(file, make)
+    return stages.cached_array(cfg, "tailpatch", setup.candidates, key, make)
 
 
 def default_mult_index(cfg) -> int:

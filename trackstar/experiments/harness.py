@@ -1,29 +1,27 @@
 """The experiment harness: config checks, the shared setup, caches and rankings.
 
-Work is shared between experiments through caches in ``<run_dir>/results/cache``: rankings
-(per method, candidate pool and store variant) and tail-patch deltas (per proponent list). A
-cache file's name carries a hash of everything that decides its content (config sections,
-proponent ids, checkpoint step), so a changed config never reads a stale value.
-``CACHE_MISSES`` counts the values computed (not read) per cache kind in this process.
+Work is shared between experiments through the caches of ``trackstar.stages``
+(``stages.cached_array`` in ``<run_dir>/results/cache``): rankings per method, candidate pool
+and store variant, and tail-patch deltas per proponent list, each keyed by a hash of everything
+that decides its content (config sections, proponent ids, checkpoint step), so a changed
+config never reads a stale value. Stores, Hessian fits and checkpoints are the stages' own.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from trackstar import checkpoint, report, score, stages
 from trackstar import model as model_lib
+from trackstar import report, score, stages
 from trackstar.baselines import bm25_rank, query_text, random_rank
 
 PRESET_METHODS = tuple(score.PRESETS)
@@ -33,24 +31,11 @@ ALL_METHODS = (*BASELINES, *PRESET_METHODS)
 GROUND_TRUTH = "ground_truth"
 
 
-# Values computed (cache misses) per cache kind ("rank", "tailpatch") in this process.
-CACHE_MISSES: Counter[str] = Counter()
-
-
 class ExperimentError(ValueError):
     """An experiment config that cannot run; the message says which field to change."""
 
 
 # ----- small helpers --------------------------------------------------------------------------
-
-
-def hash_key(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def section(cfg: ml_collections.ConfigDict, name: str) -> dict:
-    return cfg[name].to_dict() if name in cfg else {}
 
 
 def jsonable(obj: Any) -> Any:
@@ -159,53 +144,13 @@ class Setup:
         return np.unique(np.round(np.linspace(0, self.n_queries - 1, n)).astype(np.int64))
 
 
-# Restored checkpoints by (run dir, model/train config): experiments run in one process share
-# one ``Trained`` and so one apply function, whose jitted kernels then compile only once.
-_TRAINED: dict[str, stages.Trained] = {}
-
-
-def load_trained(cfg: ml_collections.ConfigDict) -> stages.Trained:
-    """``stages.load_trained``, memoized per run dir, model and train config and final step."""
-    key = hash_key(
-        os.path.abspath(cfg.run_dir),
-        section(cfg, "model"),
-        section(cfg, "train"),
-        checkpoint_step(cfg),
-    )
-    if key not in _TRAINED:
-        _TRAINED[key] = stages.load_trained(cfg)
-    return _TRAINED[key]
-
-
-def checkpoint_step(cfg: ml_collections.ConfigDict) -> int | None:
-    """The latest checkpoint step of a run dir (None when there is none)."""
-    return checkpoint.latest_step(stages.path(cfg, "checkpoints"))
-
-
-def ensure_trained(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
-    """Trains the run unless it has a final checkpoint; returns the greedy-accuracy report.
-
-    A finished run is used as it is (its saved ``results/accuracy.json`` when present), so an
-    added config field that does not change training does not force a retrain.
-    """
-    step = checkpoint_step(cfg)
-    if step is None or step < int(cfg.train.steps):
-        return stages.stage_train(cfg, progress=progress)
-    file = stages.path(cfg, "results", "accuracy.json")
-    if os.path.exists(file):
-        with open(file) as f:
-            return json.load(f)
-    t = load_trained(cfg)
-    return stages.accuracy_report(cfg, t.apply_fn, t.params, t.tok, t.world)
-
-
 def make_setup(
     cfg: ml_collections.ConfigDict,
     candidates: str = "candidates",
     trained: stages.Trained | None = None,
 ) -> Setup:
     """Loads the final checkpoint and encodes the candidate pool and the task queries."""
-    trained = trained or load_trained(cfg)
+    trained = trained or stages.load_trained(cfg)
     texts, gt = stages.candidate_pool(cfg, trained.world, trained.tok, candidates)
     cand, _, _ = stages.examples_for(cfg, trained, candidates)
     queries = stages.query_examples(cfg, trained.tok, trained.world.task_queries)
@@ -238,24 +183,6 @@ def make_setup(
     )
 
 
-def cache_file(cfg, kind: str, name: str, key: str) -> str:
-    return stages.path(cfg, "results", "cache", f"{kind}_{name}_{key}.npz")
-
-
-def cached(file: str, make: Callable[[], np.ndarray]) -> np.ndarray:
-    """The array saved in ``file``, or ``make()`` saved there first (counted in CACHE_MISSES)."""
-    if os.path.exists(file):
-        with np.load(file) as z:
-            return z["value"]
-    CACHE_MISSES[os.path.basename(file).split("_", 1)[0]] += 1
-    value = np.asarray(make())
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    tmp = f"{file}.tmp{os.getpid()}.npz"
-    np.savez(tmp, value=value)
-    os.replace(tmp, file)
-    return value
-
-
 # ----- rankings -------------------------------------------------------------------------------
 
 
@@ -266,23 +193,6 @@ def ensure_stores(
     stages.stage_featurize(cfg, candidates, corrected, trained, tag=train_tag)
     stages.stage_featurize(cfg, "task", corrected, trained, tag=query_tag)
     stages.stage_featurize(cfg, cfg.hessian.eval_source, corrected, trained, tag=query_tag)
-
-
-def ensure_hessian(
-    cfg, candidates: str, corrected: bool, train_tag: str = "", query_tag: str = ""
-) -> str:
-    """Fits R for a store variant unless a fit made with the same ``hessian`` section exists."""
-    file = stages.hessian_path(cfg, candidates, corrected, train_tag, query_tag)
-    key = hash_key(section(cfg, "hessian"), section(cfg, "featurize"))
-    marker = file + ".key"
-    if os.path.exists(file) and os.path.exists(marker):
-        with open(marker) as f:
-            if f.read().strip() == key:
-                return file
-    stages.stage_hessian(cfg, candidates, corrected, train_tag, query_tag)
-    with open(marker, "w") as f:
-        f.write(key + "\n")
-    return file
 
 
 def rank(
@@ -301,17 +211,19 @@ def rank(
     """
     cfg = cfg or setup.cfg
     k = int(cfg.score.top_k)
-    key = hash_key(
+    key = stages.config_key(
         method,
         setup.candidates,
         train_tag,
         query_tag,
         os.path.abspath(cfg.run_dir),
         setup.trained.step,
-        [section(cfg, s) for s in ("world", "model", "featurize", "hessian", "score", "eval")],
+        [
+            stages.config_section(cfg, s)
+            for s in ("world", "model", "featurize", "hessian", "score", "eval")
+        ],
     )
     tags = "".join(f"-{t}" for t in (train_tag, query_tag) if t)
-    file = cache_file(cfg, "rank", f"{setup.candidates}_{method}{tags}", key)
 
     def make() -> np.ndarray:
         queries = setup.trained.world.task_queries
@@ -327,13 +239,13 @@ def rank(
         spec = score.get_preset(method)
         ensure_stores(cfg, setup.trained, setup.candidates, spec.corrected, train_tag, query_tag)
         if spec.hessian != "none":
-            ensure_hessian(cfg, setup.candidates, spec.corrected, train_tag, query_tag)
+            stages.stage_hessian(cfg, setup.candidates, spec.corrected, train_tag, query_tag)
         res = stages.stage_score(
             cfg, method, setup.candidates, progress, train_tag=train_tag, query_tag=query_tag
         )
         return res["ids"]
 
-    ids = cached(file, make)
+    ids = stages.cached_array(cfg, "rank", f"{setup.candidates}_{method}{tags}", key, make)
     if ids.shape[1] < k:  # fewer candidates than k: pad so every method has K columns
         ids = np.concatenate([ids, np.full((ids.shape[0], k - ids.shape[1]), -1)], axis=1)
     return ids.astype(np.int64)
