@@ -381,3 +381,12 @@ def test_fresh_run_dir_writes_nothing_on_bad_input(tmp_path):
     # The resolution of a run dir with no world is the config file's, unchanged.
     cmd = _command(cfg.run_dir, config="tiny.py")
     assert cmd.from_run_dir == []
+
+
+def test_an_experiment_is_found_by_its_module_file(tmp_path):
+    """A module in trackstar/experiments/ is an experiment (natural order); the harness,
+    evaluation and private modules are not."""
+    for name in ("e10", "e2", "lds", "harness", "evaluation", "_scratch", "__init__"):
+        (tmp_path / f"{name}.py").write_text("")
+    (tmp_path / "notes.md").write_text("")
+    assert C.experiment_names(str(tmp_path)) == ("e2", "e10", "lds")

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -287,9 +288,31 @@ SCORE_PRESETS = (
     "trackstar",
 )  # trackstar.score.PRESETS
 METHODS = ("bm25", "random", *SCORE_PRESETS)  # trackstar.experiments.ALL_METHODS
-EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6", "e7")  # trackstar.experiments.RUNNERS
+# Modules of trackstar/experiments/ that are not experiments (the shared harness).
+EXPERIMENT_SUPPORT_MODULES = ("harness", "evaluation")
+
+
+def experiment_names(folder: str | None = None) -> tuple[str, ...]:
+    """The experiments: every module of ``trackstar/experiments/`` but the support modules,
+    in natural order (e2 before e10). Listed from the files, so that a new experiment is its
+    module (plus its config file) and this config check needs no import of the package."""
+    folder = folder or os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
+    names = [
+        f[: -len(".py")]
+        for f in os.listdir(folder)
+        if f.endswith(".py")
+        and not f.startswith("_")
+        and f[: -len(".py")] not in EXPERIMENT_SUPPORT_MODULES
+    ]
+    return tuple(
+        sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    )
+
+
+EXPERIMENTS = experiment_names()  # trackstar.experiments.NAMES
 MODEL_MAX_LEN = {"tiny": 48, "small": 64, "base": 128}  # trackstar.model.SIZES: max_len
 MODEL_DTYPES = ("float32", "bfloat16")  # trackstar.model._DTYPES
+MODEL_FAMILIES = ("transformer",)  # trackstar.families.MODEL_FAMILIES (the project's own)
 OPTIMIZERS = ("adamw", "adafactor")  # trackstar.train.OPTIMIZERS
 QUERY_OUTPUT_FNS = ("loss", "margin", "logit")  # trackstar.losses.OUTPUT_FNS
 PROJECTION_MODES = ("global", "per_tensor", "dense")  # trackstar.projection.MODES
@@ -475,6 +498,10 @@ RULES: dict[str, Rule] = {
     "tokenizer.kind": OneOf("word"),
     "tokenizer.vocab_size": Int(5),
     # model (a size field of 0 takes the named size's value)
+    "model.family": Rule(
+        f"a model family: one of {MODEL_FAMILIES} or a registered one (trackstar.families)",
+        lambda v: _known_family(v),
+    ),
     "model.size": OneOf(*MODEL_MAX_LEN),
     "model.d_model": _NONNEG,
     "model.n_layers": _NONNEG,
@@ -578,8 +605,19 @@ def _check_warmup(cfg) -> str | None:
     return None
 
 
+def _known_family(v: Any) -> bool:
+    """A family of the project's, or one registered at run time (trackstar.families, if loaded)."""
+    registered = getattr(sys.modules.get("trackstar.families"), "MODEL_FAMILIES", {})
+    return isinstance(v, str) and (v in MODEL_FAMILIES or v in registered)
+
+
+def _other_family(cfg) -> bool:
+    """Whether ``cfg`` names a model family other than trackstar.model's (its own sizes)."""
+    return _has(cfg, "model.family") and cfg.model.family not in ("", "transformer")
+
+
 def _check_context(cfg) -> str | None:
-    if not _has(cfg, "train.seq_len", "model.max_len", "model.size"):
+    if _other_family(cfg) or not _has(cfg, "train.seq_len", "model.max_len", "model.size"):
         return None
     max_len = cfg.model.max_len or MODEL_MAX_LEN.get(cfg.model.size)
     if _is_int(max_len) and _is_int(cfg.train.seq_len) and cfg.train.seq_len > max_len:
@@ -591,7 +629,7 @@ def _check_context(cfg) -> str | None:
 
 
 def _check_heads(cfg) -> str | None:
-    if not _has(cfg, "model.d_model", "model.n_heads"):
+    if _other_family(cfg) or not _has(cfg, "model.d_model", "model.n_heads"):
         return None
     d, h = cfg.model.d_model, cfg.model.n_heads
     if _is_int(d) and _is_int(h) and d > 0 and h > 0 and d % h:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from trackstar.config import EXPERIMENTS
 from trackstar.experiments.e3 import subgrid
 from trackstar.experiments.evaluation import (
     evaluate,
@@ -78,8 +79,9 @@ __all__ = [
     "with_overrides",
 ]
 
-# The experiments, in table order; experiment ``name`` is the module ``trackstar.experiments.name``.
-NAMES = ("e1", "e2", "e3", "e4", "e5", "e6", "e7")
+# The experiments, in table order: every module of this package but the harness and evaluation
+# (listed from the files by ``trackstar.config``); ``name`` is ``trackstar.experiments.<name>``.
+NAMES = EXPERIMENTS
 
 Runner = Callable[..., dict]
 
