@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- Model (decoder-only Transformer, flax.nnx) ---
     m = c.model = ml_collections.ConfigDict()
+    # Model family by name (trackstar.families, docs/models.md): how the model is built, sized
+    # and sharded. "transformer" = trackstar.model; the size fields below are its own.
+    m.family = "transformer"
     m.size = "small"  # Named size ("tiny", "small", "base"); fields below override if > 0.
     m.d_model = 128
     m.n_layers = 2

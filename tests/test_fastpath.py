@@ -1,12 +1,17 @@
-"""Activation-based per-example features equal the vmap-of-grad reference, on the project's LM."""
+"""Activation-based per-example features equal the vmap-of-grad reference.
+
+On the project's LM and on a second model family registered by name (tests/toy_models.py's
+``TOY_FAMILY``, plain functions following the tap contract of trackstar.taps).
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from toy_models import TOY_FAMILY
 
-from trackstar import correction
+from trackstar import correction, families
 from trackstar.gradients import make_feature_fn, per_example_grads
 from trackstar.model import make_model
 from trackstar.projection import Projector
@@ -157,3 +162,63 @@ def test_uncovered_parameters_and_missing_taps_raise(lm):
         fn(params, tokens, weights)
     with pytest.raises(ValueError, match="fast=True needs an apply_fn with a tapped"):
         make_feature_fn(lambda p, t: apply_fn(p, t), "loss", proj, fast=True)
+
+
+@pytest.fixture()
+def toy_family(monkeypatch):
+    monkeypatch.setattr(families, "MODEL_FAMILIES", dict(families.MODEL_FAMILIES))
+    families.register_family(TOY_FAMILY)
+    return TOY_FAMILY.name
+
+
+@pytest.mark.parametrize(
+    "precond_kind,mode,output_fn",
+    [("none", "global", "loss"), ("factored", "per_tensor", "margin"), ("adam", "dense", "loss")],
+)
+def test_a_registered_family_takes_the_fast_path(toy_family, precond_kind, mode, output_fn):
+    cfg = dict(family=toy_family, d_model=8, d_ff=12, n_layers=2, max_len=12)
+    apply_fn, params = families.make_model(cfg, VOCAB, seed=1)
+    assert type(apply_fn).__name__ == "ToyTappedLM"
+    tokens, weights = _examples(4, 10, seed=7)
+    proj = Projector(params, mode, k_in=3, k_out=4, seed=2, dense_dim=16)
+    pre = _precond(precond_kind, params)
+    fast = make_feature_fn(apply_fn, output_fn, proj, pre)
+    assert fast.fast  # found by name, tapped: the fast path by default
+    ref_grads = jax.jit(per_example_grads, static_argnums=(0, 4))(
+        apply_fn, params, tokens, weights, output_fn
+    )
+    want = _dense_formula(_flat(ref_grads), pre, proj, params)
+    got = np.asarray(fast(params, tokens, weights))
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+    assert np.all(got[-1] == 0)
+
+    # The same model without ``tapped`` goes through the per-example-gradient loop, silently
+    # by default; fast=True names the fix.
+    def untapped(p, t):
+        return apply_fn(p, t)
+
+    slow = make_feature_fn(untapped, output_fn, proj, pre)
+    assert not slow.fast
+    np.testing.assert_allclose(
+        slow(params, tokens, weights), got, rtol=2e-4, atol=2e-5 * np.abs(want).max()
+    )
+    with pytest.raises(ValueError, match="fast=True needs .*trackstar.taps"):
+        make_feature_fn(untapped, output_fn, proj, pre, fast=True)
+
+
+def test_an_unknown_tap_kind_is_refused_by_name(lm):
+    apply_fn, params, *_ = lm
+    proj = Projector(params, "global", k_in=2, k_out=2)
+    tokens, weights = _examples(2, 6, seed=0)
+
+    class Renamed(_Untapped):
+        def tapped(self, params, tokens, tap):
+            def renamed(kind, path, x, y):
+                return tap("layer_norm" if kind == "scale_shift" else kind, path, x, y)
+
+            return self.apply_fn.tapped(params, tokens, renamed)
+
+    fn = make_feature_fn(Renamed(apply_fn), "loss", proj)
+    with pytest.raises(ValueError, match="as 'layer_norm'; the tap kinds are"):
+        fn(params, tokens, weights)

@@ -8,6 +8,12 @@ attribution kernels are model-agnostic:
   attention, MLP, LayerNorm scales and biases, untied output head).
 - ``make_toy_gru``: a plain-dict GRU LM (no flax) with a 3-D gate tensor, a scalar parameter and
   a bias vector, run with ``lax.scan``.
+
+``TOY_FAMILY`` is a second model family (``trackstar.families``) written as plain functions that
+follows the tap contract of ``trackstar.taps``, so it takes the fast path: a Llama-like
+residual LM with RMSNorms (scale only), bias-free dense layers, a causal running-mean token
+mixer, a position table shared by all rows, a tied second use of the token embedding and a final
+LayerNorm (scale and bias). ``build_toy_family`` is its ``build``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trackstar import taps
+from trackstar.families import ModelFamily
 from trackstar.tree import path_name
 
 
@@ -138,3 +146,99 @@ def make_toy_gru(vocab: int = 23, hidden: int = 8, seed: int = 0):
         return logits * p["temp"]
 
     return apply_fn, params
+
+
+class ToyTappedLM:
+    """The apply function of ``TOY_FAMILY``: plain functions over a nested dict, with taps."""
+
+    def __init__(self, n_layers: int, eps: float = 1e-6):
+        self.n_layers = n_layers
+        self.eps = eps
+
+    def __call__(self, p, tokens_BxT: jax.Array) -> jax.Array:
+        return self._forward(p, tokens_BxT)
+
+    def tapped(self, p, tokens_BxT: jax.Array, tap) -> jax.Array:
+        with taps.tapping(tap):
+            return self._forward(p, tokens_BxT)
+
+    def _forward(self, p, tokens_BxT: jax.Array) -> jax.Array:
+        emit = taps.emit
+        T = tokens_BxT.shape[1]
+
+        def dense(path, x):
+            node = p
+            for key in path.split("/"):
+                node = node[key]
+            y = x @ node["kernel"]
+            return emit("dense", path, x, y + node["bias"] if "bias" in node else y)
+
+        table = p["embed"]["embedding"]
+        pos_T = jnp.arange(T)
+        # The token embedding is used twice (current and previous token): a tied parameter.
+        prev_BxT = jnp.concatenate([tokens_BxT[:, :1], tokens_BxT[:, :-1]], axis=1)
+        x = emit("embed", "embed", tokens_BxT, table[tokens_BxT])
+        x = x + 0.5 * emit("embed", "embed", prev_BxT, table[prev_BxT])
+        x = x + emit("embed", "pos", pos_T, p["pos"]["embedding"][pos_T])  # (T, D), shared
+        for i in range(self.n_layers):
+            layer = p["layers"][str(i)]
+            xhat = taps.rms_norm_input(x, self.eps)
+            h = emit("scale_shift", f"layers/{i}/norm", xhat, xhat * layer["norm"]["scale"])
+            # Causal running mean over positions: rows never mix, position t sees <= t.
+            m = dense(f"layers/{i}/mix", h)
+            m = jnp.cumsum(m, axis=1) / jnp.arange(1, T + 1, dtype=m.dtype)[:, None]
+            x = x + m
+            up = jax.nn.gelu(dense(f"layers/{i}/up", x))
+            x = x + dense(f"layers/{i}/down", up)
+        xhat = taps.layer_norm_input(x, self.eps)
+        norm = p["final_norm"]
+        x = emit("scale_shift", "final_norm", xhat, xhat * norm["scale"] + norm["bias"])
+        return dense("head", x).astype(jnp.float32)
+
+
+# Tensor-parallel rules of TOY_FAMILY: column-parallel mix/up, row-parallel down.
+TOY_TENSOR_RULES = (
+    (r"(^|/)(mix|up)/kernel$", (None, "model")),
+    (r"(^|/)up/bias$", ("model",)),
+    (r"(^|/)down/kernel$", ("model", None)),
+    (r".*", ()),
+)
+
+
+def build_toy_family(cfg_model, vocab_size: int, seed: int):
+    """``TOY_FAMILY.build``: ``(ToyTappedLM, params)``, sized by d_model, d_ff, n_layers."""
+    get = cfg_model.get
+    d, f, n = int(get("d_model", 8) or 8), int(get("d_ff", 12) or 12), int(get("n_layers", 2) or 2)
+    max_len = int(get("max_len", 16) or 16)
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape) / math.sqrt(shape[0]), jnp.float32)
+
+    def near_one(n_):
+        return jnp.asarray(1 + 0.1 * rng.standard_normal(n_), jnp.float32)
+
+    params = {
+        "embed": {"embedding": normal(vocab_size, d)},
+        "pos": {"embedding": 0.1 * normal(max_len, d)},
+        "layers": {
+            str(i): {
+                "norm": {"scale": near_one(d)},
+                "mix": {"kernel": normal(d, d)},
+                "up": {"kernel": normal(d, f), "bias": 0.1 * normal(f)},
+                "down": {"kernel": normal(f, d)},
+            }
+            for i in range(n)
+        },
+        "final_norm": {"scale": near_one(d), "bias": 0.1 * normal(d)},
+        "head": {"kernel": normal(d, vocab_size), "bias": 0.1 * normal(vocab_size)},
+    }
+    return ToyTappedLM(n), params
+
+
+TOY_FAMILY = ModelFamily(
+    name="toy_rms",
+    build=build_toy_family,
+    tensor_rules=TOY_TENSOR_RULES,
+    description="tests: a plain-function Llama-like LM with taps (tests/toy_models.py)",
+)

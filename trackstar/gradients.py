@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from trackstar import taps
 from trackstar.correction import named_scales
 from trackstar.losses import OUTPUT_FNS as OUTPUT_FNS  # re-exported
 from trackstar.losses import output_loss, resolve_output_fn
@@ -82,11 +83,12 @@ def make_feature_fn(
     leaf_paths = [path for path, _ in named_leaves(projector.params_like)]
     if preconditioner is not None:
         _check_same_paths(leaf_paths, preconditioner)
-    has_taps = callable(getattr(apply_fn, "tapped", None))
+    has_taps = taps.has_taps(apply_fn)
     if fast and not has_taps:
         raise ValueError(
-            "fast=True needs an apply_fn with a tapped(params, tokens, tap) method (see "
-            "trackstar.model.LMApply.tapped); pass fast=None to fall back to the reference path"
+            "fast=True needs an apply_fn with a tapped(params, tokens, tap) method (the tap "
+            "contract of trackstar.taps, docs/models.md); pass fast=None to fall back to the "
+            "reference path"
         )
     use_fast = has_taps if fast is None else bool(fast)
 
@@ -145,7 +147,7 @@ def activation_features(
       is small and is corrected and projected directly.
 
     ``apply_fn.tapped(params, tokens_BxT, tap)`` must call ``tap(kind, path, x, y) -> y'`` for
-    every parameterized op (``trackstar.model.LMApply.tapped`` documents the kinds), with
+    every parameterized op (``trackstar.taps`` documents the contract and the kinds), with
     ``x``/``y`` whose leading axes broadcast to ``(B, T)``; every parameter must be covered.
     """
     resolve_output_fn(output_fn)
@@ -211,7 +213,7 @@ def activation_features(
             vector(f"{path}/scale", jnp.sum(xhat_BxTxO * d_BxTxO, axis=1))
             vector(f"{path}/bias", jnp.sum(d_BxTxO, axis=1))
         else:
-            raise ValueError(f"unknown tap kind {kind!r} at {path!r}; see LMApply.tapped")
+            raise ValueError(f"unknown tap kind {kind!r} at {path!r}; see trackstar.taps")
     missing = [p for p in projector.paths if p not in blocks]
     if missing:
         raise ValueError(
@@ -226,6 +228,11 @@ def _discover_taps(apply_fn: Any, params: PyTree, tokens_BxT: jax.Array) -> list
     calls: list[tuple] = []
 
     def record(kind: str, path: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        if kind not in taps.TAP_KINDS:
+            raise ValueError(
+                f"the model tapped {path!r} as {kind!r}; the tap kinds are {taps.TAP_KINDS} "
+                "(trackstar.taps)"
+            )
         calls.append((kind, path, int(y.shape[-1])))
         return y
 

@@ -3,16 +3,17 @@
 The rest of the library sees the model only as a pure function over a plain nested-dict params
 pytree (``docs/design.md``): ``apply_fn(params, tokens_BxT) -> logits_BxTxV``. Every parameter is
 a matrix or a vector with a stable, meaningful path (``embed/embedding``,
-``blocks/0/attn/qkv/kernel``, ``unembed/kernel``, ...), which the projection and the optimizer
-correction key on and a later sharding pass can match by name.
+``blocks/0/attn/qkv/kernel``, ``unembed/kernel``, ...), which the projection, the optimizer
+correction and the sharding rules (``TENSOR_RULES``) key on.
+
+This is the ``"transformer"`` model family (``trackstar.families``; ``docs/models.md``): its
+layers go through ``trackstar.taps``, so ``LMApply.tapped`` gives the fast per-example path.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ import ml_collections
 from flax import nnx
 
 from trackstar import losses
+from trackstar.taps import NnxApply, Tap, dense, embed, norm
 
 Params = dict[str, Any]
 
@@ -33,34 +35,23 @@ SIZES: dict[str, dict[str, int]] = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-# Optional layer tap, off unless ``LMApply.tapped`` installs one for the duration of a trace: the
-# activation-based per-example gradient path reads each parameterized op's input and adds a
-# (zero) perturbation to its output, instead of differentiating per example w.r.t. weights.
-_TAP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("layer_tap", default=None)
+MODEL = "model"  # trackstar.sharding.MODEL, the mesh axis of parameters (sharding imports us)
+# Megatron-style tensor-parallel rules for these paths (the "tensor" preset of trackstar.sharding;
+# the model family registers them): column-parallel in-projections, row-parallel out-projections,
+# so the forward pass needs only activation collectives and per-example gradients inherit the
+# parameter layout.
+TENSOR_RULES: tuple[tuple[str, Any], ...] = (
+    (r"(^|/)(embed|pos_embed)/embedding$", (None, MODEL)),
+    (r"(^|/)(qkv|fc_in)/kernel$", (None, MODEL)),
+    (r"(^|/)(qkv|fc_in)/bias$", (MODEL,)),
+    (r"(^|/)(out|fc_out)/kernel$", (MODEL, None)),
+    (r"(^|/)unembed/kernel$", (None, MODEL)),
+    (r"(^|/)unembed/bias$", (MODEL,)),
+    (r".*", ()),  # norms, out-projection biases: replicated
+)
 
 
-def _tap(kind: str, layer: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-    tap = _TAP.get()
-    return y if tap is None else tap(kind, layer, x, y)
-
-
-def _dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
-    return _tap("dense", layer, x, layer(x))
-
-
-def _embed(layer: nnx.Embed, ids: jax.Array) -> jax.Array:
-    return _tap("embed", layer, ids, layer(ids))
-
-
-def _norm(layer: nnx.LayerNorm, x: jax.Array) -> jax.Array:
-    y = layer(x)
-    if _TAP.get() is None:
-        return y
-    # y = xhat * scale + bias: the tap needs xhat, the input the scale multiplies.
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return _tap("scale_shift", layer, (x32 - mean) * jax.lax.rsqrt(var + layer.epsilon), y)
+FAMILY = "transformer"  # this model's name in trackstar.families.MODEL_FAMILIES
 
 
 class ModelConfigError(ValueError):
@@ -131,7 +122,7 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         B, T, D = x_BxTxD.shape
         H = self.n_heads
-        qkv_BxTx3xHxK = _dense(self.qkv, x_BxTxD).reshape(B, T, 3, H, D // H)
+        qkv_BxTx3xHxK = dense(self.qkv, x_BxTxD).reshape(B, T, 3, H, D // H)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
         scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(D // H)
         # Softmax in float32 with a finite mask value: no row can become NaN, in any dtype.
@@ -139,7 +130,7 @@ class CausalSelfAttention(nnx.Module):
         scores_BxHxTxS = jnp.where(causal_TxS, scores_BxHxTxS.astype(jnp.float32), -1e30)
         attn_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxTxHxK.dtype)
         y_BxTxHxK = jnp.einsum("bhts,bshk->bthk", attn_BxHxTxS, v_BxTxHxK)
-        return _dense(self.out, y_BxTxHxK.reshape(B, T, D))
+        return dense(self.out, y_BxTxHxK.reshape(B, T, D))
 
 
 class MLP(nnx.Module):
@@ -151,7 +142,7 @@ class MLP(nnx.Module):
         self.fc_out = nnx.Linear(spec.d_ff, spec.d_model, dtype=dt, rngs=rngs)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        return _dense(self.fc_out, jax.nn.gelu(_dense(self.fc_in, x_BxTxD)))
+        return dense(self.fc_out, jax.nn.gelu(dense(self.fc_in, x_BxTxD)))
 
 
 class Block(nnx.Module):
@@ -165,8 +156,8 @@ class Block(nnx.Module):
         self.mlp = MLP(spec, rngs=rngs)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        x_BxTxD = x_BxTxD + self.attn(_norm(self.attn_norm, x_BxTxD))
-        return x_BxTxD + self.mlp(_norm(self.mlp_norm, x_BxTxD))
+        x_BxTxD = x_BxTxD + self.attn(norm(self.attn_norm, x_BxTxD))
+        return x_BxTxD + self.mlp(norm(self.mlp_norm, x_BxTxD))
 
 
 class TransformerLM(nnx.Module):
@@ -194,52 +185,36 @@ class TransformerLM(nnx.Module):
                 f"sequence length {T} exceeds the model's max_len {self.spec.max_len}; "
                 "truncate the examples or raise model.max_len"
             )
-        x_BxTxD = _embed(self.embed, tokens_BxT) + _embed(self.pos_embed, jnp.arange(T))
+        x_BxTxD = embed(self.embed, tokens_BxT) + embed(self.pos_embed, jnp.arange(T))
         for block in self.blocks:
             x_BxTxD = block(x_BxTxD)
-        return _dense(self.unembed, _norm(self.final_norm, x_BxTxD)).astype(jnp.float32)
+        return dense(self.unembed, norm(self.final_norm, x_BxTxD)).astype(jnp.float32)
 
 
-class LMApply:
+class LMApply(NnxApply):
     """The pure apply function of a ``TransformerLM``: ``(params, tokens_BxT) -> logits_BxTxV``.
 
-    Holds only the module's graph definition; each call rebuilds the module from ``params``,
-    so it is pure and jittable. ``module(params)`` returns the nnx module for interactive use.
+    A ``trackstar.taps.NnxApply``: holds only the module's graph definition, each call rebuilds
+    the module from ``params`` (pure, jittable), ``module(params)`` returns the nnx module for
+    interactive use, and ``tapped`` gives the fast path.
     """
 
     def __init__(self, graphdef: Any, spec: ModelSpec):
-        self.graphdef = graphdef
+        super().__init__(graphdef)
         self.spec = spec
 
     def module(self, params: Params) -> TransformerLM:
         """Rebuilds the ``TransformerLM`` holding ``params``."""
-        return nnx.merge(self.graphdef, nnx.State(params))
+        return super().module(params)
 
-    def __call__(self, params: Params, tokens_BxT: jax.Array) -> jax.Array:
-        return self.module(params)(tokens_BxT)
-
-    def tapped(self, params: Params, tokens_BxT: jax.Array, tap: Callable) -> jax.Array:
+    def tapped(self, params: Params, tokens_BxT: jax.Array, tap: Tap) -> jax.Array:
         """Like ``__call__``, but routes every parameterized op through ``tap``.
 
-        ``tap(kind, path, x, y) -> y'`` is called at trace time with the layer's parameter path
-        prefix (e.g. ``"blocks/0/attn/qkv"``) and its output ``y``, which it may replace:
-          - ``"dense"``: ``y = x @ params[path]["kernel"] + params[path]["bias"]``;
-          - ``"embed"``: ``y = params[path]["embedding"][x]`` (``x`` integer ids);
-          - ``"scale_shift"``: ``y = x * params[path]["scale"] + params[path]["bias"]``
-            (``x`` the normalized input of a LayerNorm).
+        ``tap(kind, path, x, y) -> y'`` follows the contract of ``trackstar.taps`` (kinds
+        ``"dense"``, ``"embed"``, ``"scale_shift"``); paths are e.g. ``"blocks/0/attn/qkv"``.
         Used by ``trackstar.gradients``' activation-based per-example features.
         """
-        module = self.module(params)
-        names = {
-            id(node): "/".join(str(k) for k in path)
-            for path, node in nnx.iter_graph(module)
-            if isinstance(node, nnx.Module)
-        }
-        token = _TAP.set(lambda kind, layer, x, y: tap(kind, names[id(layer)], x, y))
-        try:
-            return module(tokens_BxT)
-        finally:
-            _TAP.reset(token)
+        return super().tapped(params, tokens_BxT, tap)
 
     def __repr__(self) -> str:
         return f"LMApply({self.spec})"
@@ -249,6 +224,12 @@ def build_module(
     cfg_model: ml_collections.ConfigDict | dict, vocab_size: int, seed: int
 ) -> TransformerLM:
     """Builds and initializes the nnx ``TransformerLM`` (sizes checked first)."""
+    family = cfg_model.get("family", FAMILY) or FAMILY
+    if family != FAMILY:
+        raise ModelConfigError(
+            f"model.family = {family!r} is not this module's {FAMILY!r}; build it with "
+            "trackstar.families.make_model"
+        )
     spec = resolve_spec(cfg_model, vocab_size)
     return TransformerLM(spec, rngs=nnx.Rngs(params=seed))
 
@@ -264,6 +245,13 @@ def make_model(
     module = build_module(cfg_model, vocab_size, seed)
     graphdef, state = nnx.split(module, nnx.Param)
     return LMApply(graphdef, module.spec), nnx.to_pure_dict(state)
+
+
+def abstract_params(cfg_model: ml_collections.ConfigDict | dict, vocab_size: int) -> Params:
+    """``jax.ShapeDtypeStruct``s of ``make_model``'s params (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: build_module(cfg_model, vocab_size, 0))
+    state = nnx.split(abstract, nnx.Param)[1]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
 
 
 def count_params(params: Params) -> int:
