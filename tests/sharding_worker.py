@@ -107,7 +107,7 @@ def run_devices(out_path: str) -> None:
     ]:
         t0 = time.perf_counter()
         mesh = sh.make_mesh(data, model, devices[: data * model])
-        shardings = sh.param_shardings(params, mesh, sh.RULE_PRESETS[rules])
+        shardings = sh.param_shardings(params, mesh, sh.preset_rules(rules))
         fn = sh.make_sharded_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
         placed = sh.place(params, shardings)
         compiled = fn.jitted.lower(placed, fn.precond, tok[:batch], w[:batch]).compile()
@@ -189,7 +189,7 @@ def run_featurize(args) -> None:
     info = sh.initialize_distributed(cfg)
     apply_fn, params, precond, projector, (tok, w), (qtok, qw) = build()
     mesh = sh.mesh_from_config(cfg, scope="local")
-    shardings = sh.param_shardings(params, mesh, sh.TENSOR_RULES)
+    shardings = sh.param_shardings(params, mesh, sh.preset_rules("tensor"))
     fn = sh.make_sharded_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
     placed = sh.place(params, shardings)
     calls = [0]

@@ -10,7 +10,9 @@ TPU pod slice.
   (``trackstar.tree.path_name``); the first ``re.search`` hit wins. A spec is a tuple of mesh
   axis names / None per tensor dimension, or ``"fsdp"``: shard the largest dimension the
   ``model`` axis divides. Shardings are derived from ``jax.eval_shape`` shapes, so a model's
-  layout (and its memory per device) is known before any parameter exists.
+  layout (and its memory per device) is known before any parameter exists. Presets
+  (``mesh.rules``, ``preset_rules``): ``"tensor"`` is the model family's own tensor-parallel
+  rules (``trackstar.families``); ``"fsdp"`` and ``"replicated"`` fit any model.
 - **Feature kernel**: the jitted per-example gradient + correction + projection of
   ``trackstar.gradients.make_feature_fn``, re-jitted with explicit in/out shardings: batch rows
   over ``data``, parameters and the preconditioner by the rules, vectors out over ``data``.
@@ -53,22 +55,13 @@ MODEL = "model"  # Mesh axis of parameters (tensor-parallel or FSDP).
 ALL_AXES = (DATA, MODEL)
 FSDP = "fsdp"  # Rule spec: shard the largest dimension the model axis divides.
 
-# Rules for trackstar.model.TransformerLM (paths such as blocks/0/attn/qkv/kernel), Megatron
-# style: column-parallel in-projections, row-parallel out-projections, so the forward pass
-# needs only activation collectives and per-example gradients inherit the parameter layout.
-TENSOR_RULES: tuple[tuple[str, Any], ...] = (
-    (r"(^|/)(embed|pos_embed)/embedding$", (None, MODEL)),
-    (r"(^|/)(qkv|fc_in)/kernel$", (None, MODEL)),
-    (r"(^|/)(qkv|fc_in)/bias$", (MODEL,)),
-    (r"(^|/)(out|fc_out)/kernel$", (MODEL, None)),
-    (r"(^|/)unembed/kernel$", (None, MODEL)),
-    (r"(^|/)unembed/bias$", (MODEL,)),
-    (r".*", ()),  # norms, out-projection biases: replicated
-)
 # Any model: every matrix sharded along its largest divisible dimension; vectors replicated.
 FSDP_RULES: tuple[tuple[str, Any], ...] = ((r".*", FSDP),)
 REPLICATED_RULES: tuple[tuple[str, Any], ...] = ((r".*", ()),)
-RULE_PRESETS = {"tensor": TENSOR_RULES, "fsdp": FSDP_RULES, "replicated": REPLICATED_RULES}
+GENERIC_RULES = {"fsdp": FSDP_RULES, "replicated": REPLICATED_RULES}
+# "tensor": the model family's own tensor-parallel rules (trackstar.families; e.g.
+# trackstar.model.TENSOR_RULES for the "transformer" family), see preset_rules.
+RULE_PRESETS = ("tensor", *GENERIC_RULES)
 
 
 class ShardingError(ValueError):
@@ -160,8 +153,37 @@ def parse_spec(text: str) -> Any:
     return tuple(out)
 
 
-def rules_from_config(cfg_mesh: Any) -> tuple[tuple[str, Any], ...]:
-    """``mesh.rule_overrides`` ("regex=spec" strings, tried first) + the ``mesh.rules`` preset."""
+def preset_rules(preset: str, family: Any = None) -> tuple[tuple[str, Any], ...]:
+    """The rules of a ``mesh.rules`` preset for a model family (``trackstar.families``).
+
+    ``"tensor"`` is the family's own tensor-parallel rules (``ModelFamily.tensor_rules``);
+    ``"fsdp"`` and ``"replicated"`` fit any model. ``family``: a name, a ``model`` config section
+    or a ``ModelFamily``; None is the default family (``"transformer"``).
+    """
+    from trackstar import families
+
+    if preset not in RULE_PRESETS:
+        raise ShardingError(
+            f"mesh.rules = {preset!r}; choose one of {', '.join(RULE_PRESETS)} (and add "
+            "model-specific rules with mesh.rule_overrides)"
+        )
+    if preset != "tensor":
+        return GENERIC_RULES[preset]
+    fam = families.get_family(family)
+    if fam.tensor_rules is None:
+        raise ShardingError(
+            f"model family {fam.name!r} has no tensor-parallel rules; set mesh.rules to "
+            f"{' or '.join(repr(p) for p in GENERIC_RULES)}, or give mesh.rule_overrides"
+        )
+    return tuple(fam.tensor_rules)
+
+
+def rules_from_config(cfg_mesh: Any, family: Any = None) -> tuple[tuple[str, Any], ...]:
+    """``mesh.rule_overrides`` ("regex=spec" strings, tried first) + the ``mesh.rules`` preset.
+
+    ``family`` (a name, the ``model`` config section or a ``ModelFamily``; None: the default
+    ``"transformer"``) decides what the ``"tensor"`` preset means (``preset_rules``).
+    """
     preset = str(cfg_mesh.rules)
     if preset not in RULE_PRESETS:
         raise ShardingError(
@@ -177,7 +199,7 @@ def rules_from_config(cfg_mesh: Any) -> tuple[tuple[str, Any], ...]:
             )
         regex, spec = item.rsplit("=", 1)
         extra.append((regex, parse_spec(spec)))
-    return tuple(extra) + RULE_PRESETS[preset]
+    return tuple(extra) + preset_rules(preset, family)
 
 
 def _axis_size(mesh_shape: dict[str, int], axis: Any) -> int:
@@ -300,14 +322,14 @@ def bytes_per_device(tree_like: PyTree, specs: PyTree, mesh_shape: dict[str, int
 
 
 def abstract_lm_params(cfg_model: Any, vocab_size: int) -> PyTree:
-    """ShapeDtypeStructs of ``trackstar.model``'s params for ``cfg_model`` (nothing allocated)."""
-    from flax import nnx
+    """ShapeDtypeStructs of the params of ``cfg_model``'s model family (nothing allocated).
 
-    from trackstar import model as model_lib
+    ``trackstar.families.abstract_params``: the family ``cfg_model.family`` names (default
+    ``"transformer"``, ``trackstar.model``).
+    """
+    from trackstar import families
 
-    abstract = nnx.eval_shape(lambda: model_lib.build_module(cfg_model, vocab_size, 0))
-    state = nnx.split(abstract, nnx.Param)[1]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    return families.abstract_params(cfg_model, vocab_size)
 
 
 def memory_report(

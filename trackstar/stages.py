@@ -20,7 +20,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from trackstar import checkpoint, correction, data, hessian, score, store, tokenizer, world
+from trackstar import (
+    checkpoint,
+    correction,
+    data,
+    families,
+    hessian,
+    score,
+    store,
+    tokenizer,
+    world,
+)
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar.config import run_dir_conflicts, save_config, validate
@@ -182,7 +192,7 @@ class Trained:
 
 
 def _model_and_optimizer(cfg, tok):
-    apply_fn, params = model_lib.make_model(cfg.model, tokenizer.vocab_size(tok), cfg.seed)
+    apply_fn, params = families.make_model(cfg.model, tokenizer.vocab_size(tok), cfg.seed)
     return apply_fn, params, train_lib.make_optimizer(cfg.train)
 
 
