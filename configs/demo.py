@@ -154,7 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
     mh = c.mesh = ml_collections.ConfigDict()
     mh.data = -1  # Devices on the data axis (examples, store rows); -1 = all the model axis leaves.
     mh.model = 1  # Devices on the parameter axis (tensor-parallel / FSDP); must divide the count.
-    mh.rules = "tensor"  # Parameter-path rule preset: "tensor", "fsdp" or "replicated".
+    mh.rules = "tensor"  # Rule preset: "tensor" (model.family's own rules), "fsdp", "replicated".
     mh.rule_overrides = ()  # "regex=spec" rules tried before the preset, e.g. "head$=None,model".
     mh.featurize_scope = "local"  # Featurize mesh: "local" (this process's devices) or "global".
     mh.distributed = "auto"  # jax.distributed: "auto" (when a coordinator is set), "on", "off".

@@ -41,10 +41,11 @@ import tensorstore as ts
 
 from trackstar import correction
 from trackstar.config import load_config_file
+from trackstar.families import make_model
 from trackstar.featurize import Examples, featurize_into_store
 from trackstar.gradients import make_feature_fn
 from trackstar.hessian import gauss_newton, inverse_sqrt
-from trackstar.model import count_params, make_model
+from trackstar.model import count_params
 from trackstar.projection import Projector
 from trackstar.score import top_k_scores
 from trackstar.store import StoreMeta, VectorStore
