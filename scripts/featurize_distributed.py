@@ -30,7 +30,7 @@ if __name__ == "__main__":
         shape = {"data": max(n // cfg.mesh.model, 1), "model": cfg.mesh.model}
         report = sharding.memory_report(
             params,
-            sharding.rules_from_config(cfg.mesh),
+            sharding.rules_from_config(cfg.mesh, cfg.model),
             shape,
             featurize_batch=cfg.featurize.batch_size,
         )
