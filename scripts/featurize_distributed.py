@@ -1,8 +1,10 @@
 """Featurize (and optionally fit R and score) on every process of a multi-host run.
 
 Run the same command on every host (docs/scaling.md); jax.distributed starts from the mesh
-config or the TRACKSTAR_* environment. --memory-only prints the per-device memory the config's
-mesh and rules imply, from shapes alone (no devices, no checkpoint needed).
+config or the TRACKSTAR_* environment, then the stages of trackstar.stages run on the config's
+mesh (the same calls as scripts/featurize.py, fit_hessian.py and score.py on one host).
+--memory-only prints the per-device memory the config's mesh and rules imply, from shapes
+alone (no devices, no checkpoint needed).
 """
 
 import json
@@ -36,20 +38,22 @@ if __name__ == "__main__":
         )
         print(json.dumps({"mesh": shape, **report}, indent=1))
         raise SystemExit(0)
-    info = sharding.initialize_distributed(cfg.mesh)
-    from trackstar import distributed, stages
+    from trackstar import multihost
+
+    info = multihost.initialize_distributed(cfg.mesh)
+    from trackstar import stages
 
     trained = stages.load_trained(cfg)
     corrected = args.correction == "on"
     for which in args.sets.split(","):
-        out = distributed.stage_featurize_distributed(cfg, which, corrected, trained=trained)
+        out = stages.stage_featurize(cfg, which, corrected, trained=trained)
         if info.process_index == 0:
             print(f"store: {out}")
     if args.hessian:
-        out = distributed.stage_hessian_distributed(cfg, corrected=corrected)
+        out = stages.stage_hessian(cfg, corrected=corrected)
         if info.process_index == 0:
             print(f"hessian: {out}")
     if args.score:
-        res = distributed.stage_score_distributed(cfg)
+        res = stages.stage_score(cfg)
         if info.process_index == 0:
             print(f"proponents: {res['path']}")

@@ -7,10 +7,10 @@ asserts.
     python tests/distributed_worker.py ROOT OUT.npz --data D --model M
 
 One tiny trained run (configs/tiny.py, fewer steps) is copied into two run dirs before any
-featurize: ``ROOT/single`` goes through ``trackstar.stages`` (featurize, hessian, score, each on
-one device) and ``ROOT/mesh`` through ``trackstar.distributed`` on a D x M mesh of this
-process's devices; then the mesh run's stores are renamed to a tagged pair and its Hessian and
-score stages run again with those tags.
+featurize; both go through the same ``trackstar.stages`` calls (featurize, hessian, score):
+``ROOT/single`` with ``mesh.data = mesh.model = 1`` (one device) and ``ROOT/mesh`` on a D x M
+mesh of this process's devices. Then the mesh run's stores are renamed to a tagged pair and its
+Hessian and score stages run again with those tags.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def main() -> None:
 
     import jax
 
-    from trackstar import distributed, hessian, stages, store
+    from trackstar import hessian, stages, store
 
     single = config(os.path.join(args.root, "single"))
+    single.mesh.data, single.mesh.model = 1, 1
     stages.stage_world(single)
     _log("world")
     stages.stage_train(single, progress=False)
@@ -95,7 +96,7 @@ def main() -> None:
 
     for which in STORES:
         p1 = stages.stage_featurize(single, which, trained=trained, progress=False)
-        p2 = distributed.stage_featurize_distributed(mesh, which, trained=trained, progress=False)
+        p2 = stages.stage_featurize(mesh, which, trained=trained, progress=False)
         for name, p in (("single", p1), ("mesh", p2)):
             vs = store.VectorStore.open(p)
             out[f"{name}_{which}_ids"], out[f"{name}_{which}_vecs"] = vs.read_all()
@@ -105,7 +106,7 @@ def main() -> None:
 
     fits = {
         "single": hessian.HessianFit.load(stages.stage_hessian(single)),
-        "mesh": hessian.HessianFit.load(distributed.stage_hessian_distributed(mesh)),
+        "mesh": hessian.HessianFit.load(stages.stage_hessian(mesh)),
     }
     _log("hessian")
     for name, fit in fits.items():
@@ -117,23 +118,23 @@ def main() -> None:
 
     res = stages.stage_score(single, progress=False)
     out["single_ids"], out["single_scores"] = res["ids"], res["scores"]
-    mres = distributed.stage_score_distributed(mesh)
+    mres = stages.stage_score(mesh, progress=False)
     out["mesh_ids"], out["mesh_scores"] = np.asarray(mres["ids"]), np.asarray(mres["scores"])
     _log("score")
     _proponents(out, "single", res["path"])
     _proponents(out, "mesh", mres["path"])
 
     # Tags: the mesh run's untagged stores are renamed to a tagged pair (so only the tagged
-    # ones exist), then the distributed Hessian and score stages run with those tags.
+    # ones exist), then the Hessian and score stages run on the mesh with those tags.
     for which, tag in (("candidates", TRAIN_TAG), ("task", QUERY_TAG)):
         os.rename(stages.store_path(mesh, which, True), stages.store_path(mesh, which, True, tag))
     tags = {"train_tag": TRAIN_TAG, "query_tag": QUERY_TAG}
-    hpath = distributed.stage_hessian_distributed(mesh, **tags)
+    hpath = stages.stage_hessian(mesh, **tags)
     out["tagged_hessian_name"] = os.path.basename(hpath)
     out["tagged_hessian_stores"] = json.dumps(
         [os.path.basename(hessian.HessianFit.load(hpath).provenance[k]) for k in STORE_KEYS]
     )
-    tres = distributed.stage_score_distributed(mesh, **tags)
+    tres = stages.stage_score(mesh, progress=False, **tags)
     _proponents(out, "tagged", tres["path"])
     _log("tagged hessian + score")
     for name, cfg in (("single", single), ("mesh", mesh)):

@@ -81,6 +81,7 @@ def run_devices(out_path: str) -> None:
 
     from trackstar import hessian, score
     from trackstar import sharding as sh
+    from trackstar.featurize import make_mesh_feature_fn
     from trackstar.gradients import make_feature_fn
     from trackstar.tree import named_leaves
 
@@ -92,7 +93,8 @@ def run_devices(out_path: str) -> None:
     )
     # Queries through the same kernel (one compile): only their weights differ.
     ref_q = np.asarray(ref_fn(params, np.tile(qtok, (2, 1))[:8], np.tile(qw, (2, 1))[:8]))[:6]
-    ref_R, _ = hessian.gauss_newton(ref_v)
+    # The explicit formulas: R = UᵀU / n in float64; scores against them on one device.
+    ref_R = ref_v.astype(np.float64).T @ ref_v.astype(np.float64) / len(ref_v)
     t, _ = hessian.inverse_sqrt(ref_R, 0.1)
     ref_ids, ref_s = score.top_k_scores(ref_v, ref_q, t, t, True, K, rows_per_step=12)
     shapes = [tuple(np.shape(x)) for _, x in named_leaves(params)]
@@ -100,6 +102,7 @@ def run_devices(out_path: str) -> None:
     devices = jax.devices()
     timings = {}
     for data, model, rules in [
+        (1, 1, "tensor"),
         (1, 2, "tensor"),
         (2, 2, "tensor"),
         (2, 4, "tensor"),
@@ -108,7 +111,7 @@ def run_devices(out_path: str) -> None:
         t0 = time.perf_counter()
         mesh = sh.make_mesh(data, model, devices[: data * model])
         shardings = sh.param_shardings(params, mesh, sh.preset_rules(rules))
-        fn = sh.make_sharded_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
+        fn = make_mesh_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
         placed = sh.place(params, shardings)
         compiled = fn.jitted.lower(placed, fn.precond, tok[:batch], w[:batch]).compile()
         v_parts = [
@@ -117,12 +120,13 @@ def run_devices(out_path: str) -> None:
         out_spec = str(v_parts[0].sharding.spec)
         v = np.concatenate([np.asarray(x) for x in v_parts])
         hlo = compiled.as_text()
-        R, _ = sh.gauss_newton_sharded(ref_v, mesh, rows_per_step=12)
-        ids, s = sh.top_k_scores_sharded(ref_v, ref_q, t, t, True, K, mesh, rows_per_step=12)
+        R, _ = hessian.gauss_newton(ref_v, rows_per_step=12, mesh=mesh)
+        ids, s = score.top_k_scores(ref_v, ref_q, t, t, True, K, rows_per_step=12, mesh=mesh)
         name = f"{data}x{model}-{rules}"
         report["meshes"][name] = {
             "devices": data * model,
             "vec_max_abs": float(np.abs(v - ref_v).max()),
+            "vec_bitwise": bool(np.array_equal(v, ref_v)),
             "vec_scale": float(np.abs(ref_v).max()),
             "R_max_abs": float(np.abs(R - ref_R).max()),
             "R_scale": float(np.abs(ref_R).max()),
@@ -171,9 +175,9 @@ def run_featurize(args) -> None:
 
     import jax
 
-    from trackstar import correction, hessian, score, store
+    from trackstar import correction, hessian, multihost, score, store
     from trackstar import sharding as sh
-    from trackstar.featurize import Examples
+    from trackstar.featurize import Examples, featurize_into_store, make_mesh_feature_fn
 
     cfg = types.SimpleNamespace(
         distributed="auto",
@@ -186,11 +190,11 @@ def run_featurize(args) -> None:
         rules="tensor",
         rule_overrides=(),
     )
-    info = sh.initialize_distributed(cfg)
+    info = multihost.initialize_distributed(cfg)
     apply_fn, params, precond, projector, (tok, w), (qtok, qw) = build()
     mesh = sh.mesh_from_config(cfg, scope="local")
     shardings = sh.param_shardings(params, mesh, sh.preset_rules("tensor"))
-    fn = sh.make_sharded_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
+    fn = make_mesh_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
     placed = sh.place(params, shardings)
     calls = [0]
     per_chunk = args.chunk // args.batch
@@ -216,7 +220,9 @@ def run_featurize(args) -> None:
         correction="adam",
     )
     vs = store.VectorStore.create(args.store, meta)
-    sh.featurize_distributed(feature_fn, placed, Examples(tok, w), vs, args.batch, progress=False)
+    featurize_into_store(
+        feature_fn, placed, Examples(tok, w), vs, args.batch, progress=False, finalize=True
+    )
     vs = store.VectorStore.open(args.store)
     if args.no_score:
         return
@@ -225,9 +231,10 @@ def run_featurize(args) -> None:
     q = np.concatenate([np.asarray(fn(placed, qt[i : i + 4], qwt[i : i + 4])) for i in (0, 4)])
     q = q[:N_QUERY]
     gmesh = sh.make_mesh(-1, args.model)
-    R, used = sh.gauss_newton_sharded(vs, gmesh)
+    R, used = hessian.gauss_newton(vs, mesh=gmesh)
     t, _ = hessian.inverse_sqrt(R, 0.1)
-    ids, s = sh.top_k_scores_sharded(vs, q, t, t, True, K, gmesh)
+    ids, s = score.top_k_scores(vs, q, t, t, True, K, mesh=gmesh)
+    # No mesh: this process's first device, reading the whole store.
     ref_ids, ref_s = score.top_k_scores(vs, q, t, t, True, K)
     if info.process_index == 0:
         np.savez(
@@ -242,7 +249,7 @@ def run_featurize(args) -> None:
             devices=jax.device_count(),
             processes=info.process_count,
         )
-    sh.barrier("worker-done")
+    multihost.barrier("worker-done")
 
 
 def main() -> None:

@@ -1,21 +1,20 @@
-"""trackstar.distributed's stages on a 2 (data) x 2 (model) mesh of 4 CPU devices agree with
-the single-process stages of trackstar.stages on one tiny trained run.
+"""trackstar.stages on a 2 (data) x 2 (model) mesh of 4 CPU devices agree with the same stages
+on a 1-device mesh, on one tiny trained run.
 
 The mesh run needs ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before JAX is
-imported, so both runs happen in one subprocess (tests/distributed_worker.py: the single-process
-stages there use one device) and this process only asserts. Checked:
+imported, so both runs happen in one subprocess (tests/distributed_worker.py: the 1-device run
+there sets mesh.data = mesh.model = 1) and this process only asserts. Checked:
   - featurize: the candidate and task stores have the same name, metadata (so either run can
     resume the other's partial store), ids exactly and rows to 1e-5 of their scale;
   - hessian: the same λ, spectrum of R and transforms (R^{-1/2} and friends) to rounding;
   - score: the same top-k ids per query, scores to 1e-5, and the same proponents files (name,
     rows, arrays);
-  - tags: with train_tag / query_tag the distributed hessian and score read the tagged store
-    pair and name the Hessian and proponents files as trackstar.stages does.
+  - tags: with train_tag / query_tag the hessian and score stages on the mesh read the tagged
+    store pair and name the Hessian and proponents files after the tags.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -24,8 +23,6 @@ import sys
 import numpy as np
 import pytest
 from tolerances import assert_close
-
-from trackstar import distributed, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -117,16 +114,9 @@ def test_score_on_a_mesh_writes_the_single_process_proponents(report):
     assert set(single_files) <= set(json.loads(str(report["mesh_proponents_files"])))
 
 
-def test_distributed_hessian_and_score_use_the_tagged_store_pair(report):
-    """With train_tag / query_tag the distributed stages read the tagged stores (the untagged
-    ones no longer exist in that run) and name their outputs as the single-process stages do."""
-    for single_fn, mesh_fn in (
-        (stages.stage_hessian, distributed.stage_hessian_distributed),
-        (stages.stage_score, distributed.stage_score_distributed),
-    ):
-        for tag in ("train_tag", "query_tag"):
-            assert inspect.signature(mesh_fn).parameters[tag].default == ""
-            assert inspect.signature(single_fn).parameters[tag].default == ""
+def test_hessian_and_score_on_a_mesh_use_the_tagged_store_pair(report):
+    """With train_tag / query_tag the stages on the mesh read the tagged stores (the untagged
+    ones no longer exist in that run) and name their outputs after the tags."""
     assert str(report["tagged_hessian_name"]) == "candidates-adam-t1-q1.npz"
     assert json.loads(str(report["tagged_hessian_stores"])) == [
         "candidates-adam-t1",

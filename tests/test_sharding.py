@@ -1,9 +1,10 @@
-"""Sharded kernels on 1, 2, 4 and 8 devices agree with the single-device code.
+"""The kernels on meshes of 1, 2, 4 and 8 devices agree with the reference formulas.
 
 The multi-device checks run once in a subprocess with 8 fake CPU devices
 (tests/sharding_worker.py), so this process and every other test keep seeing one device.
-Tolerances (max abs difference relative to the max abs value): vectors 1e-5, R 1e-6; top-k ids
-exactly equal, scores to 1e-5.
+References: vectors from ``gradients.make_feature_fn`` (no mesh), R = UᵀU / n in float64,
+top-k on one device. Tolerances (max abs difference relative to the max abs value): vectors
+1e-5 (bitwise on the 1-device mesh), R 1e-6; top-k ids exactly equal, scores to 1e-5.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from trackstar import sharding as sh
 from trackstar.config import load_config_file
-from trackstar.score import ScoreError, score_preset, top_k_scores
+from trackstar.score import ScoreError, merge_top_k, score_preset, top_k_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
@@ -54,7 +55,8 @@ def test_vectors_R_topk_agree_on_1_2_4_8_devices(report):
         assert m["topk_ids_equal"], name
         assert m["topk_score_max_abs"] <= 1e-5, name
         assert m["out_sharding"] == "P('data',)", name
-    assert counts == {2, 4, 8}  # 1 device is the reference itself
+    assert counts == {1, 2, 4, 8}
+    assert report["meshes"]["1x1-tensor"]["vec_bitwise"]  # one device: the same program
     m8 = report["meshes"]["2x4-tensor"]
     print(
         f"1-vs-8-device max abs diff: vectors {m8['vec_max_abs']:.3g} (scale "
@@ -135,6 +137,9 @@ def test_rules_parse_and_refuse_bad_input():
 def test_mesh_errors_and_one_device_mesh():
     mesh = sh.make_mesh(-1, 1)
     assert dict(mesh.shape) == {"data": jax.device_count(), "model": 1}
+    one = sh.single_device_mesh()
+    assert dict(one.shape) == {"data": 1, "model": 1} and sh.default_mesh(None) == one
+    assert sh.default_mesh(mesh) is mesh
     with pytest.raises(sh.ShardingError, match="divide"):
         sh.make_mesh(-1, jax.device_count() + 1)
 
@@ -142,11 +147,11 @@ def test_mesh_errors_and_one_device_mesh():
 def test_merge_top_k_breaks_ties_to_lower_id():
     scores = np.array([[[3.0, 1.0]], [[3.0, 2.0]]], np.float32)  # shards x Q x k
     ids = np.array([[[7, 1]], [[2, 5]]], np.int32)
-    got_ids, got_s = sh.merge_top_k(scores, ids, 3)
+    got_ids, got_s = merge_top_k(scores, ids, 3)
     np.testing.assert_array_equal(got_ids, [[2, 7, 5]])
     np.testing.assert_array_equal(got_s, [[3.0, 3.0, 2.0]])
     empty = np.full((1, 1, 2), -np.inf, np.float32)
-    got_ids, _ = sh.merge_top_k(
+    got_ids, _ = merge_top_k(
         np.concatenate([scores[:1], empty]), np.concatenate([ids[:1], -np.ones_like(ids[:1])]), 2
     )
     np.testing.assert_array_equal(got_ids, [[7, 1]])
@@ -155,7 +160,7 @@ def test_merge_top_k_breaks_ties_to_lower_id():
 # ----------------------------------------------------------------------------- non-finite rows
 
 
-def test_sharded_scoring_refuses_a_nan_row_naming_its_id(tmp_path, monkeypatch):
+def test_scoring_on_a_mesh_refuses_a_nan_row_naming_its_id(tmp_path, monkeypatch):
     from test_score import corrupt_store
 
     rng = np.random.default_rng(4)
@@ -164,24 +169,20 @@ def test_sharded_scoring_refuses_a_nan_row_naming_its_id(tmp_path, monkeypatch):
     store = corrupt_store(tmp_path / "s", monkeypatch, train, {37: np.nan})
     mesh = sh.make_mesh(-1, 1)
     named = r"example ids \[37\] \(store chunks \[2\]\) against every query.*refeaturize"
-    with pytest.raises(sh.ShardingError, match=named):
-        sh.top_k_scores_sharded(store, queries, None, None, True, 4, mesh)
-    with pytest.raises(sh.ShardingError, match=named):
-        sh.score_preset_sharded(store, queries, "exp_opt_norm", None, 4, mesh)
-    # Both scorers refuse the same inputs the same way.
     with pytest.raises(ScoreError, match=named):
-        score_preset(store, queries, "exp_opt_norm", None, 4)
+        top_k_scores(store, queries, None, None, True, 4, mesh=mesh)
+    with pytest.raises(ScoreError, match=named):
+        score_preset(store, queries, "exp_opt_norm", None, 4, mesh=mesh)
     bad_q = queries.copy()
     bad_q[1, 0] = np.inf
-    with pytest.raises(sh.ShardingError, match=r"indices \[1\].*refeaturize the queries"):
-        sh.top_k_scores_sharded(train, bad_q, None, None, True, 4, mesh)
     with pytest.raises(ScoreError, match=r"indices \[1\].*refeaturize the queries"):
-        top_k_scores(train, bad_q, None, None, True, 4)
+        top_k_scores(train, bad_q, None, None, True, 4, mesh=mesh)
 
 
 NAN_ROWS_ON_4_DEVICES = """
 import numpy as np
 from trackstar import sharding as sh
+from trackstar.score import ScoreError, top_k_scores
 
 rng = np.random.default_rng(5)
 train = rng.normal(size=(60, 8)).astype(np.float32)
@@ -191,10 +192,10 @@ train[50, 2] = np.inf
 mesh = sh.make_mesh(-1, 1)
 assert mesh.devices.size == 4
 try:
-    sh.top_k_scores_sharded(train, queries, None, None, False, 5, mesh, rows_per_step=8)
-except sh.ShardingError as e:
+    top_k_scores(train, queries, None, None, False, 5, rows_per_step=8, mesh=mesh)
+except ScoreError as e:
     print("ERROR:", e)
-ids, _ = sh.top_k_scores_sharded(train[:3], queries, None, None, False, 5, mesh, rows_per_step=8)
+ids, _ = top_k_scores(train[:3], queries, None, None, False, 5, rows_per_step=8, mesh=mesh)
 print("CLEAN:", ids.shape)
 """
 

@@ -1,23 +1,40 @@
 """Featurize: examples -> per-example feature vectors -> a resumable store (docs/method.md).
 
-The jitted feature kernel (gradients + correction + projection) runs batch by batch; rows are
-grouped into store chunks and each chunk is committed atomically, so a killed run restarts at
-the first missing chunk and the finished store equals an uninterrupted one. Store writes run on
-a background thread so disk I/O overlaps the next chunk's compute.
+The feature kernel (gradients + correction + projection, ``trackstar.gradients``) runs on a
+mesh (``make_mesh_feature_fn``; one device is a 1-device mesh) batch by batch; rows are grouped
+into store chunks and each chunk is committed atomically, so a killed run restarts at the first
+missing chunk and the finished store equals an uninterrupted one. With several processes each
+writes its own chunks (``c % P == p``) into the one store and process 0 finalizes it. Store
+writes run on a background thread so disk I/O overlaps the next chunk's compute.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+from trackstar import multihost
+from trackstar.gradients import make_feature_fn
+from trackstar.sharding import (
+    DATA,
+    ShardingError,
+    batch_sharding,
+    default_mesh,
+    matched_shardings,
+    replicated,
+)
 from trackstar.store import VectorStore
 
 FeatureFn = Callable[[object, np.ndarray, np.ndarray], object]
+PyTree = Any
 
 
 class BadExampleError(ValueError):
@@ -69,6 +86,82 @@ def skipped_examples(examples: Examples, skip: bool) -> dict[int, str]:
     return bad
 
 
+def make_mesh_feature_fn(
+    apply_fn: Callable,
+    output_fn: str,
+    projector: Any,
+    preconditioner: PyTree | None = None,
+    mesh: Mesh | None = None,
+    shardings: PyTree | None = None,
+    *,
+    fast: bool | None = None,
+) -> FeatureFn:
+    """``fn(params, tokens_BxT, weights_BxT) -> vectors_BxD`` jitted on ``mesh``.
+
+    The kernel of ``trackstar.gradients.make_feature_fn`` (same math, same compiled body) with
+    explicit shardings: batch rows over the ``data`` axis, ``params`` and the preconditioner by
+    ``shardings`` (``trackstar.sharding.param_shardings``; None: replicated), vectors out over
+    ``data``. GSPMD then partitions the per-example gradients like the parameters, and the
+    projection contracts the sharded dimensions with partial sums and one all-reduce of
+    ``B x d``, so a per-example gradient of a sharded model is never gathered onto one device.
+    ``mesh`` None is ``single_device_mesh()``.
+
+    Pass params placed with ``trackstar.sharding.place(params, fn.shardings)`` (host arrays
+    are transferred on every call). The batch size must be a multiple of the data axis size.
+    ``fn.jitted`` is the sharded jit (for ``.lower(...)``), ``fn.precond`` the placed
+    preconditioner, ``fn.fast`` the gradient path taken.
+    """
+    base = make_feature_fn(apply_fn, output_fn, projector, preconditioner, fast=fast)
+    mesh = default_mesh(mesh)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: replicated(mesh), projector.params_like)
+    data_size = mesh.shape[DATA]
+    batch = batch_sharding(mesh)
+    precond_sh = precond = None
+    if preconditioner is not None:
+        precond_sh = matched_shardings(preconditioner, projector.params_like, shardings, mesh)
+        precond = jax.device_put(preconditioner, precond_sh)
+    jitted = jax.jit(
+        base.jitted, in_shardings=(shardings, precond_sh, batch, batch), out_shardings=batch
+    )
+
+    def feature_fn(params: PyTree, tokens_BxT: Any, weights_BxT: Any) -> jax.Array:
+        if np.shape(tokens_BxT)[0] % data_size:
+            raise ShardingError(
+                f"batch of {np.shape(tokens_BxT)[0]} rows cannot be split over the data axis of "
+                f"size {data_size}; set featurize.batch_size to a multiple of {data_size}"
+            )
+        tokens_BxT, weights_BxT = (_to_global(x, batch) for x in (tokens_BxT, weights_BxT))
+        return jitted(params, precond, tokens_BxT, weights_BxT)
+
+    feature_fn.jitted = jitted
+    feature_fn.precond = precond
+    feature_fn.shardings = shardings
+    feature_fn.fast = base.fast
+    return feature_fn
+
+
+def _to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Host rows -> a sharded array (multi-process JAX refuses numpy with a sharded jit input).
+
+    On a mesh of this process's devices the rows are the whole batch; on a mesh spanning
+    processes they are this process's share.
+    """
+    if isinstance(x, jax.Array):
+        return x
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def _host_rows(v: Any) -> np.ndarray:
+    """Feature vectors as host rows: this process's share of a batch on a multi-process mesh."""
+    if isinstance(v, jax.Array) and not v.is_fully_addressable:
+        shards = {s.index[0].start or 0: s.data for s in v.addressable_shards}
+        return np.concatenate([np.asarray(shards[i]) for i in sorted(shards)])
+    return np.asarray(v)
+
+
 def _pad_batch(tokens: np.ndarray, weights: np.ndarray, batch_size: int):
     """Pads a short final batch with zero-weight rows so the kernel compiles once."""
     n = tokens.shape[0]
@@ -94,7 +187,7 @@ def compute_vectors(
         pending.append((tok.shape[0], feature_fn(params, tok_p, wts_p)))
     if not pending:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate([np.asarray(v, dtype=np.float32)[:n] for n, v in pending])
+    return np.concatenate([_host_rows(v).astype(np.float32, copy=False)[:n] for n, v in pending])
 
 
 def featurize_into_store(
@@ -107,13 +200,17 @@ def featurize_into_store(
     skip_bad_examples: bool = False,
     progress: bool = True,
     desc: str = "featurize",
+    finalize: bool = False,
 ) -> int:
-    """Fills the store's missing chunks (or just ``chunks``); returns the rows written.
+    """Fills this process's missing chunks (or just ``chunks``); returns the rows it wrote.
 
-    Chunk ``c`` holds examples ``[c * chunk_size, (c + 1) * chunk_size)``. Examples with no
-    counted tokens are refused up front, or skipped and listed with ``skip_bad_examples``. A
-    chunk with a non-finite row is refused by the store (naming the example ids) before any of
-    it is committed. Store writes overlap the next chunk's compute on a writer thread.
+    Chunk ``c`` holds examples ``[c * chunk_size, (c + 1) * chunk_size)``; of P processes,
+    process p writes the missing chunks with ``c % P == p`` (one process: all of them). Examples
+    with no counted tokens are refused up front, or skipped and listed with
+    ``skip_bad_examples``. A chunk with a non-finite row is refused by the store (naming the
+    example ids) before any of it is committed. Store writes overlap the next chunk's compute
+    on a writer thread. ``finalize``: after a barrier, process 0 finalizes the store (which
+    proves every example position is covered once), then a second barrier.
     """
     meta = store.meta
     if meta.num_examples != len(examples):
@@ -122,7 +219,9 @@ def featurize_into_store(
             f"{len(examples)}; featurize into a new store path"
         )
     bad = skipped_examples(examples, skip_bad_examples)
-    todo = list(store.missing_chunks() if chunks is None else chunks)
+    me, n_proc = jax.process_index(), jax.process_count()
+    todo = list(store.chunks_for_process(me, n_proc) if chunks is None else chunks)
+    progress = progress and me == 0
     total = sum(meta.chunk_range(c)[1] - meta.chunk_range(c)[0] for c in todo)
     written = 0
     with (
@@ -146,4 +245,10 @@ def featurize_into_store(
             bar.update(hi - lo)
         if pending is not None:
             pending.result()
+    if finalize:
+        name = os.path.basename(store.path)
+        multihost.barrier(f"trackstar-featurized-{name}")
+        if me == 0:
+            store.finalize()
+        multihost.barrier(f"trackstar-finalized-{name}")
     return written

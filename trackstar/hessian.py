@@ -5,25 +5,34 @@ query (task) vectors, and R = λ R_eval + (1 − λ) R_train. Scoring applies R^
 one-sided TRAK preset, R_train^{-1}) with one matmul per chunk, so this module produces those
 d×d transforms once and saves them with the spectra and the chosen λ.
 
-Everything here runs on the host in float64 numpy: a d×d accumulation over many chunks loses
-digits in float32, and ``numpy.linalg.eigh`` at d ≤ 16384 is a one-off cost next to featurizing.
-Vectors arrive as any of: an array ``vectors_NxD``, an iterable of ``(ids_N, vectors_NxD)``
-chunks, or a store object with ``iter_chunks()`` (``trackstar.store.VectorStore``).
+R_train is one reduction on a mesh (one device is a 1-device mesh): train rows sharded over
+every device, each device summing its own u uᵀ terms in Kahan-compensated float32, one ``psum``
+at the end; its result is float64 from there on. R_eval (the queries: few rows, read whole by
+every process) is summed on the host in float64. λ, the eigendecompositions and the transforms
+run on the host in float64 numpy (``numpy.linalg.eigh`` at d ≤ 16384 is a one-off cost next to
+featurizing). Vectors arrive as any of: an array ``vectors_NxD``, an iterable of
+``(ids_N, vectors_NxD)`` chunks, or a store object with ``iter_chunks()``
+(``trackstar.store.VectorStore``); see ``trackstar.rows``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from trackstar import store
+from trackstar import rows, store
 from trackstar.files import atomic_write
+from trackstar.sharding import ALL_AXES, default_mesh, mesh_size, row_sharding
 
 SCHEMA_VERSION = 1
 # Names of the d×d transforms a fit can carry; score.py picks the one its preset needs.
@@ -43,65 +52,6 @@ class HessianError(ValueError):
     """Bad input to the Hessian stage, or a fit that does not match the vectors it is used on."""
 
 
-# ----------------------------------------------------------------------------- vector sources
-
-
-def iter_vector_chunks(
-    source: Any, rows_per_step: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields ``(ids_N int64, vectors_NxD)`` from an array, a chunk iterable, or a store.
-
-    A plain array gets ids ``0..N-1`` and is cut into ``rows_per_step`` rows (all at once when
-    None). A store is read with ``source.iter_chunks(rows_per_step)``.
-    """
-    if hasattr(source, "iter_chunks"):
-        yield from source.iter_chunks(rows_per_step=rows_per_step)
-        return
-    if isinstance(source, np.ndarray) or hasattr(source, "__array__") and hasattr(source, "shape"):
-        arr = np.asarray(source)
-        if arr.ndim != 2:
-            raise HessianError(f"expected vectors of shape (N, D), got shape {arr.shape}")
-        step = rows_per_step or max(len(arr), 1)
-        for start in range(0, len(arr), step):
-            stop = min(start + step, len(arr))
-            yield np.arange(start, stop, dtype=np.int64), arr[start:stop]
-        return
-    for item in source:
-        if not (isinstance(item, tuple | list) and len(item) == 2):
-            raise HessianError(
-                "a chunk source must yield (ids_N, vectors_NxD) pairs; pass a plain array "
-                "of shape (N, D) for vectors without ids"
-            )
-        ids, vecs = np.asarray(item[0]), np.asarray(item[1])
-        if vecs.ndim != 2 or ids.shape != (vecs.shape[0],):
-            raise HessianError(
-                f"chunk has ids of shape {ids.shape} and vectors of shape {vecs.shape}; "
-                "expected (N,) and (N, D)"
-            )
-        yield ids.astype(np.int64, copy=False), vecs
-
-
-def source_num_rows(source: Any) -> int | None:
-    """The row count of a store or array, or None for a plain iterable (unknown up front)."""
-    if hasattr(source, "num_rows"):
-        return int(source.num_rows)
-    if hasattr(source, "shape"):
-        return int(source.shape[0])
-    return None
-
-
-def source_meta(source: Any) -> dict | None:
-    """The store metadata of ``source`` as a plain dict, or None when it carries none."""
-    meta = getattr(source, "meta", None)
-    if meta is None:
-        return None
-    if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
-        return dataclasses.asdict(meta)
-    if isinstance(meta, Mapping):
-        return dict(meta)
-    return dict(vars(meta))
-
-
 # ----------------------------------------------------------------------------- Gauss-Newton
 
 
@@ -118,30 +68,73 @@ def sample_rows(num_rows: int, n: int, seed: int) -> np.ndarray | None:
     return np.sort(rng.choice(num_rows, size=int(n), replace=False)).astype(np.int64)
 
 
+@functools.cache
+def _gn_step(mesh: Mesh) -> Callable:
+    """The jitted per-device step: add this device's u uᵀ terms to its compensated sum."""
+    spec = P(ALL_AXES)
+
+    def local(acc_1xDxD, comp_1xDxD, u_NxD):
+        # Kahan-compensated float32 running sum of this device's u uᵀ terms.
+        term = jax.lax.dot(u_NxD.T, u_NxD, precision=jax.lax.Precision.HIGHEST)[None]
+        y = term - comp_1xDxD
+        t = acc_1xDxD + y
+        return t, (t - acc_1xDxD) - y
+
+    return jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec)),
+        donate_argnums=(0, 1),
+    )
+
+
+@functools.cache
+def _psum_all(mesh: Mesh) -> Callable:
+    def local(acc_1xDxD):
+        return jax.lax.psum(acc_1xDxD[0], ALL_AXES)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(ALL_AXES),), out_specs=P()))
+
+
 def gauss_newton(
     chunks: Any,
     sample_ids: np.ndarray | None = None,
     *,
     sample_positions: np.ndarray | None = None,
     rows_per_step: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, int]:
     """Returns ``(R_DxD float64, rows_used)``: the mean of u uᵀ over the selected rows.
 
+    Rows are sharded over every device of ``mesh`` (None: ``single_device_mesh()``); each device
+    sums its own u uᵀ terms in Kahan-compensated float32 and one ``psum`` combines the devices.
+
     Args:
-      chunks: an array ``(N, D)``, an iterable of ``(ids, vectors)`` chunks, or a store.
+      chunks: an array ``(N, D)``, an iterable of ``(ids, vectors)`` chunks, or a store (on a
+        mesh spanning processes: a ``VectorStore``, each process reading its own chunks).
       sample_ids: keep only rows whose example id is in this set (None: all rows).
       sample_positions: keep only rows at these 0-based positions in stream order (as returned
         by ``sample_rows``); exclusive with ``sample_ids``.
-      rows_per_step: chunk size to request from a store or to cut an array into.
+      rows_per_step: rows per jitted step (and the chunk size to request from a store or to cut
+        an array into); default: the first chunk's size.
+      mesh: the mesh whose devices share the rows.
     """
     if sample_ids is not None and sample_positions is not None:
         raise HessianError("pass sample_ids or sample_positions, not both")
+    mesh = default_mesh(mesh)
+    blocks, fixed_rows = rows.local_blocks(chunks, rows_per_step, mesh, HessianError)
+    if sample_positions is not None and fixed_rows:
+        # Each process reads only its own chunks: map stream positions to example ids.
+        sample_ids = chunks.read_ids()[np.asarray(sample_positions, np.int64)]
+        sample_positions = None
     keep_ids = None if sample_ids is None else np.unique(np.asarray(sample_ids, np.int64))
     keep_pos = None if sample_positions is None else np.unique(np.asarray(sample_positions))
-    acc_DxD: np.ndarray | None = None
+    n_local = rows.local_mesh_devices(mesh)
+    step = _gn_step(mesh)
+    step_rows = rows_per_step or fixed_rows or None
+    acc = comp = None
+    dim = None
     used = 0
     offset = 0
-    for ids_N, vecs_NxD in iter_vector_chunks(chunks, rows_per_step):
+    for ids_N, vecs_NxD in blocks:
         n = len(ids_N)
         if keep_ids is not None:
             vecs_NxD = vecs_NxD[np.isin(ids_N, keep_ids)]
@@ -149,26 +142,33 @@ def gauss_newton(
             lo, hi = np.searchsorted(keep_pos, [offset, offset + n])
             vecs_NxD = vecs_NxD[keep_pos[lo:hi] - offset]
         offset += n
-        if acc_DxD is None:
-            d = vecs_NxD.shape[1]
-            acc_DxD = np.zeros((d, d), np.float64)
-        elif vecs_NxD.shape[1] != acc_DxD.shape[0]:
-            raise HessianError(
-                f"chunks disagree in dimension: {vecs_NxD.shape[1]} vs {acc_DxD.shape[0]}"
-            )
-        if len(vecs_NxD) == 0:
-            continue
-        v64 = np.asarray(vecs_NxD, np.float64)
-        if not np.all(np.isfinite(v64)):
+        if dim is None:
+            dim = int(vecs_NxD.shape[1])
+            zeros = np.zeros((n_local, dim, dim), np.float32)
+            acc = jax.make_array_from_process_local_data(row_sharding(mesh), zeros)
+            comp = jax.make_array_from_process_local_data(row_sharding(mesh), zeros)
+        elif vecs_NxD.shape[1] != dim:
+            raise HessianError(f"chunks disagree in dimension: {vecs_NxD.shape[1]} vs {dim}")
+        if not np.all(np.isfinite(vecs_NxD)):
             raise HessianError("non-finite values in the vectors; re-featurize the store")
-        acc_DxD += v64.T @ v64
-        used += len(v64)
-    if acc_DxD is None or used == 0:
+        if step_rows is None:
+            if n == 0:
+                continue
+            step_rows = n
+        padded = rows.round_up(step_rows, n_local)
+        ids_kept = np.zeros(len(vecs_NxD), np.int64)  # ids are not needed by the sum
+        for piece_ids, piece in rows.pieces(ids_kept, vecs_NxD, step_rows, fixed_rows):
+            _, _, u = rows.global_rows(mesh, padded, piece_ids, piece, dim)
+            acc, comp = step(acc, comp, u)
+        used += len(vecs_NxD)
+    used = rows.sum_over_processes(used, mesh)
+    if dim is None or used == 0:
         raise HessianError(
             "no rows selected for the Gauss-Newton matrix; check that the store is not empty "
             "and that the sample ids exist in it"
         )
-    return acc_DxD / used, used
+    R = rows.fetch_replicated(_psum_all(mesh)(acc)).astype(np.float64)
+    return R / used, used
 
 
 # ----------------------------------------------------------------------------- lambda, roots
@@ -433,7 +433,8 @@ def _eval_moments(source: Any, rows_per_step: int | None) -> tuple[np.ndarray, n
     With n < d rows, R_eval = UᵀU/n has the same nonzero eigenvalues as the n×n Gram matrix
     UUᵀ/n, so the spectrum costs an n×n decomposition instead of a d×d one.
     """
-    parts = [np.asarray(v, np.float64) for _, v in iter_vector_chunks(source, rows_per_step)]
+    chunks = rows.iter_vector_chunks(source, rows_per_step, HessianError)
+    parts = [np.asarray(v, np.float64) for _, v in chunks]
     if not parts or sum(len(p) for p in parts) == 0:
         raise HessianError("the eval (query) store is empty; featurize the queries first")
     U_NxD = np.concatenate(parts)
@@ -461,7 +462,7 @@ def _as_store_meta(meta: Any) -> store.StoreMeta | None:
 def check_sources_compatible(train_meta: Any, eval_meta: Any) -> None:
     """Refuses an R_eval source featurized unlike the train source.
 
-    Both are store metadata (``StoreMeta`` or its dict, e.g. from ``source_meta``) or None;
+    Both are store metadata (``StoreMeta`` or its dict, e.g. from ``rows.source_meta``) or None;
     when both are store metadata they must pass ``store.check_compatible`` (model, optimizer
     state, every projection field, correction and its settings, dim). Sources without
     metadata (plain arrays) are checked on dimension alone, by the fit itself.
@@ -489,8 +490,12 @@ def fit_hessian(
     transforms: Sequence[str] | None = None,
     provenance: Mapping | None = None,
     rows_per_step: int | None = None,
+    mesh: Mesh | None = None,
 ) -> HessianFit:
     """Fits R_train (sampled), R_eval, λ and the scoring transforms.
+
+    R_train is ``gauss_newton`` on ``mesh`` (None: one device); R_eval is summed on the host
+    in float64 by every process (the query vectors are few).
 
     Args:
       train_chunks: the train vectors (array, chunk iterable or store).
@@ -503,6 +508,7 @@ def fit_hessian(
       provenance: extra facts to record (store paths, ...); store metadata is added
         automatically as ``train_meta`` / ``eval_meta``.
       rows_per_step: chunk size for arrays / store reads.
+      mesh: the mesh the train rows are sharded over (a store when it spans processes).
     """
     wanted = list(transforms) if transforms is not None else list(TRANSFORM_NAMES)
     if transforms is None and eval_vectors is None:
@@ -523,7 +529,7 @@ def fit_hessian(
         )
     prov: dict[str, Any] = dict(provenance or {})
     for key, src in (("train_meta", train_chunks), ("eval_meta", eval_vectors)):
-        meta = source_meta(src) if src is not None else None
+        meta = rows.source_meta(src) if src is not None else None
         if meta is not None:
             prov.setdefault(key, meta)
             if "dim" in meta and int(meta["dim"]) != int(dim):
@@ -533,7 +539,7 @@ def fit_hessian(
                 )
 
     positions = None
-    num_rows = source_num_rows(train_chunks)
+    num_rows = rows.source_num_rows(train_chunks)
     if n_sample > 0:
         if num_rows is None:
             raise HessianError(
@@ -541,15 +547,21 @@ def fit_hessian(
                 "or an array); set train_sample = 0 to use every row of a chunk iterable"
             )
         positions = sample_rows(num_rows, n_sample, seed)
+    mesh = default_mesh(mesh)
     R_train, n_train = gauss_newton(
-        train_chunks, sample_positions=positions, rows_per_step=rows_per_step
+        train_chunks, sample_positions=positions, rows_per_step=rows_per_step, mesh=mesh
     )
     if R_train.shape[0] != dim:
         raise HessianError(
             f"train vectors have d = {R_train.shape[0]} but d = {dim} was asked for; refit "
             "against the store's projection"
         )
-    prov.update(train_rows_total=num_rows, train_rows_used=n_train, train_sample_seed=seed)
+    prov.update(
+        train_rows_total=num_rows,
+        train_rows_used=n_train,
+        train_sample_seed=seed,
+        mesh_devices=mesh_size(mesh),
+    )
 
     R_eval, eig_eval = None, None
     if eval_vectors is not None:
@@ -572,8 +584,8 @@ def fit_from_moments(
 ) -> HessianFit:
     """λ, the damped eigendecompositions and the scoring transforms from R_train and R_eval.
 
-    Shared by the single-host fit and the sharded one (``trackstar.sharding``), which differ
-    only in how the Gauss-Newton sums are accumulated. Store metadata recorded in
+    ``fit_hessian`` calls it with the sums it accumulated; it is public for callers that
+    accumulate R themselves. Store metadata recorded in
     ``provenance`` (``train_meta`` / ``eval_meta``) must pass ``check_sources_compatible``, so
     every fit refuses an R_eval store featurized unlike the train store.
     """

@@ -1,18 +1,22 @@
-"""Streaming scoring: method presets and a running top-k over the train store (docs/method.md).
+"""Streaming scoring on a mesh: method presets and a running top-k over the train store
+(docs/method.md).
 
 Every preset is one formula, score(m, q) = (T_q u_q) · (T_m u_m), optionally with both sides
 scaled to unit length: T = R^{-1/2} on both sides (R_train or the mixed R), T = I when the
 preset has no Hessian, and for the one-sided TRAK preset T_q = R_train^{-1}, T_m = I.
 
-The train store streams through a jitted step: transform the chunk with one matmul, normalize,
-multiply by the prepared query block and merge with the running top-k by ``jax.lax.top_k``.
-Memory is O(chunk·d + Q·k + d²) whatever the store's size. Chunks are padded to one fixed
-row count so the step compiles once.
+The train rows stream through one jitted ``shard_map`` step on a mesh (one device is a 1-device
+mesh): rows sharded over every device, queries and transforms replicated; each device
+transforms its rows with one matmul, normalizes, multiplies by the prepared query block and
+merges with its own running top-k by ``jax.lax.top_k``. One final merge of the per-device lists
+(ties to the lower example id) gives the ranking. Memory is O(step·d + Q·k + d²) per device
+whatever the store's size; pieces are padded to one fixed row count so the step compiles once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -21,15 +25,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from trackstar import rows
 from trackstar.files import atomic_write
-from trackstar.hessian import (
-    HessianError,
-    HessianFit,
-    iter_vector_chunks,
-    source_meta,
-    source_num_rows,
-)
+from trackstar.hessian import HessianError, HessianFit
+from trackstar.sharding import ALL_AXES, default_mesh, replicated, row_sharding
 
 _INT32_MAX = np.iinfo(np.int32).max
 # Non-finite train rows named in the error message (the count it gives is exact).
@@ -89,8 +91,7 @@ def get_preset(name: str | PresetSpec) -> PresetSpec:
 
 
 def unit_rows(x_NxD: jax.Array) -> jax.Array:
-    """Each row divided by its L2 norm (also the sharded scorer's); a zero row stays zero
-    (score 0) instead of turning into NaN."""
+    """Each row divided by its L2 norm; a zero row stays zero (score 0) instead of NaN."""
     sq = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
     return x_NxD * jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(x_NxD.dtype).tiny))
 
@@ -133,34 +134,52 @@ def init_non_finite(n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     )
 
 
-@partial(jax.jit, static_argnames=("normalize", "k"), donate_argnums=(0, 1, 2))
-def _merge_step(
-    best_QxK: jax.Array,
-    best_ids_QxK: jax.Array,
-    bad: tuple[jax.Array, jax.Array, jax.Array],
-    ids_N: jax.Array,
-    valid_N: jax.Array,
-    vecs_NxD: jax.Array,
-    t_DxD: jax.Array | None,
-    q_QxD: jax.Array,
-    normalize: bool,
-    k: int,
-) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    if t_DxD is not None:
-        vecs_NxD = vecs_NxD @ t_DxD.T
-    if normalize:
-        vecs_NxD = unit_rows(vecs_NxD)
-    s_QxN = q_QxD @ vecs_NxD.T
-    bad = track_non_finite(bad, s_QxN, ids_N, valid_N)
-    s_QxN = jnp.where(valid_N[None, :], s_QxN, -jnp.inf)
-    # Running entries first: their ids are all lower than this chunk's, and top_k puts the
-    # lower position first on equal scores, so ties resolve to the lower example id.
-    cand_QxC = jnp.concatenate([best_QxK, s_QxN], axis=1)
-    cand_ids_QxC = jnp.concatenate(
-        [best_ids_QxK, jnp.broadcast_to(ids_N[None, :], s_QxN.shape)], axis=1
+@functools.cache
+def _score_step(mesh: Mesh, normalize: bool, k: int, has_transform: bool) -> Callable:
+    """The jitted per-device step: score this device's rows, merge them into its top-k."""
+    spec = P(ALL_AXES)
+
+    def local(best_1xQxK, best_ids_1xQxK, bad, ids_N, valid_N, vecs_NxD, t_DxD, q_QxD):
+        if has_transform:
+            vecs_NxD = vecs_NxD @ t_DxD.T
+        if normalize:
+            vecs_NxD = unit_rows(vecs_NxD)
+        s_QxN = q_QxD @ vecs_NxD.T
+        # Each device tracks its own rows' non-finite scores; merged once after the loop.
+        count_1, bad_ids_1xB, bad_q_1xQ = bad
+        count, bad_ids_B, bad_q_Q = track_non_finite(
+            (count_1[0], bad_ids_1xB[0], bad_q_1xQ[0]), s_QxN, ids_N, valid_N
+        )
+        bad = (count[None], bad_ids_B[None], bad_q_Q[None])
+        s_QxN = jnp.where(valid_N[None, :], s_QxN, -jnp.inf)
+        # Running entries first: on this device they have lower ids than this piece's rows,
+        # and top_k puts the lower position first on equal scores, so ties go to the lower id.
+        cand_QxC = jnp.concatenate([best_1xQxK[0], s_QxN], axis=1)
+        cand_ids_QxC = jnp.concatenate(
+            [best_ids_1xQxK[0], jnp.broadcast_to(ids_N[None, :], s_QxN.shape)], axis=1
+        )
+        top_QxK, pos_QxK = jax.lax.top_k(cand_QxC, k)
+        return top_QxK[None], jnp.take_along_axis(cand_ids_QxC, pos_QxK, axis=1)[None], bad
+
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec, spec, (spec, spec, spec), spec, spec, spec, P(), P()),
+        out_specs=(spec, spec, (spec, spec, spec)),
     )
-    top_QxK, pos_QxK = jax.lax.top_k(cand_QxC, k)
-    return top_QxK, jnp.take_along_axis(cand_ids_QxC, pos_QxK, axis=1), bad
+    return jax.jit(fn, donate_argnums=(0, 1, 2))
+
+
+def merge_top_k(
+    scores_SxQxK: np.ndarray, ids_SxQxK: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merges per-device top-k lists: best score first, ties to the lower id; ``(ids, scores)``."""
+    s = np.moveaxis(np.asarray(scores_SxQxK), 0, 1).reshape(scores_SxQxK.shape[1], -1)
+    i = np.moveaxis(np.asarray(ids_SxQxK), 0, 1).reshape(ids_SxQxK.shape[1], -1).astype(np.int64)
+    # Empty slots (-inf, id -1) sort after every real row: give them the largest id.
+    i_key = np.where(i < 0, np.iinfo(np.int64).max, i)
+    order = np.lexsort((i_key, -s.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(i, order, 1), np.take_along_axis(s, order, 1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- finiteness
@@ -279,22 +298,27 @@ def top_k_scores(
     *,
     rows_per_step: int | None = None,
     progress: bool | Callable[[int, int | None], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k train examples per query by (T_q u_q) · (T_m u_m), streamed chunk by chunk.
 
     Args:
       train_chunks: train vectors as an array, an iterable of ``(ids_N, vectors_NxD)`` chunks
-        in ascending id order, or a store with ``iter_chunks``.
+        in ascending id order, or a store with ``iter_chunks``. On a mesh spanning several
+        processes, a ``VectorStore``: each process reads its own chunks (``trackstar.rows``).
       query_vectors_QxD: the query vectors.
       train_transform, query_transform: d×d matrices applied as ``T u`` (None = identity).
       normalize: scale both transformed vectors to unit length.
       k: proponents kept per query (fewer when the store holds fewer rows).
-      rows_per_step: rows per jitted step (default: the first chunk's size); larger chunks are
-        split and shorter ones padded so the step compiles once.
+      rows_per_step: rows per jitted step and process (default: the store's chunk size on a
+        mesh over processes, else the first chunk's size); larger chunks are split and shorter
+        ones padded so the step compiles once.
       progress: True for a tqdm bar (rate, ETA), or a callback ``(rows_done, total_or_None)``.
+      mesh: the mesh whose devices share the train rows (None: ``single_device_mesh()``).
 
     Returns:
       ``(ids_QxK int64, scores_QxK float32)``, best first; ties go to the lower example id.
+      Every process of a multi-process mesh returns the same arrays.
 
     Raises:
       ScoreError: bad shapes or order, or non-finite values: the error names the query indices
@@ -305,7 +329,7 @@ def top_k_scores(
         raise ScoreError(f"query vectors must have shape (Q, D) with Q > 0, got {q.shape}")
     if not isinstance(k, int | np.integer) or k <= 0:
         raise ScoreError(f"top_k must be a positive integer, got {k!r}")
-    d = q.shape[1]
+    n_q, d = q.shape
     for name, t in (("train_transform", train_transform), ("query_transform", query_transform)):
         if t is not None and np.shape(t) != (d, d):
             raise ScoreError(
@@ -316,73 +340,63 @@ def top_k_scores(
     check_finite_inputs(
         q, {"train_transform": train_transform, "query_transform": query_transform}, ScoreError
     )
-    t_m = None if train_transform is None else jnp.asarray(train_transform, jnp.float32)
-    t_q = None if query_transform is None else jnp.asarray(query_transform, jnp.float32)
-    q_QxD = _prepare_queries(jnp.asarray(q), t_q, normalize)
-    check_finite_inputs(np.asarray(q_QxD), {}, ScoreError, prepared=True)
-    best_QxK = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
-    best_ids_QxK = jnp.full((q.shape[0], k), -1, jnp.int32)
-    bad = tuple(jnp.asarray(x) for x in init_non_finite(q.shape[0]))
+    mesh = default_mesh(mesh)
+    rep, rs = replicated(mesh), row_sharding(mesh)
+    mk = jax.make_array_from_process_local_data
+    t_q = None if query_transform is None else mk(rep, np.asarray(query_transform, np.float32))
+    q_QxD = _prepare_queries(mk(rep, q), t_q, normalize)
+    check_finite_inputs(rows.fetch_replicated(q_QxD), {}, ScoreError, prepared=True)
+    t_m = np.zeros((1, 1)) if train_transform is None else train_transform
+    t_m = mk(rep, np.asarray(t_m, np.float32))
+    step = _score_step(mesh, bool(normalize), k, train_transform is not None)
+    n_local = rows.local_mesh_devices(mesh)
+    best = mk(rs, np.full((n_local, n_q, k), -np.inf, np.float32))
+    best_ids = mk(rs, np.full((n_local, n_q, k), -1, np.int32))
+    bad = tuple(mk(rs, np.stack([x] * n_local)) for x in init_non_finite(n_q))
 
-    total = source_num_rows(train_chunks)
+    blocks, fixed_rows = rows.local_blocks(train_chunks, rows_per_step, mesh, ScoreError)
+    total = None if fixed_rows else rows.source_num_rows(train_chunks)
     update, close = _progress_bar(progress, total)
-    step_rows = rows_per_step
+    step_rows = rows_per_step or fixed_rows or None
     seen = 0
     last_id = -1
     try:
-        for ids, vecs in iter_vector_chunks(train_chunks, rows_per_step):
-            if vecs.shape[1] != d:
+        for ids, vecs in blocks:
+            if np.shape(vecs)[1] != d:
                 raise ScoreError(
-                    f"train vectors have d = {vecs.shape[1]} but queries have d = {d}; score "
-                    "stores featurized with the same projection"
+                    f"train vectors have d = {np.shape(vecs)[1]} but queries have d = {d}; "
+                    "score stores featurized with the same projection"
                 )
-            if len(ids) == 0:
+            if len(ids):
+                if ids[0] <= last_id or np.any(np.diff(ids) <= 0):
+                    raise ScoreError(
+                        "train chunks must arrive in strictly ascending id order (ties resolve "
+                        "to the lower id); read the store with iter_chunks()"
+                    )
+                if ids[0] < 0 or ids[-1] > _INT32_MAX:
+                    raise ScoreError(f"example ids must lie in [0, 2^31); got {ids[0]}..{ids[-1]}")
+                last_id = int(ids[-1])
+            elif step_rows is None:
                 continue
-            if ids[0] <= last_id or np.any(np.diff(ids) <= 0):
-                raise ScoreError(
-                    "train chunks must arrive in strictly ascending id order (ties resolve to "
-                    "the lower id); read the store with iter_chunks()"
-                )
-            if ids[0] < 0 or ids[-1] > _INT32_MAX:
-                raise ScoreError(f"example ids must lie in [0, 2^31); got {ids[0]}..{ids[-1]}")
-            last_id = int(ids[-1])
             step_rows = step_rows or len(ids)
-            for start in range(0, len(ids), step_rows):
-                piece_ids = ids[start : start + step_rows]
-                piece = vecs[start : start + step_rows]
-                n = len(piece_ids)
-                pad = step_rows - n
-                valid = np.ones(step_rows, bool)
-                if pad:
-                    valid[n:] = False
-                    piece_ids = np.pad(piece_ids, (0, pad), constant_values=-1)
-                    piece = np.pad(piece, ((0, pad), (0, 0)))
-                best_QxK, best_ids_QxK, bad = _merge_step(
-                    best_QxK,
-                    best_ids_QxK,
-                    bad,
-                    jnp.asarray(piece_ids, jnp.int32),
-                    jnp.asarray(valid),
-                    jnp.asarray(piece, jnp.float32),
-                    t_m,
-                    q_QxD,
-                    normalize,
-                    k,
-                )
+            padded = rows.round_up(step_rows, n_local)
+            for piece_ids, piece in rows.pieces(ids, vecs, step_rows, fixed_rows):
+                g_ids, g_valid, g_vecs = rows.global_rows(mesh, padded, piece_ids, piece, d)
+                best, best_ids, bad = step(best, best_ids, bad, g_ids, g_valid, g_vecs, t_m, q_QxD)
             seen += len(ids)
             if update is not None:
                 update(seen, total)
     finally:
         close()
+    seen = rows.sum_over_processes(seen, mesh)
     if seen == 0:
         raise ScoreError("the train store is empty; featurize the training examples first")
+    # Every process gathers the same per-device state, so all of them raise (or none does).
+    counts, bad_ids, bad_q = (rows.gather_rows(x) for x in bad)
     raise_if_non_finite(
-        int(bad[0]), np.asarray(bad[1]), np.asarray(bad[2]), train_chunks, ScoreError
+        int(counts.sum()), bad_ids.reshape(-1), bad_q.any(axis=0), train_chunks, ScoreError
     )
-    kept = min(k, seen)
-    ids_out = np.asarray(best_ids_QxK)[:, :kept].astype(np.int64)
-    scores_out = np.asarray(best_QxK)[:, :kept].astype(np.float32)
-    return ids_out, scores_out
+    return merge_top_k(rows.gather_rows(best), rows.gather_rows(best_ids), min(k, seen))
 
 
 def score_preset(
@@ -394,8 +408,10 @@ def score_preset(
     *,
     rows_per_step: int | None = None,
     progress: bool | Callable[[int, int | None], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores with a scoring preset: picks the transforms from ``hessian_fit`` and streams.
+    """Scores with a scoring preset: picks the transforms from ``hessian_fit`` and streams
+    (``top_k_scores`` on ``mesh``; None: one device).
 
     ``query_vectors`` may be an array or a store (read whole: Q is small). When the stores carry
     metadata, a store whose optimizer correction does not match the preset, or a fit made for
@@ -403,7 +419,7 @@ def score_preset(
     """
     spec = get_preset(preset)
     name = preset if isinstance(preset, str) else "custom"
-    train_meta = source_meta(train_chunks)
+    train_meta = rows.source_meta(train_chunks)
     if train_meta is not None and "correction" in train_meta:
         has_correction = train_meta["correction"] not in (None, "none")
         if has_correction != spec.corrected:
@@ -443,6 +459,7 @@ def score_preset(
         k,
         rows_per_step=rows_per_step,
         progress=progress,
+        mesh=mesh,
     )
 
 

@@ -27,6 +27,7 @@ from trackstar import (
     families,
     hessian,
     score,
+    sharding,
     store,
     tokenizer,
     world,
@@ -34,10 +35,10 @@ from trackstar import (
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar.config import run_dir_conflicts, save_config, validate
-from trackstar.featurize import Examples, featurize_into_store
+from trackstar.featurize import Examples, featurize_into_store, make_mesh_feature_fn
 from trackstar.files import atomic_write, write_json
-from trackstar.gradients import make_feature_fn
 from trackstar.losses import TRAIN_OUTPUT_FN
+from trackstar.multihost import barrier, is_main_process
 from trackstar.projection import Projector
 from trackstar.tree import tree_fingerprint
 
@@ -527,7 +528,7 @@ class FeaturizeJob:
     projector: Projector
     preconditioner: Any
     store: store.VectorStore
-    feature_fn: Any  # make_feature_fn(...) of this job (built before the store, see below)
+    feature_fn: Any  # make_mesh_feature_fn(...) of this job (built before the store, see below)
     settings: correction.CorrectionSettings | None  # None for an uncorrected store
 
 
@@ -540,7 +541,7 @@ def prepare_featurize(
 ) -> FeaturizeJob:
     """Encodes the example set and creates its store with the metadata that identifies it.
 
-    Single-process and distributed featurize share this, so either can resume the other's
+    Every mesh and process count makes the same store, so any run can resume another's
     partial store, and a store made another way is refused by ``VectorStore.create``. The
     store records the effective correction settings (``correction_settings``), so a resume
     with another b2, eps, step or V floor is refused instead of mixing two corrections.
@@ -552,7 +553,14 @@ def prepare_featurize(
     projector = make_projector(cfg, trained.params)
     settings = correction_settings(cfg, trained) if corrected else None
     precond = make_preconditioner(cfg, trained, settings) if corrected else None
-    feature_fn = make_feature_fn(trained.apply_fn, output_fn, projector, precond)
+    # The kernel on the featurize mesh (mesh.featurize_scope), parameters laid out by the rules.
+    mesh = sharding.mesh_from_config(cfg.mesh, scope=cfg.mesh.featurize_scope)
+    shardings = sharding.param_shardings(
+        trained.params, mesh, sharding.rules_from_config(cfg.mesh, cfg.model)
+    )
+    feature_fn = make_mesh_feature_fn(
+        trained.apply_fn, output_fn, projector, precond, mesh, shardings
+    )
     meta = store.StoreMeta(
         kind=kind,
         dim=projector.dim,
@@ -580,21 +588,25 @@ def stage_featurize(
     tag: str = "",
 ) -> str:
     """Featurizes an example set into ``stores/<which>-<correction>[-<tag>]``; resumes a
-    partial store. Use a new ``tag`` whenever the featurize config differs from the store's."""
+    partial store. Use a new ``tag`` whenever the featurize config differs from the store's.
+
+    Runs on the mesh of ``cfg.mesh`` (``mesh.featurize_scope``); with several processes each
+    writes its own chunks and process 0 finalizes the store (``featurize_into_store``).
+    """
     trained = trained or load_trained(cfg)
     job = prepare_featurize(cfg, which, corrected, trained, tag)
     if not job.store.is_complete:
         featurize_into_store(
             job.feature_fn,
-            trained.params,
+            sharding.place(trained.params, job.feature_fn.shardings),
             job.examples,
             job.store,
             cfg.featurize.batch_size,
             skip_bad_examples=cfg.featurize.skip_bad_examples,
             progress=progress,
             desc=f"featurize {which}",
+            finalize=True,
         )
-        job.store.finalize()
     return job.store.path
 
 
@@ -632,7 +644,6 @@ def hessian_stores(
     R_eval store (``hessian.eval_source``), checked compatible before any vector is read.
 
     ``train_tag`` / ``query_tag`` pick tagged candidate / query stores (see ``store_path``).
-    The single-process and distributed Hessian stages both open their inputs here.
     """
     train_store = open_store(store_path(cfg, candidates, corrected, train_tag))
     eval_source = cfg.hessian.eval_source
@@ -656,7 +667,8 @@ def stage_hessian(
 
     ``train_tag`` / ``query_tag`` pick tagged candidate / query stores (see ``store_path``).
     A fit already made from the same stores with the same ``hessian`` section is reused: its
-    provenance carries the key (``config_key`` of both and of the stores' metadata).
+    provenance carries the key (``config_key`` of both and of the stores' metadata). R_train
+    is reduced over the mesh of ``cfg.mesh``; process 0 writes the fit.
     """
     train_store, eval_store = hessian_stores(cfg, candidates, corrected, train_tag, query_tag)
     out = hessian_path(cfg, candidates, corrected, train_tag, query_tag)
@@ -677,9 +689,12 @@ def stage_hessian(
             "eval_store": eval_store.path,
             "config_key": key,
         },
+        mesh=sharding.mesh_from_config(cfg.mesh),
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fit.save(out)
+    if is_main_process():
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        fit.save(out)
+    barrier("trackstar-hessian-saved")
     return out
 
 
@@ -699,8 +714,7 @@ def score_inputs(
     """Opens and checks the stores (and Hessian fit) ``preset`` scores the task queries with.
 
     The query store must match the train store (``store.check_compatible``) and the fit must
-    have been made from vectors like the train store's (a ``ScoreError`` otherwise). The
-    single-process and distributed score stages both open their inputs here.
+    have been made from vectors like the train store's (a ``ScoreError`` otherwise).
     """
     spec = score.get_preset(preset)
     train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
@@ -738,7 +752,6 @@ def write_score_results(
     """Writes the task queries' top-k proponents (``proponents_path`` + ``.jsonl`` / ``.npz``,
     with the candidate texts) and returns ``{"ids", "scores", "path"}`` (path: the jsonl).
 
-    The single-process and distributed score stages both write their results here.
     """
     w, tok = load_world_and_tokenizer(cfg)
     texts, _ = candidate_pool(cfg, w, tok, candidates)
@@ -759,7 +772,9 @@ def stage_score(
     """Scores the task queries against a candidate store with a scoring preset (``score.PRESETS``).
 
     Tagged stores (and their Hessian fit) are used when ``train_tag`` / ``query_tag`` are given;
-    the proponents file then carries the tags in its name.
+    the proponents file then carries the tags in its name. The train rows are sharded over the
+    mesh of ``cfg.mesh``; process 0 writes the proponents files, and every process returns
+    ``{"ids", "scores", "path"}`` (the same on each).
     """
     preset = preset or cfg.score.preset
     inputs = score_inputs(cfg, preset, candidates, train_tag, query_tag)
@@ -770,6 +785,13 @@ def stage_score(
         inputs.fit,
         cfg.score.top_k,
         rows_per_step=cfg.score.chunk_rows,
-        progress=progress,
+        progress=progress and is_main_process(),
+        mesh=sharding.mesh_from_config(cfg.mesh),
     )
-    return write_score_results(cfg, candidates, preset, ids, scores, train_tag, query_tag)
+    if is_main_process():
+        result = write_score_results(cfg, candidates, preset, ids, scores, train_tag, query_tag)
+    else:
+        out = proponents_path(cfg, candidates, preset, train_tag, query_tag)
+        result = {"ids": ids, "scores": scores, "path": out + ".jsonl"}
+    barrier("trackstar-proponents-saved")
+    return result
