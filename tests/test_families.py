@@ -113,6 +113,7 @@ def test_tensor_preset_is_the_family_rules(registry):
     from trackstar import sharding as sh
 
     assert sh.RULE_PRESETS == ("tensor", "fsdp", "replicated")
+    assert model.MODEL == sh.MODEL  # trackstar.model names the mesh axis without importing it
     cfg = load_config_file(os.path.join(ROOT, "configs", "large.py"))
     params = sh.abstract_lm_params(cfg.model, cfg.mesh.memory_vocab_size)
     want = _specs(params, _OLD_TENSOR_RULES, 8)
@@ -149,3 +150,28 @@ def test_a_family_without_tensor_rules_asks_for_a_generic_preset(registry):
     assert sh.preset_rules("replicated", "plain") == sh.REPLICATED_RULES
     with pytest.raises(sh.ShardingError, match="mesh.rules = 'nope'"):
         sh.preset_rules("nope")
+
+
+def test_a_family_runs_on_a_mesh_by_its_own_rules(registry):
+    # The stages' featurize kernel on a 1-device mesh, params placed by the family's "tensor"
+    # rules: the fast path, and the same vectors as the plain kernel.
+    import jax.numpy as jnp
+
+    from trackstar import sharding as sh
+    from trackstar.featurize import make_mesh_feature_fn
+    from trackstar.gradients import make_feature_fn
+    from trackstar.projection import Projector
+
+    cfg = dict(family="toy_rms", d_model=8, d_ff=12, n_layers=1)
+    apply_fn, params = families.make_model(cfg, 19, seed=2)
+    mesh = sh.single_device_mesh()
+    mesh_cfg = types.SimpleNamespace(rules="tensor", rule_overrides=())
+    shardings = sh.param_shardings(params, mesh, sh.rules_from_config(mesh_cfg, cfg))
+    proj = Projector(params, "global", k_in=3, k_out=3, seed=0)
+    fn = make_mesh_feature_fn(apply_fn, "loss", proj, None, mesh, shardings)
+    assert fn.fast
+    tokens = jnp.asarray([[1, 4, 9, 2, 0], [3, 3, 5, 7, 8]], jnp.int32)
+    weights = jnp.asarray([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]], jnp.float32)
+    got = fn(sh.place(params, shardings), tokens, weights)
+    want = make_feature_fn(apply_fn, "loss", proj)(params, tokens, weights)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
