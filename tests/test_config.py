@@ -213,7 +213,7 @@ def test_choices_match_the_modules():
     assert C.EXPERIMENTS == tuple(experiments.RUNNERS)
     assert C.MODEL_MAX_LEN == {k: v["max_len"] for k, v in model.SIZES.items()}
     assert set(C.MODEL_DTYPES) == set(model._DTYPES)
-    assert C.MODEL_FAMILIES == tuple(families.MODEL_FAMILIES)
+    assert C.MODEL_FAMILIES == families.project_family_names()
     assert C.OPTIMIZERS == train_lib.OPTIMIZERS
     assert C.QUERY_OUTPUT_FNS == tuple(losses.OUTPUT_FNS)
     assert C.PROJECTION_MODES == projection.MODES

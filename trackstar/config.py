@@ -312,7 +312,8 @@ def experiment_names(folder: str | None = None) -> tuple[str, ...]:
 EXPERIMENTS = experiment_names()  # trackstar.experiments.NAMES
 MODEL_MAX_LEN = {"tiny": 48, "small": 64, "base": 128}  # trackstar.model.SIZES: max_len
 MODEL_DTYPES = ("float32", "bfloat16")  # trackstar.model._DTYPES
-MODEL_FAMILIES = ("transformer",)  # trackstar.families.MODEL_FAMILIES (the project's own)
+# trackstar.families.project_family_names(): its own family and the lazily loaded HF ones
+MODEL_FAMILIES = ("transformer", "gpt2", "llama", "neox")
 OPTIMIZERS = ("adamw", "adafactor")  # trackstar.train.OPTIMIZERS
 QUERY_OUTPUT_FNS = ("loss", "margin", "logit")  # trackstar.losses.OUTPUT_FNS
 PROJECTION_MODES = ("global", "per_tensor", "dense")  # trackstar.projection.MODES

@@ -10,14 +10,16 @@ A ``ModelFamily`` gives everything the library needs of one kind of model (docs/
 - ``tensor_rules``: its tensor-parallel sharding rules, what ``mesh.rules = "tensor"`` means
   for it (``trackstar.sharding``; ``"fsdp"`` and ``"replicated"`` work for any model).
 
-``MODEL_FAMILIES`` holds the project's families; ``register_family`` adds one at run time
-(tests, plugins); ``get_family`` finds one by name, ``make_model`` builds the one a config
-names.
+``MODEL_FAMILIES`` holds the registered families; ``LAZY_FAMILIES`` names the modules of the
+project's other families (the Hugging Face architectures of ``trackstar.hf``), imported and so
+registered the first time ``get_family`` is asked for one; ``register_family`` adds one at run
+time (tests, plugins); ``make_model`` builds the one a config names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,6 +65,21 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
 }
 
 
+# Families defined in modules of their own, imported (and so registered) the first time
+# ``get_family`` is asked for one: the Hugging Face architectures of trackstar.hf, which
+# ``trackstar.hf.loader.load_checkpoint`` fills with a checkpoint's weights.
+LAZY_FAMILIES: dict[str, str] = {
+    "gpt2": "trackstar.hf.gpt2",
+    "llama": "trackstar.hf.llama",
+    "neox": "trackstar.hf.neox",
+}
+
+
+def project_family_names() -> tuple[str, ...]:
+    """The project's own family names: the default, then the lazily loaded ones."""
+    return (DEFAULT_FAMILY, *LAZY_FAMILIES)
+
+
 def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
     """Adds ``family`` to ``MODEL_FAMILIES`` (refuses a taken name unless ``replace``)."""
     if not family.name or not isinstance(family.name, str):
@@ -95,13 +112,23 @@ def get_family(which: str | ModelFamily | Mapping | Any | None = None) -> ModelF
         name = which
     else:
         name = family_name(which)
+    if name not in MODEL_FAMILIES and name in LAZY_FAMILIES:
+        _load_lazy(name)
     if name not in MODEL_FAMILIES:
         raise ModelConfigError(
             f"unknown model family {name!r}; set model.family to one of "
-            f"{', '.join(sorted(MODEL_FAMILIES))}, or register one with "
+            f"{', '.join(sorted(set(MODEL_FAMILIES) | set(LAZY_FAMILIES)))}, or register one with "
             "trackstar.families.register_family (docs/models.md)"
         )
     return MODEL_FAMILIES[name]
+
+
+def _load_lazy(name: str) -> None:
+    """Imports ``LAZY_FAMILIES[name]``, which registers the family (again if it was dropped)."""
+    module = importlib.import_module(LAZY_FAMILIES[name])
+    family = getattr(module, "MODEL_FAMILY", None)
+    if name not in MODEL_FAMILIES and isinstance(family, ModelFamily) and family.name == name:
+        MODEL_FAMILIES[name] = family  # imported earlier, under another MODEL_FAMILIES
 
 
 def make_model(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> tuple[ApplyFn, PyTree]:
