@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+# ``tokenizer.vocab_size`` meaning "every word of the texts, plus the special tokens".
+ALL_WORDS = 0
 
 
 class TokenizerError(ValueError):
@@ -38,6 +40,8 @@ def train_tokenizer(texts: Sequence[str], cfg: Any) -> Tokenizer:
 
     Every word of ``texts`` gets an id: a ``cfg.vocab_size`` too small to hold them all is an
     error (silently mapping entity names to [UNK] would make facts unlearnable).
+    ``cfg.vocab_size = 0`` sizes the vocabulary from the texts: all their words plus the
+    special tokens.
     """
     kind = cfg.get("kind", "word") if hasattr(cfg, "get") else cfg.kind
     if kind != "word":
@@ -46,15 +50,17 @@ def train_tokenizer(texts: Sequence[str], cfg: Any) -> Tokenizer:
         raise TokenizerError("no texts to train the tokenizer on (empty world?)")
     n_words = len(_words(texts))
     need = n_words + len(SPECIAL_TOKENS)
-    if need > cfg.vocab_size:
+    size = need if cfg.vocab_size == ALL_WORDS else int(cfg.vocab_size)
+    if need > size:
         raise TokenizerError(
             f"tokenizer.vocab_size = {cfg.vocab_size} cannot hold the world's {n_words} words "
-            f"plus {len(SPECIAL_TOKENS)} special tokens; set it to at least {need}"
+            f"plus {len(SPECIAL_TOKENS)} special tokens; set it to at least {need}, or to 0 "
+            "(sized from the world)"
         )
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = _pre_tokenizer()
     trainer = trainers.WordLevelTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS)
+        vocab_size=size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS)
     )
     tok.train_from_iterator(texts, trainer=trainer)
     for i, s in enumerate(SPECIAL_TOKENS):
