@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from toy_models import build_toy_family
 
-from trackstar import model, taps
+from trackstar import families, model, taps
 from trackstar.tree import named_leaves
 
 VOCAB = 23
@@ -21,6 +21,7 @@ def _models():
     return {
         "transformer": model.make_model(cfg, VOCAB, seed=0),
         "toy_rms": build_toy_family(dict(d_model=8, d_ff=12, n_layers=2), VOCAB, seed=0),
+        "gpt2": families.make_model(dict(cfg, family="gpt2"), VOCAB, seed=0),
     }
 
 
@@ -48,18 +49,20 @@ def _key(d, key):
 def test_documented_kinds_are_the_kinds_handled():
     # The bullet list of the module docstring names exactly TAP_KINDS, in order.
     documented = re.findall(r'^- ``"(\w+)"``:', taps.__doc__, flags=re.M)
-    assert tuple(documented) == taps.TAP_KINDS == ("dense", "embed", "scale_shift")
+    assert tuple(documented) == taps.TAP_KINDS == ("dense", "embed", "scale_shift", "unembed")
     with pytest.raises(ValueError, match="unknown tap kind 'conv'"):
         taps.emit("conv", "x", jnp.ones(2), jnp.ones(2))
 
 
-@pytest.mark.parametrize("name", ["transformer", "toy_rms"])
+@pytest.mark.parametrize("name", ["transformer", "toy_rms", "gpt2"])
 def test_models_emit_the_documented_kinds_with_their_meaning(name):
     apply_fn, params = _models()[name]
     calls, logits = _record(apply_fn, params)
     # The tapped forward is the plain forward.
     np.testing.assert_allclose(logits, apply_fn(params, TOKENS), rtol=1e-6, atol=1e-6)
-    if name == "transformer":  # the project's model uses every kind
+    if name == "transformer":  # the project's model uses every kind but the tied head's
+        assert {k for k, *_ in calls} == set(taps.TAP_KINDS) - {"unembed"}
+    if name == "gpt2":  # GPT-2's head is its token embedding: every kind
         assert {k for k, *_ in calls} == set(taps.TAP_KINDS)
     covered = set()
     B, T = TOKENS.shape
@@ -73,6 +76,9 @@ def test_models_emit_the_documented_kinds_with_their_meaning(name):
         elif kind == "embed":
             assert jnp.issubdtype(x.dtype, jnp.integer)
             want = node["embedding"][x]
+            covered.add(f"{path}/embedding")
+        elif kind == "unembed":
+            want = x @ node["embedding"].T
             covered.add(f"{path}/embedding")
         else:
             want = x * node["scale"] + bias
@@ -108,6 +114,7 @@ def test_helpers_are_the_plain_ops_without_a_tap_and_report_with_one():
     np.testing.assert_array_equal(taps.embed(emb, ids), emb(ids))
     np.testing.assert_array_equal(taps.norm(ln, h), ln(h))
     np.testing.assert_array_equal(taps.norm(rms, h), rms(h))
+    np.testing.assert_allclose(taps.unembed(emb, h), h @ emb.embedding[...].T, rtol=1e-6)
 
     seen = {}
 
@@ -140,3 +147,11 @@ def test_helpers_are_the_plain_ops_without_a_tap_and_report_with_one():
     _, x, y = seen["rms"]
     np.testing.assert_allclose(x * rms.scale[...], y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.mean(x * x, -1), 1.0, rtol=1e-4)
+
+    # The tied head: the embedding table transposed, offered as "unembed" with x = h.
+    heads = []
+    with taps.tapping(lambda *a: heads.append(a) or a[3], root):
+        taps.unembed(emb, h)
+    ((kind, path, x, y),) = heads
+    assert (kind, path) == ("unembed", "emb") and x is h
+    np.testing.assert_allclose(y, h @ emb.embedding[...].T, rtol=1e-6)

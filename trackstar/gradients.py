@@ -143,6 +143,9 @@ def activation_features(
     - embedding (``x`` = ids): ``G`` has one row per token, so any V is applied per token by
       gathering its rows: ``sum_t A[id_t]^T ((V[id_t] * delta_t) B)`` (scatter-add in dense
       projection mode).
+    - tied output head (``"unembed"``, ``y = x @ E.T``): ``G^T = sum_t delta_t x_t^T`` is treated
+      as a dense kernel of shape ``n_ids x width`` (folded or materialized as above) and added
+      to the table's ``"embed"`` block; corrections are linear, so the parts add exactly.
     - biases and norm scales: the per-example vector (``sum_t delta_t``, ``sum_t x_t * delta_t``)
       is small and is corrected and projected directly.
 
@@ -205,6 +208,20 @@ def activation_features(
                 (ids_BxT, d_BxTxO), _ = jax.lax.optimization_barrier(((ids_BxT, d_BxTxO), last))
             block = _embed_block(
                 projector, table, ids_BxT, d_BxTxO, scales.get(table), factors[table]
+            )
+            add(table, block)
+            last = block[0, 0]
+        elif kind == "unembed":
+            # h @ E.T: E's gradient from this use is sum_t delta_t x_t^T (n_ids x width), a dense
+            # kernel's with input and output-gradient swapped; it adds to the table's "embed"
+            # contribution. The correction is linear in the gradient, so each use's part is
+            # corrected and projected on its own and the sum is the corrected, projected sum.
+            x_BxTxD = jnp.broadcast_to(x, (batch, seq, x.shape[-1])).astype(jnp.float32)
+            table = f"{path}/embedding"
+            if _materializes(projector, table, seq, scales.get(table)):
+                (x_BxTxD, d_BxTxO), _ = jax.lax.optimization_barrier(((x_BxTxD, d_BxTxO), last))
+            block = _kernel_block(
+                projector, table, d_BxTxO, x_BxTxD, scales.get(table), factors[table]
             )
             add(table, block)
             last = block[0, 0]

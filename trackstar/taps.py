@@ -23,6 +23,9 @@ writes them, e.g. ``"blocks/0/attn/qkv"``), and ``kind`` one of ``TAP_KINDS``:
 - ``"scale_shift"``: ``y = x * params[path]["scale"] + params[path]["bias"]`` elementwise over
   the last axis; for a norm ``x`` is the *normalized* input (LayerNorm:
   ``(h - mean) / sqrt(var + eps)``, RMSNorm: ``h / sqrt(mean(h^2) + eps)``), not ``h``.
+- ``"unembed"``: ``y = x @ params[path]["embedding"].T``; the transposed use of an embedding
+  table as the output head (tied weights, GPT-2's ``lm_head``): ``x`` is the hidden state
+  ``... x width``, ``y`` the logits ``... x n_ids``. There is no bias leaf.
 
 Rules every ``tapped`` must keep (``trackstar.gradients`` checks the ones it can):
 
@@ -34,17 +37,17 @@ Rules every ``tapped`` must keep (``trackstar.gradients`` checks the ones it can
    layers have none). A leaf no tap covers is an error that names it.
 3. Taps are called at trace time, in the same order with the same kinds and paths on every
    trace (the model is traced once abstractly to discover them, then differentiated).
-4. A parameter used twice (tied weights) is tapped twice with the same kind; the contributions
-   add. A tied *transposed* use (``logits = h @ embedding.T``) is none of the kinds: untie it
-   or use the reference path.
+4. A parameter used twice (tied weights) is tapped once per use and the contributions add:
+   twice with the same kind, or, for an embedding table that is also the output head, as
+   ``"embed"`` where ids are looked up and ``"unembed"`` where ``h @ embedding.T`` is taken.
 
 Helpers for a model's forward pass route its layers through the active tap: ``emit`` (any
 op, named by its nnx module or by its path string), ``dense``, ``embed`` and ``norm`` (nnx
-``Linear``, ``Embed``, ``LayerNorm``/``RMSNorm``), ``layer_norm_input``/``rms_norm_input`` (the
-``x`` of a norm written by hand). With no tap installed each helper is the plain op, so the same
-forward code serves ``apply_fn`` and ``apply_fn.tapped``. ``NnxApply`` is a ready
-``TappedApplyFn`` for any ``flax.nnx`` module that uses them; ``tapping`` installs a tap for a
-model written as plain functions.
+``Linear``, ``Embed``, ``LayerNorm``/``RMSNorm``), ``unembed`` (an nnx ``Embed`` as the output
+head), ``layer_norm_input``/``rms_norm_input`` (the ``x`` of a norm written by hand). With no
+tap installed each helper is the plain op, so the same forward code serves ``apply_fn`` and
+``apply_fn.tapped``. ``NnxApply`` is a ready ``TappedApplyFn`` for any ``flax.nnx`` module that
+uses them; ``tapping`` installs a tap for a model written as plain functions.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ PyTree = Any
 Tap = Callable[[str, str, jax.Array, jax.Array], jax.Array]
 
 # The kinds of parameterized op a tap sees (module docstring); trackstar.gradients handles each.
-TAP_KINDS = ("dense", "embed", "scale_shift")
+TAP_KINDS = ("dense", "embed", "scale_shift", "unembed")
 
 
 @runtime_checkable
@@ -152,6 +155,11 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
 def embed(layer: nnx.Embed, ids: jax.Array) -> jax.Array:
     """``layer(ids)`` offered to the tap as ``"embed"``."""
     return emit("embed", layer, ids, layer(ids))
+
+
+def unembed(layer: nnx.Embed, h: jax.Array) -> jax.Array:
+    """``h @ layer.embedding.T`` (``layer.attend(h)``, a tied output head) as ``"unembed"``."""
+    return emit("unembed", layer, h, layer.attend(h))
 
 
 def layer_norm_input(h: jax.Array, epsilon: float) -> jax.Array:
