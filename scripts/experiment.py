@@ -8,27 +8,11 @@ rankings and tail-patch deltas already there are reused. Results land in
 <run_dir>/experiments/<name>/: results.json, table.md, PNG plots and config.json (the
 resolved config of this command). On an existing run directory, the world, tokenizer, model
 and training settings are the run's own (its config.json), whatever the config file says.
+
+The `trackstar experiment` command (trackstar/cli.py); same flags.
 """
 
-import time
-
-from _cli import parse, save_resolved
-
-from trackstar import experiments, report, stages
-
-
-def main():
-    cfg, _ = parse(__doc__, default_config="configs/e1.py")
-    t0 = time.perf_counter()
-    stages.stage_world(cfg)
-    acc = stages.stage_train(cfg)
-    print(report.accuracy_table(acc) + "\n")
-    results = experiments.run(cfg)
-    print(results["markdown"])
-    out = experiments.output_dir(cfg)
-    save_resolved(cfg, out)  # The settings these results came from, beside them.
-    print(f"\n{cfg.experiment.name} done in {time.perf_counter() - t0:.0f} s; results in {out}")
-
+from _cli import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("experiment")

@@ -1,14 +1,9 @@
-"""Stage 1: generate (or load) the fact world and train the tokenizer into the run directory."""
+"""Stage 1: generate (or load) the fact world and train the tokenizer into the run directory.
 
-from _cli import parse
+The `trackstar world` command (trackstar/cli.py); same flags.
+"""
 
-from trackstar import stages
+from _cli import run_command
 
 if __name__ == "__main__":
-    cfg, _ = parse(__doc__)
-    w = stages.stage_world(cfg)
-    print(
-        f"world: {len(w.facts)} facts, {len(w.documents)} documents, {len(w.candidates)} "
-        f"candidates, {len(w.task_queries)} task + {len(w.heldout_queries)} held-out queries "
-        f"-> {stages.path(cfg, 'world')}"
-    )
+    run_command("world")

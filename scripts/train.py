@@ -1,10 +1,9 @@
-"""Stage 2: train the LM with Orbax checkpoints (resumes), then report greedy fact accuracy."""
+"""Stage 2: train the LM with Orbax checkpoints (resumes), then report greedy fact accuracy.
 
-from _cli import parse
+The `trackstar train` command (trackstar/cli.py); same flags.
+"""
 
-from trackstar import report, stages
+from _cli import run_command
 
 if __name__ == "__main__":
-    cfg, _ = parse(__doc__)
-    acc = stages.stage_train(cfg)
-    print(report.accuracy_table(acc))
+    run_command("train")

@@ -375,6 +375,15 @@ def _encoded(encode, n: int, skip: bool) -> Examples:
     return Examples(full_t, full_w, {int(i): reason for i in sorted(set(range(n)) - set(kept))})
 
 
+def unk_policy(cfg) -> dict:
+    """The mostly-UNK policy of ``cfg.featurize`` as keyword arguments of ``data.encode_texts``
+    / ``encode_queries``: a warning naming the examples, or an error (``featurize.unk_error``)."""
+    return {
+        "max_unk_frac": float(cfg.featurize.max_unk_frac),
+        "unk_error": bool(cfg.featurize.unk_error),
+    }
+
+
 def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]:
     """``(examples, output_fn, kind)`` for one of ``EXAMPLE_SETS``.
 
@@ -385,11 +394,7 @@ def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]
     """
     w, tok, max_len = trained.world, trained.tok, cfg.model.max_len
     skip = bool(cfg.featurize.skip_bad_examples)
-    # Mostly-UNK examples: a warning naming them, or an error (featurize.unk_error).
-    unk = {
-        "max_unk_frac": float(cfg.featurize.max_unk_frac),
-        "unk_error": bool(cfg.featurize.unk_error),
-    }
+    unk = unk_policy(cfg)
     if which in ("candidates", "corpus"):
         if which == "candidates":
             texts = data.candidate_texts(w)
@@ -519,6 +524,16 @@ def make_preconditioner(
     return correction.preconditioner_for(settings, trained.opt_state, trained.params)
 
 
+def featurize_mesh(cfg, params) -> tuple[Any, Any]:
+    """``(mesh, param_shardings)`` the feature kernel runs on: the featurize mesh
+    (``mesh.featurize_scope``) with ``params`` laid out by the config's rules."""
+    mesh = sharding.mesh_from_config(cfg.mesh, scope=cfg.mesh.featurize_scope)
+    shardings = sharding.param_shardings(
+        params, mesh, sharding.rules_from_config(cfg.mesh, cfg.model)
+    )
+    return mesh, shardings
+
+
 @dataclasses.dataclass
 class FeaturizeJob:
     """Everything one featurize pass needs; the store is created (or reopened to resume)."""
@@ -553,11 +568,7 @@ def prepare_featurize(
     projector = make_projector(cfg, trained.params)
     settings = correction_settings(cfg, trained) if corrected else None
     precond = make_preconditioner(cfg, trained, settings) if corrected else None
-    # The kernel on the featurize mesh (mesh.featurize_scope), parameters laid out by the rules.
-    mesh = sharding.mesh_from_config(cfg.mesh, scope=cfg.mesh.featurize_scope)
-    shardings = sharding.param_shardings(
-        trained.params, mesh, sharding.rules_from_config(cfg.mesh, cfg.model)
-    )
+    mesh, shardings = featurize_mesh(cfg, trained.params)
     feature_fn = make_mesh_feature_fn(
         trained.apply_fn, output_fn, projector, precond, mesh, shardings
     )
@@ -721,16 +732,26 @@ def score_inputs(
     query_store = open_store(
         store_path(cfg, "task", spec.corrected, query_tag), train_store.meta, ("train", "query")
     )
-    fit = None
-    if spec.hessian != "none":
-        fit = hessian.HessianFit.load(
-            hessian_path(cfg, candidates, spec.corrected, train_tag, query_tag)
-        )
-        try:
-            fit.check_compatible(train_store.meta.to_dict(), "the train store")
-        except hessian.HessianError as e:
-            raise score.ScoreError(str(e)) from None
+    fit = preset_fit(cfg, preset, candidates, train_store, train_tag, query_tag)
     return ScoreInputs(train_store, query_store, fit)
+
+
+def preset_fit(
+    cfg, preset: str, candidates: str, train_store: store.VectorStore, train_tag="", query_tag=""
+) -> hessian.HessianFit | None:
+    """The Hessian fit ``preset`` scores ``train_store`` with (None for a preset without one),
+    checked to be made from vectors like the train store's (a ``ScoreError`` otherwise)."""
+    spec = score.get_preset(preset)
+    if spec.hessian == "none":
+        return None
+    fit = hessian.HessianFit.load(
+        hessian_path(cfg, candidates, spec.corrected, train_tag, query_tag)
+    )
+    try:
+        fit.check_compatible(train_store.meta.to_dict(), "the train store")
+    except hessian.HessianError as e:
+        raise score.ScoreError(str(e)) from None
+    return fit
 
 
 def proponents_path(
