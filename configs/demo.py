@@ -97,6 +97,18 @@ def get_config() -> ml_collections.ConfigDict:
     # there, so they add only projection cross-talk and vector length to its scores. Refused
     # for Adafactor (its epsilon keeps every statistic > 0). Recorded in each store when True.
     f.drop_unmoved = False
+    # Where the correction's V comes from: "optimizer" = the checkpoint's optimizer state;
+    # "estimate" = V estimated at the checkpoint's parameters (for checkpoints without an
+    # optimizer state): the mean over v_estimate_examples corpus passages (drawn under
+    # v_estimate_seed; 0 = all) of squared gradients of the training loss of batches of
+    # v_estimate_batch passages (per batch, like Adam's nu; 32 = train.batch_size), then the
+    # Adam form with featurize.eps (< 0: 1e-8) and v_floor; saved in <run_dir>/v_estimate/ and
+    # reused; its stores are labelled "estimate". "none" = uncorrected stores only (presets
+    # with the correction are refused). docs/method.md, "Estimated V".
+    f.correction_source = "optimizer"
+    f.v_estimate_examples = 4096
+    f.v_estimate_seed = 0
+    f.v_estimate_batch = 32
     f.max_unk_frac = 0.5  # Warn about examples that are more than this share UNK (1 = never).
     f.unk_error = False  # True: such mostly-UNK examples are an error instead of a warning.
     f.batch_size = 32  # Examples per jitted per-example-gradient call.

@@ -356,8 +356,10 @@ def test_scales_share_one_interface_and_apply_their_dense_factor():
 def test_registry_gives_the_store_labels_and_covers_every_training_optimizer():
     from trackstar import store, train
 
-    assert list(correction.CORRECTIONS) == ["adam", "adafactor"]  # labels stores record
-    assert store.CORRECTIONS == ("adam", "adafactor", "none")
+    # Labels stores record; "estimate" reads no optimizer (trackstar.v_estimate).
+    assert list(correction.CORRECTIONS) == ["adam", "adafactor", "estimate"]
+    assert store.CORRECTIONS == ("adam", "adafactor", "estimate", "none")
+    assert correction.CORRECTIONS["estimate"].optimizer is None
     assert correction.OPTIMIZER_KINDS == {"adamw": "adam", "adafactor": "adafactor"}
     assert set(correction.OPTIMIZER_KINDS) == set(train.OPTIMIZERS)
     assert correction.for_optimizer("sgd") is None

@@ -320,6 +320,7 @@ PROJECTION_MODES = ("global", "per_tensor", "dense")  # trackstar.projection.MOD
 STORE_DTYPES = ("float32", "bfloat16")
 TAILPATCH_SCALES = ("batch_share", "single")  # trackstar.tailpatch.SCALES
 MESH_RULES = ("tensor", "fsdp", "replicated")  # trackstar.sharding.RULE_PRESETS
+CORRECTION_SOURCES = ("optimizer", "estimate", "none")  # trackstar.stages.CORRECTION_SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,6 +541,11 @@ RULES: dict[str, Rule] = {
     "featurize.skip_bad_examples": Bool(),
     "featurize.v_floor": Num(0.0),  # 0 disables the V floor.
     "featurize.drop_unmoved": Bool(),  # Factor 0 where the second moment is exactly 0.
+    # Where V comes from (trackstar.stages.CORRECTION_SOURCES).
+    "featurize.correction_source": OneOf(*CORRECTION_SOURCES),
+    "featurize.v_estimate_examples": Rule("an int >= 0 (0 = all)", Int(0).ok),
+    "featurize.v_estimate_seed": _NONNEG,
+    "featurize.v_estimate_batch": _POS,
     "featurize.max_unk_frac": Num(0.0, 1.0),
     "featurize.unk_error": Bool(),
     # hessian

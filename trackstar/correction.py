@@ -11,6 +11,9 @@ are the elementwise factor the gradient is multiplied by:
   divides the gradient by, using the stored moments. Factored leaves stay factored
   (``FactoredScale``: a row and a column factor), so a projector can fold them into its
   Kronecker factors; ``dense()`` expands them for tests.
+- An estimated V (``VEstimate``, from ``trackstar.v_estimate`` for checkpoints without an
+  optimizer state; store label ``"estimate"``): the Adam form on the mean squared gradients,
+  ``1 / (sqrt(max(v, v_floor * mean(v))) + eps)``, no bias correction.
 
 Each parameter's factor is used through one interface, ``Scale`` (``dense()``,
 ``in_out_factors()`` or ``None``, ``apply(g)``): ``ElementwiseScale`` (an array; preconditioner
@@ -35,7 +38,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -258,27 +261,37 @@ class CorrectionSettings:
     metadata and a tail-patch step all use one set of numbers.
     """
 
-    optimizer: str  # The checkpoint's train.optimizer: "adamw" or "adafactor".
-    kind: str  # The moment kind: "adam" or "adafactor" (StoreMeta.correction).
-    b2: float | None  # Adam's bias-correction decay; None for Adafactor.
-    eps: float | None  # The correction's epsilon (Adam only; Adafactor's is in its moments).
-    count: int  # The moment state's step count t (Adam's bias correction 1 - b2^t).
+    # The checkpoint's train.optimizer: "adamw" or "adafactor"; None for an estimated V
+    # (``estimate_settings``), which reads no optimizer state.
+    optimizer: str | None
+    kind: str  # The correction's label: "adam", "adafactor", "estimate" (StoreMeta.correction).
+    b2: float | None  # Adam's bias-correction decay; None for Adafactor and the estimate.
+    eps: float | None  # The correction's epsilon (Adam and the estimate; Adafactor's is in
+    #                    its moments).
+    # The moment state's step count t (Adam's bias correction 1 - b2^t); for the estimate the
+    # number of squared batch gradients averaged.
+    count: int
     v_floor: float  # The V floor relative to mean(v) (``preconditioner``); 0 = off.
     # Factor 0 where the second moment is exactly 0 (``preconditioner``). Last and defaulted,
     # so a dict recorded before the field existed still builds its settings.
     drop_unmoved: bool = False
+    # The estimated V's sample and fingerprint (``estimate_settings``: "per", "batch",
+    # "examples", "seed", "key", ...); None for a correction read from an optimizer state.
+    estimate: dict | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (what a store records).
 
-        ``drop_unmoved`` is recorded only when True: stores featurized before the option
-        existed were made with the same factor as ``drop_unmoved=False`` and keep matching
-        (resume, compatibility checks, cache keys), while a store made with it carries the key
-        and is told apart from them in both directions.
+        ``drop_unmoved`` is recorded only when True and ``estimate`` only when set: stores
+        featurized before those fields existed were made with the same factor as their
+        defaults and keep matching (resume, compatibility checks, cache keys), while a store
+        made with them carries the keys and is told apart from them in both directions.
         """
         d = dataclasses.asdict(self)
         if not self.drop_unmoved:
             del d["drop_unmoved"]
+        if self.estimate is None:
+            del d["estimate"]
         return d
 
 
@@ -330,6 +343,41 @@ def settings_from(
     return CorrectionSettings(optimizer, kind, b2, eps, count, v_floor, bool(drop_unmoved))
 
 
+def estimate_settings(
+    estimate: VEstimate,
+    sample: Mapping,
+    *,
+    featurize_eps: float = -1.0,
+    v_floor: float = 0.0,
+    drop_unmoved: bool = False,
+) -> CorrectionSettings:
+    """The settings of the correction built from an estimated V (``VEstimate``) instead of an
+    optimizer state: the Adam form ``1 / (sqrt(max(V, v_floor * mean V)) + eps)`` with no bias
+    correction (the estimate is a plain mean).
+
+    Args:
+      estimate: the estimate (its ``count``, the number of squared gradients averaged, is
+        recorded and checked by ``preconditioner_for``).
+      sample: what identifies the estimate (``trackstar.v_estimate.VEstimateRecord.to_dict``:
+        per, batch, examples, seed, key, ...); recorded as ``CorrectionSettings.estimate``, so
+        stores made from different estimates, or from an estimate and an optimizer state,
+        refuse each other.
+      featurize_eps: the epsilon when >= 0; < 0 means ``ESTIMATE_EPS`` (optax Adam's 1e-8).
+      v_floor, drop_unmoved: as for ``settings_from``.
+    """
+    b2, eps = CORRECTIONS[ESTIMATE].read_settings({}, featurize_eps, bool(drop_unmoved))
+    return CorrectionSettings(
+        optimizer=None,
+        kind=ESTIMATE,
+        b2=b2,
+        eps=eps,
+        count=_count(estimate),
+        v_floor=_check_v_floor(v_floor),
+        drop_unmoved=bool(drop_unmoved),
+        estimate=dict(sample),
+    )
+
+
 def _adam_settings(
     train_config: Mapping, featurize_eps: float, drop_unmoved: bool
 ) -> tuple[float, float]:
@@ -374,8 +422,21 @@ def _adafactor_settings(
     return None, None
 
 
+def _estimate_settings(
+    train_config: Mapping, featurize_eps: float, drop_unmoved: bool
+) -> tuple[None, float]:
+    """The estimate's ``(b2, eps)``: no bias correction; ``featurize_eps`` when >= 0, else
+    ``ESTIMATE_EPS`` (the estimate reads no optimizer, so no optimizer's epsilon)."""
+    del train_config, drop_unmoved
+    eps = float(featurize_eps) if featurize_eps >= 0 else ESTIMATE_EPS
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise CorrectionError(f"correction eps = {eps}; it must be a finite number >= 0")
+    return None, eps
+
+
 def preconditioner_for(settings: CorrectionSettings, opt_state: Any, params: PyTree) -> PyTree:
-    """``preconditioner`` with the numbers of ``settings`` (from ``settings_from``).
+    """``preconditioner`` with the numbers of ``settings`` (from ``settings_from``, or
+    ``estimate_settings`` with the ``VEstimate`` as ``opt_state``).
 
     Raises ``CorrectionError`` when ``opt_state`` is not the state the settings were read from
     (another moment kind or step count), so settings cannot be paired with another checkpoint.
@@ -470,7 +531,8 @@ def preconditioner(
         refuses the option there.
 
     Returns:
-      Adam: arrays ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)`` (0 where dropped).
+      Adam: arrays ``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)`` (0 where dropped);
+      a ``VEstimate`` the same with ``v_hat = v``.
       Adafactor: ``FactoredScale`` for factored tensors and arrays ``max(v, floor)^-1/2`` for
       the rest (0 where dropped).
     """
@@ -522,6 +584,15 @@ def _adam_preconditioner(
                 f"nu for {path!r} has shape {np.shape(v)}, params {np.shape(p)}"
             )
         v_hats[path] = jnp.asarray(v, jnp.float32) * denom_scale
+    return _adam_form(v_hats, params, eps=eps, v_floor=v_floor, drop_unmoved=drop_unmoved)
+
+
+def _adam_form(
+    v_hats: dict[str, jax.Array], params: PyTree, *, eps: float, v_floor: float, drop_unmoved: bool
+) -> PyTree:
+    """``1 / (sqrt(max(v_hat, v_floor * mean(v_hat))) + eps)`` per parameter (0 where
+    ``drop_unmoved`` and ``v_hat == 0``): Adam's factor from its bias-corrected second
+    moments, and the estimated V's (``VEstimate``) from its mean squared gradients."""
     floor = v_floor * _global_mean(list(v_hats.values())) if v_floor > 0 else 0.0
 
     def factor(path: str, p: Any) -> jax.Array:
@@ -535,6 +606,34 @@ def _adam_preconditioner(
         return f
 
     return _map_with_path(factor, params)
+
+
+def _estimate_preconditioner(
+    state: Any,
+    params: PyTree,
+    *,
+    eps: float | None,
+    b2: float | None = None,
+    v_floor: float,
+    drop_unmoved: bool,
+) -> PyTree:
+    del b2  # A plain mean of squared gradients: nothing to bias-correct.
+    if eps is None:
+        raise CorrectionError(
+            "an estimated V needs the correction eps: build the settings with "
+            "estimate_settings and the factor with preconditioner_for, or pass eps="
+        )
+    _count(state)
+    moments = _check_paths(params, _field(state, "v"), "v")
+    v_hats: dict[str, jax.Array] = {}
+    for path, p in named_leaves(params):
+        if np.shape(moments[path]) != np.shape(p):
+            raise PathMismatchError(
+                f"the estimated v for {path!r} has shape {np.shape(moments[path])}, params "
+                f"{np.shape(p)}"
+            )
+        v_hats[path] = jnp.asarray(moments[path], jnp.float32)
+    return _adam_form(v_hats, params, eps=eps, v_floor=v_floor, drop_unmoved=drop_unmoved)
 
 
 def _factored_preconditioner(
@@ -613,6 +712,24 @@ def _factored_preconditioner(
     return _map_with_path(factor, params)
 
 
+# The label of the estimated-V correction (StoreMeta.correction, CorrectionSettings.kind).
+ESTIMATE = "estimate"
+# The estimated V's epsilon when featurize.eps < 0: optax.adam's default.
+ESTIMATE_EPS = 1e-8
+
+
+class VEstimate(NamedTuple):
+    """An estimated second moment, the state the ``"estimate"`` correction reads.
+
+    ``v``: a pytree shaped like the params, the mean over ``count`` batches of the squared
+    gradient of the training loss (``trackstar.v_estimate.estimate_v``). Passed to
+    ``preconditioner`` / ``preconditioner_for`` in place of an optimizer state.
+    """
+
+    v: PyTree
+    count: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Correction:
     """One registered correction: the optimizer whose moments it reads and how.
@@ -622,8 +739,10 @@ class Correction:
     ``settings_from`` all read from it (docs/design.md, "Adding a correction").
     """
 
-    label: str  # StoreMeta.correction and CorrectionSettings.kind: "adam", "adafactor".
-    optimizer: str  # The train.optimizer whose moments it reads (trackstar.train.OPTIMIZERS).
+    label: str  # StoreMeta.correction and CorrectionSettings.kind: "adam", "adafactor", ...
+    # The train.optimizer whose moments it reads (trackstar.train.OPTIMIZERS); None for a
+    # correction read from no optimizer (the estimated V).
+    optimizer: str | None
     state_kind: str  # find_moment_states' name for the optax moment state.
     state_type: type  # That optax state class.
     state_fields: frozenset  # Its field names (a state restored into plain dicts).
@@ -661,10 +780,22 @@ CORRECTIONS: dict[str, Correction] = {
             read_settings=_adafactor_settings,
             build=_factored_preconditioner,
         ),
+        # V estimated from squared gradients at the given parameters (trackstar.v_estimate),
+        # for checkpoints without an optimizer state; the Adam form, without bias correction.
+        Correction(
+            label=ESTIMATE,
+            optimizer=None,
+            state_kind="v_estimate",
+            state_type=VEstimate,
+            state_fields=frozenset({"v", "count"}),
+            train_fields=(),
+            read_settings=_estimate_settings,
+            build=_estimate_preconditioner,
+        ),
     )
 }
 # train.optimizer -> the label of the correction that reads its moments (StoreMeta.correction).
-OPTIMIZER_KINDS = {c.optimizer: c.label for c in CORRECTIONS.values()}
+OPTIMIZER_KINDS = {c.optimizer: c.label for c in CORRECTIONS.values() if c.optimizer is not None}
 _STATE_KINDS = {c.state_kind: c.label for c in CORRECTIONS.values()}
 
 
@@ -677,7 +808,8 @@ def register(c: Correction) -> None:
     if c.label in CORRECTIONS or c.label == "none" or c.optimizer in OPTIMIZER_KINDS:
         raise ValueError(f"a correction labelled {c.label!r} or for {c.optimizer!r} exists")
     CORRECTIONS[c.label] = c
-    OPTIMIZER_KINDS[c.optimizer] = c.label
+    if c.optimizer is not None:
+        OPTIMIZER_KINDS[c.optimizer] = c.label
     _STATE_KINDS[c.state_kind] = c.label
 
 

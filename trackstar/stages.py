@@ -34,6 +34,7 @@ from trackstar import (
 )
 from trackstar import model as model_lib
 from trackstar import train as train_lib
+from trackstar import v_estimate as v_estimate_lib
 from trackstar.config import run_dir_conflicts, save_config, validate
 from trackstar.featurize import Examples, featurize_into_store, make_mesh_feature_fn
 from trackstar.files import atomic_write, write_json
@@ -418,7 +419,9 @@ def examples_for(cfg, trained: Trained, which: str) -> tuple[Examples, str, str]
 # for AdamW; read from the correction registry); cfg.train must agree with the checkpoint on
 # them (see checkpoint_train_config).
 _CORRECTION_TRAIN_FIELDS = {
-    c.optimizer: ("optimizer", *c.train_fields) for c in correction.CORRECTIONS.values()
+    c.optimizer: ("optimizer", *c.train_fields)
+    for c in correction.CORRECTIONS.values()
+    if c.optimizer is not None
 }
 
 
@@ -461,15 +464,44 @@ def checkpoint_train_config(cfg, step: int | None = None) -> dict:
     return saved
 
 
-def correction_kind(cfg, corrected: bool) -> str:
-    """The store's ``correction`` field: the checkpoint's moment kind, or "none".
+# Where the correction's V comes from (featurize.correction_source): the checkpoint's optimizer
+# state, an estimate from squared batch gradients (trackstar.v_estimate), or nowhere (only
+# uncorrected stores and presets).
+CORRECTION_SOURCES = ("optimizer", "estimate", "none")
 
-    The optimizer is the checkpoint's own (``checkpoint_train_config``); a run directory
-    without checkpoints (scoring stores made elsewhere) falls back to ``cfg.train.optimizer``.
-    An optimizer without a known correction is refused.
+
+def correction_source(cfg) -> str:
+    """``featurize.correction_source`` ("optimizer" for a config without the field)."""
+    source = str(cfg.featurize.get("correction_source", "optimizer"))
+    if source not in CORRECTION_SOURCES:
+        raise StageError(
+            f"featurize.correction_source = {source!r}; use one of {CORRECTION_SOURCES}"
+        )
+    return source
+
+
+def correction_kind(cfg, corrected: bool) -> str:
+    """The store's ``correction`` field: the checkpoint's moment kind, "estimate", or "none".
+
+    With ``featurize.correction_source = "optimizer"`` the optimizer is the checkpoint's own
+    (``checkpoint_train_config``); a run directory without checkpoints (scoring stores made
+    elsewhere) falls back to ``cfg.train.optimizer``, and an optimizer without a known
+    correction is refused. ``"estimate"`` gives the estimated V's label; ``"none"`` refuses
+    every corrected store (and so every preset that needs one).
     """
     if not corrected:
         return "none"
+    source = correction_source(cfg)
+    if source == "none":
+        raise StageError(
+            "featurize.correction_source = 'none' makes only uncorrected stores, but a "
+            "corrected store (a preset with the optimizer correction: exp_opt, exp_opt_norm, "
+            "exp_opt_norm_rtrain, trackstar) was asked for; use an uncorrected preset "
+            "(grad_dot, grad_cosine, trak), or set featurize.correction_source = 'estimate' "
+            "(V from squared gradients) or 'optimizer' (the checkpoint's optimizer state)"
+        )
+    if source == "estimate":
+        return correction.ESTIMATE
     if checkpoint.latest_step(path(cfg, "checkpoints")) is not None:
         optimizer = checkpoint_train_config(cfg).get("optimizer", "adamw")
     else:
@@ -498,11 +530,99 @@ def make_projector(cfg, params) -> Projector:
     return Projector(params, f.projection_mode, f.k_in, f.k_out, f.projection_seed, f.dense_dim)
 
 
+def v_estimate_sample(cfg) -> v_estimate_lib.EstimateSample:
+    """The estimate's sample from ``featurize.v_estimate_examples``, ``_seed``, ``_batch``."""
+    f = cfg.featurize
+    return v_estimate_lib.EstimateSample(
+        int(f.get("v_estimate_examples", 4096)),
+        int(f.get("v_estimate_seed", 0)),
+        int(f.get("v_estimate_batch", 32)),
+    )
+
+
+# Estimates loaded or computed in this process, by key.
+_V_ESTIMATES: dict[str, tuple[correction.VEstimate, dict]] = {}
+
+
+def v_estimate(
+    cfg,
+    trained: Trained,
+    sample: v_estimate_lib.EstimateSample | None = None,
+    progress: bool = True,
+) -> tuple[correction.VEstimate, dict]:
+    """``(estimate, record)``: V estimated at ``trained``'s parameters (``trackstar.v_estimate``)
+    from a sample of the corpus passages (``v_estimate_sample(cfg)``, or ``sample``).
+
+    The estimate is keyed (``config_key``) by the parameters' fingerprint, the sampled
+    examples' fingerprint and the sample settings, saved as ``v_estimate/<key>.npz`` in the run
+    directory and reused from there; each computation counts in ``CACHE_MISSES["v_estimate"]``.
+    ``record`` (per, loss, batch, examples, seed, used, source, key) is what a store made with
+    it records as ``correction_settings["estimate"]``.
+    """
+    sample = sample or v_estimate_sample(cfg)
+    examples, _, _ = examples_for(cfg, trained, "corpus")
+    pos = v_estimate_lib.sample_positions(len(examples), sample)
+    tokens, weights = examples.tokens_NxT[pos], examples.weights_NxT[pos]
+    key = config_key(
+        "v_estimate",
+        v_estimate_lib.VERSION,
+        v_estimate_lib.PER,
+        v_estimate_lib.LOSS,
+        tree_fingerprint(trained.params),
+        v_estimate_lib.data_fingerprint(tokens, weights),
+        sample.to_dict(),
+    )
+    if key in _V_ESTIMATES:
+        return _V_ESTIMATES[key]
+    file = path(cfg, "v_estimate", f"{key}.npz")
+    if os.path.exists(file):
+        _V_ESTIMATES[key] = v_estimate_lib.load(file, trained.params)
+        return _V_ESTIMATES[key]
+    CACHE_MISSES["v_estimate"] += 1
+    est = v_estimate_lib.estimate_v(
+        trained.apply_fn,
+        trained.params,
+        tokens,
+        weights,
+        sample.batch,
+        progress=progress and is_main_process(),
+    )
+    record = {
+        "per": v_estimate_lib.PER,
+        "loss": v_estimate_lib.LOSS,
+        **sample.to_dict(),
+        "used": int(len(pos)),
+        "source": "corpus",
+        "key": key,
+    }
+    if is_main_process():
+        v_estimate_lib.save(file, est, record)
+    barrier("trackstar-v-estimate-saved")
+    _V_ESTIMATES[key] = (est, record)
+    return est, record
+
+
 def correction_settings(cfg, trained: Trained) -> correction.CorrectionSettings:
     """The effective correction of ``trained``'s checkpoint: optimizer, b2, eps and step count
     from the checkpoint (``checkpoint_train_config`` and the moment state), the epsilon
     override ``featurize.eps``, the guard ``featurize.v_floor`` and ``featurize.drop_unmoved``
-    from ``cfg`` (a config without the last field means False, as before it existed)."""
+    from ``cfg`` (a config without the last field means False, as before it existed).
+
+    With ``featurize.correction_source = "estimate"`` the settings of the estimated V instead
+    (``v_estimate``, ``correction.estimate_settings``: no optimizer is read); with ``"none"``
+    a ``StageError`` (``correction_kind``)."""
+    source = correction_source(cfg)
+    if source == "none":
+        correction_kind(cfg, True)  # The StageError that names the fix.
+    if source == "estimate":
+        est, record = v_estimate(cfg, trained)
+        return correction.estimate_settings(
+            est,
+            record,
+            featurize_eps=float(cfg.featurize.eps),
+            v_floor=float(cfg.featurize.v_floor),
+            drop_unmoved=bool(cfg.featurize.get("drop_unmoved", False)),
+        )
     return correction.settings_from(
         trained.opt_state,
         checkpoint_train_config(cfg, trained.step),
@@ -518,9 +638,21 @@ def make_preconditioner(
     """The correction factor of ``trained`` from ``correction_settings`` (or ``settings``).
 
     Featurize and the tail-patch step both build their factor here, so a store's vectors and
-    the training step that evaluates them use the same numbers.
+    the training step that evaluates them use the same numbers. Settings of an estimated V
+    (``settings.estimate``) rebuild that estimate from its recorded sample (``v_estimate``);
+    a ``StageError`` when the parameters or corpus no longer give the recorded one.
     """
     settings = settings or correction_settings(cfg, trained)
+    if settings.estimate is not None:
+        sample = v_estimate_lib.EstimateSample.from_dict(settings.estimate)
+        est, record = v_estimate(cfg, trained, sample)
+        if record["key"] != settings.estimate.get("key"):
+            raise StageError(
+                f"the correction settings record the V estimate {settings.estimate.get('key')}, "
+                f"but this run's parameters and corpus give {record['key']} for the same "
+                "sample; featurize again with this checkpoint"
+            )
+        return correction.preconditioner_for(settings, est, trained.params)
     return correction.preconditioner_for(settings, trained.opt_state, trained.params)
 
 
@@ -532,6 +664,15 @@ def featurize_mesh(cfg, params) -> tuple[Any, Any]:
         params, mesh, sharding.rules_from_config(cfg.mesh, cfg.model)
     )
     return mesh, shardings
+
+
+def optimizer_fingerprint(trained: Trained, settings: correction.CorrectionSettings | None) -> str:
+    """A store's ``optimizer_fingerprint``: the optimizer state's, or for an estimated V the
+    estimate's key (``"v_estimate:<key>"``), so stores of the two never pass
+    ``store.check_compatible`` together."""
+    if settings is not None and settings.estimate is not None:
+        return f"v_estimate:{settings.estimate['key']}"
+    return correction.opt_state_fingerprint(trained.opt_state)
 
 
 @dataclasses.dataclass
@@ -579,7 +720,7 @@ def prepare_featurize(
         num_examples=len(examples),
         chunk_size=cfg.featurize.chunk_size,
         model_fingerprint=tree_fingerprint(trained.params),
-        optimizer_fingerprint=correction.opt_state_fingerprint(trained.opt_state),
+        optimizer_fingerprint=optimizer_fingerprint(trained, settings),
         projection=projector.config(),
         output_fn=output_fn,
         correction=settings.kind if settings else "none",
