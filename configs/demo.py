@@ -16,8 +16,18 @@ def get_config() -> ml_collections.ConfigDict:
     w = c.world = ml_collections.ConfigDict()
     w.seed = 0  # World seed: names, facts, templates, documents.
     w.source = "synthetic"  # "synthetic" or "lama" (facts + templates jsonl, see *_path below).
-    w.lama_facts_path = ""  # LAMA/ParaRel-style facts jsonl (sub_label, obj_label, predicate_id).
-    w.lama_templates_path = ""  # Templates jsonl ({"relation", "template"} with [X] / [Y]).
+    # LAMA T-REx facts: a jsonl file, or a directory of them (LAMA's data/TREx/P*.jsonl), rows
+    # with sub_label, obj_label, predicate_id.
+    w.lama_facts_path = ""
+    # Templates with [X] / [Y] slots: a jsonl file or a directory of them. Rows are LAMA's
+    # {"relation", "template"} (data/relations.jsonl) or ParaRel's {"pattern", ...}, one file per
+    # relation named after it (data/pattern_data/graphs_json/P17.jsonl). README: "Running a
+    # LAMA / ParaRel world".
+    w.lama_templates_path = ""
+    # Query templates (the rest are corpus phrasings): () = each relation's rows marked
+    # "query": true, else its first template with [X] before [Y] and [Y] at the end; or pattern
+    # indices, e.g. (0, 2) = the 1st and 3rd template rows of every relation, in file order.
+    w.lama_query_patterns = ()
     w.trex_candidates_path = ""  # T-REx-style sentences jsonl as the closed set ("" = built).
     w.n_subjects = 400  # Number of person subjects.
     w.n_relations = 8  # Relations used (of the generator's ~10).
@@ -41,7 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Tokenizer ---
     t = c.tokenizer = ml_collections.ConfigDict()
     t.kind = "word"  # Word-level HF tokenizers model (whitespace + punctuation split).
-    t.vocab_size = 2048  # Upper bound; the world's word count is usually smaller.
+    # Upper bound; the world's word count is usually smaller. 0 = exactly the world's words plus
+    # the 4 special tokens (a LAMA / ParaRel world has thousands of entity words).
+    t.vocab_size = 2048
 
     # --- Model (decoder-only Transformer, flax.nnx) ---
     m = c.model = ml_collections.ConfigDict()

@@ -126,7 +126,7 @@ def test_shipped_configs_are_valid(spec):
         ("world.doc_sentences", "(3, 2)", "world.doc_sentences"),
         ("world.n_relations", "11", "world.n_relations"),
         ("world.trex_candidates_path", "/no/such/file.jsonl", "world.trex_candidates_path"),
-        ("tokenizer.vocab_size", "0", "tokenizer.vocab_size"),
+        ("tokenizer.vocab_size", "3", "tokenizer.vocab_size"),
         ("model.size", "huge", "model.size"),
         ("model.dtype", "int8", "model.dtype"),
         ("eval.at_k", "0", "eval.at_k"),

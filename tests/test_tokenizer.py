@@ -80,3 +80,28 @@ def test_vocab_checked_before_the_world_is_written(tmp_path):
     with pytest.raises(T.TokenizerError, match="tokenizer.vocab_size"):
         stages.stage_world(cfg)
     assert not os.path.exists(cfg.run_dir)  # No world, tokenizer or config.json half-made.
+
+
+def test_vocab_size_zero_takes_every_word():
+    # A LAMA / ParaRel world easily has more words than the demo's 2,048 bound.
+    texts = [" ".join(f"w{i}x{j}" for j in range(100)) + " ." for i in range(31)]
+    n_words = 31 * 100 + 1
+    with pytest.raises(T.TokenizerError, match=f"at least {n_words + 4}, or to 0"):
+        T.train_tokenizer(texts, ml_collections.ConfigDict({"kind": "word", "vocab_size": 2048}))
+    tok = T.train_tokenizer(texts, ml_collections.ConfigDict({"kind": "word", "vocab_size": 0}))
+    assert T.ALL_WORDS == 0 and T.vocab_size(tok) == n_words + len(T.SPECIAL_TOKENS)
+    assert T.UNK not in T.encode(tok, texts[-1])
+    assert [tok.token_to_id(s) for s in T.SPECIAL_TOKENS] == [T.PAD, T.BOS, T.EOS, T.UNK]
+
+
+def test_vocab_size_config_rule():
+    from trackstar.config import ConfigError, validate
+
+    cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    for ok in (0, 5, 4096):
+        cfg.tokenizer.vocab_size = ok
+        validate(cfg)
+    for bad in (-1, 3):
+        cfg.tokenizer.vocab_size = bad
+        with pytest.raises(ConfigError, match="tokenizer.vocab_size must be 0"):
+            validate(cfg)

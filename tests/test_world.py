@@ -511,3 +511,125 @@ def test_unused_fields_are_not_recorded(world):
     assert "n_queries" in built.config and "lama_facts_path" in built.config
     assert not set(W.LAMA_ONLY_FIELDS) & set(world.config)
     assert "n_subjects" in world.config
+
+
+# --- LAMA / ParaRel files as published ----------------------------------------------------------
+
+# ParaRel's data/pattern_data/graphs_json/<relation>.jsonl rows (relation from the file name).
+_PARAREL = {
+    "P19": [
+        "[X] was born in [Y].",
+        "[X], who was born in [Y].",
+        "[Y] is the birthplace of [X] .",
+        "[X] is originally from [Y] .",
+    ],
+    "P27": [
+        "[X] is a citizen of [Y].",
+        "[X] holds a passport of [Y].",
+        "[Y] is the country of [X] .",
+    ],
+    "P103": [
+        "The native language of [X] is [Y].",
+        "[Y] is the mother tongue of [X] .",
+        "[X] grew up speaking [Y] .",
+    ],
+    "P106": ["[X] works as a [Y].", "[X] is employed as a [Y].", "[Y] is the job of [X] ."],
+}
+
+
+def _pararel_dirs(tmp_path):
+    patterns = tmp_path / "graphs_json"
+    patterns.mkdir()
+    for rel, pats in _PARAREL.items():
+        rows = [
+            {"pattern": p, "lemma": "x", "extended_lemma": "is-x", "tense": "present"} for p in pats
+        ]
+        (patterns / f"{rel}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts = tmp_path / "TREx"
+    facts.mkdir()
+    by_rel = collections.defaultdict(list)
+    for line in open(os.path.join(FIXTURES, "lama_facts.jsonl"), encoding="utf-8"):
+        row = json.loads(line)
+        by_rel[row["predicate_id"]].append(dict(row, uuid="u", evidences=[]))
+    for rel, rows in by_rel.items():
+        (facts / f"{rel}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(facts), str(patterns)
+
+
+def test_pararel_pattern_files_and_lama_fact_directories(tmp_path):
+    facts, patterns = _pararel_dirs(tmp_path)
+    cfg = _lama_cfg()
+    w = W.load_lama_world(facts, patterns, cfg)
+    rel = {r.name: r for r in w.relations}
+    assert set(rel) == set(_PARAREL)
+    # Default rule: each relation's first pattern with [X] before [Y] and [Y] at the end; the
+    # other patterns (normalized, times the prefixes) are the corpus forms.
+    assert rel["P19"].query_templates == ("[X] was born in [Y] .",)
+    assert rel["P103"].query_templates == ("The native language of [X] is [Y] .",)
+    assert set(rel["P19"].corpus_templates) >= {
+        "[X], who was born in [Y] .",
+        "[Y] is the birthplace of [X] .",
+    }
+    assert len(rel["P19"].corpus_templates) == 3 * cfg.n_prefixes
+    fixture = W.load_lama_world(
+        os.path.join(FIXTURES, "lama_facts.jsonl"),
+        os.path.join(FIXTURES, "lama_templates.jsonl"),
+        cfg,
+    )
+    assert {(f.subject, f.relation, f.object) for f in w.facts} == {
+        (f.subject, f.relation, f.object) for f in fixture.facts
+    }
+    for q in w.queries:
+        f = w.facts[q.fact_id]
+        assert q.target == f.object and f.subject in q.prompt
+    # One ParaRel file: the relation is the file's name.
+    one = W.load_lama_world(
+        os.path.join(facts, "P19.jsonl"), os.path.join(patterns, "P19.jsonl"), cfg
+    )
+    assert [r.name for r in one.relations] == ["P19"]
+
+
+def test_lama_query_patterns_choose_the_query_templates(tmp_path):
+    facts, patterns = _pararel_dirs(tmp_path)
+    cfg = _lama_cfg()
+    cfg.lama_query_patterns = (0, 1)
+    with pytest.raises(W.WorldError, match=r"relation 'P103' needs a query template"):
+        W.load_lama_world(facts, patterns, cfg)  # P103's pattern 1 has [Y] first.
+    cfg.lama_query_patterns = (3,)
+    with pytest.raises(W.WorldError, match=r"\(3,\): relation 'P103' has only 3 template rows"):
+        W.load_lama_world(facts, patterns, cfg)
+    rows = [{"pattern": _PARAREL["P103"][i]} for i in (0, 2, 1)]
+    (tmp_path / "graphs_json" / "P103.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    cfg.lama_query_patterns = (0, 1)
+    w = W.load_lama_world(facts, patterns, cfg)
+    rel = {r.name: r for r in w.relations}
+    assert rel["P19"].query_templates == ("[X] was born in [Y] .", "[X], who was born in [Y] .")
+    assert rel["P103"].query_templates[1] == "[X] grew up speaking [Y] ."
+    assert all(
+        len(r.corpus_templates) == (len(_PARAREL[r.name]) - 2) * cfg.n_prefixes
+        for r in rel.values()
+    )
+    assert w.config["lama_query_patterns"] == [0, 1]
+    for q in w.queries:
+        f = w.facts[q.fact_id]
+        forms = {W.query_prompt(t, f.subject) for t in rel[f.relation].query_templates}
+        assert q.prompt in forms
+
+
+def test_pararel_bad_rows_and_untemplated_predicates(tmp_path):
+    facts, patterns = _pararel_dirs(tmp_path)
+    p = tmp_path / "graphs_json" / "P27.jsonl"
+    p.write_text(p.read_text() + json.dumps({"lemma": "citizen"}) + "\n")
+    with pytest.raises(W.WorldError, match=re.escape(f"{p}:4: row lacks 'template'")):
+        W.load_lama_world(facts, patterns, _lama_cfg())
+    p.unlink()
+    with pytest.raises(
+        W.WorldError, match=r"predicate 'P27' has no template .*without templates: P27"
+    ):
+        W.load_lama_world(facts, patterns, _lama_cfg())
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(W.WorldError, match="holds no jsonl rows"):
+        W.load_lama_world(facts, str(empty), _lama_cfg())

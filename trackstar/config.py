@@ -460,6 +460,11 @@ _FILE = Rule(
     "an existing file (world.source = 'lama' reads it)",
     lambda v: isinstance(v, str) and os.path.isfile(v),
 )
+# LAMA and ParaRel publish one jsonl file per relation: a directory of them reads them all.
+_FILE_OR_DIR = Rule(
+    "an existing file or directory of jsonl files (world.source = 'lama' reads it)",
+    lambda v: isinstance(v, str) and (os.path.isfile(v) or os.path.isdir(v)),
+)
 _POS = Int(1)
 _NONNEG = Int(0)
 _PROB = Num(0.0, 1.0)
@@ -471,8 +476,11 @@ RULES: dict[str, Rule] = {
     # world
     "world.seed": _NONNEG,
     "world.source": OneOf(*world_lib.SOURCES),
-    "world.lama_facts_path": Rule(_FILE.expects, _FILE.ok, _lama),
-    "world.lama_templates_path": Rule(_FILE.expects, _FILE.ok, _lama),
+    "world.lama_facts_path": Rule(_FILE_OR_DIR.expects, _FILE_OR_DIR.ok, _lama),
+    "world.lama_templates_path": Rule(_FILE_OR_DIR.expects, _FILE_OR_DIR.ok, _lama),
+    "world.lama_query_patterns": Seq(
+        _NONNEG, "pattern indices >= 0", distinct=True, when=_uses("lama_query_patterns")
+    ),
     "world.trex_candidates_path": Rule(
         "an existing file (or '' for the built candidates)",
         _FILE.ok,
@@ -498,7 +506,10 @@ RULES: dict[str, Rule] = {
     "world.n_heldout_queries": _NONNEG,
     # tokenizer
     "tokenizer.kind": OneOf("word"),
-    "tokenizer.vocab_size": Int(5),
+    "tokenizer.vocab_size": Rule(
+        "0 (all the world's words plus the special tokens) or an int >= 5",
+        lambda v: _is_int(v) and (v == 0 or v >= 5),
+    ),
     # model (a size field of 0 takes the named size's value)
     "model.family": Rule(
         f"a model family: one of {MODEL_FAMILIES} or a registered one (trackstar.families)",

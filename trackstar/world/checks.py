@@ -14,7 +14,7 @@ from trackstar.world.templates import _PREFIXES
 
 # World fields only the synthetic generator reads: a LAMA world takes its sizes from the files.
 SYNTHETIC_ONLY_FIELDS = ("n_subjects", "n_relations", "n_objects_per_type", "zipf_exponent")
-LAMA_ONLY_FIELDS = ("lama_facts_path", "lama_templates_path")
+LAMA_ONLY_FIELDS = ("lama_facts_path", "lama_templates_path", "lama_query_patterns")
 
 
 def _get(cfg: Any, name: str) -> Any:

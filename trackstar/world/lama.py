@@ -1,5 +1,10 @@
 """LAMA / ParaRel facts and templates as a world, and T-REx sentences as its candidate set.
 
+The files are read as the datasets publish them: LAMA T-REx facts (``data/TREx/P*.jsonl``),
+LAMA relation templates (``data/relations.jsonl``), ParaRel patterns
+(``data/pattern_data/graphs_json/P*.jsonl``, relation from the file name); a path may be one
+file or a directory of them.
+
 Every input row is checked while it is read; a bad one raises ``WorldError`` naming
 ``path:line`` (non-UTF-8 bytes, bad JSON, missing fields, empty text), so nothing is built from a
 file that cannot give a usable world.
@@ -27,6 +32,13 @@ def _read_jsonl(path: str, what: str) -> list[tuple[int, dict[str, Any]]]:
     """
     if not path or not os.path.isfile(path):
         raise WorldError(f"{what} file {path!r} does not exist")
+    rows = _file_rows(path)
+    if not rows:
+        raise WorldError(f"{what} file {path!r} is empty (no JSON rows)")
+    return rows
+
+
+def _file_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh, 1):
@@ -46,9 +58,49 @@ def _read_jsonl(path: str, what: str) -> list[tuple[int, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise WorldError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
             rows.append((i, row))
-    if not rows:
-        raise WorldError(f"{what} file {path!r} is empty (no JSON rows)")
     return rows
+
+
+def _read_jsonl_files(path: str, what: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(file, line, row)`` of a jsonl file, or of every ``*.jsonl`` file of a directory.
+
+    LAMA (``data/TREx/P19.jsonl``) and ParaRel (``data/pattern_data/graphs_json/P19.jsonl``)
+    publish one file per relation; a directory reads them in sorted file-name order. No rows in
+    all is an error (an empty file among others is not).
+    """
+    if path and os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, n) for n in os.listdir(path) if n.endswith((".jsonl", ".json"))
+        )
+        rows = [(f, line, row) for f in files for line, row in _file_rows(f)]
+        if not rows:
+            raise WorldError(f"{what} directory {path!r} holds no jsonl rows")
+        return rows
+    return [(path, line, row) for line, row in _read_jsonl(path, what)]
+
+
+def _relation_of_file(path: str) -> str:
+    # ParaRel's graphs_json/P17.jsonl holds the patterns of relation P17.
+    name = os.path.basename(path)
+    for ext in (".jsonl", ".json"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _template_row(f: str, line: int, row: dict[str, Any]) -> tuple[str, str, bool]:
+    """``(relation, template, marked as query)`` of a LAMA or ParaRel template row."""
+    if "template" in row:  # LAMA data/relations.jsonl (or this project's fixtures).
+        if "relation" not in row:
+            raise WorldError(f"{f}:{line}: row has a 'template' but no 'relation'")
+        return str(row["relation"]), str(row["template"]), bool(row.get("query", False))
+    if "pattern" in row:  # ParaRel: the relation is the file's name unless the row says.
+        rel = row.get("relation", row.get("predicate_id")) or _relation_of_file(f)
+        return str(rel), str(row["pattern"]), bool(row.get("query", False))
+    raise WorldError(
+        f"{f}:{line}: row lacks 'template' (LAMA: with 'relation') or 'pattern' (ParaRel, "
+        "relation from the file name)"
+    )
 
 
 def _normalize_template(t: str) -> str:
@@ -58,57 +110,83 @@ def _normalize_template(t: str) -> str:
 
 
 def load_lama_world(facts_path: str, templates_path: str, cfg: Any) -> World:
-    """Builds a world from LAMA/ParaRel-style files, with the synthetic world's corpus recipe.
+    """Builds a world from LAMA / ParaRel files, with the synthetic world's corpus recipe.
 
-    ``facts_path``: jsonl rows ``{"sub_label", "obj_label", "predicate_id"}``. Relations are
-    functional: a repeated (subject, predicate) keeps its first object.
-    ``templates_path``: jsonl rows ``{"relation", "template"}`` (``[X]``/``[Y]`` slots), several
-    per relation; rows with ``"query": true`` are the query forms, otherwise the first template
-    with ``[Y]`` at its end is. The rest are corpus forms (times ``cfg.n_prefixes`` prefixes).
+    Each path is a jsonl file or a directory of them (read in sorted file-name order), as the
+    datasets publish them.
+    ``facts_path``: LAMA T-REx rows ``{"sub_label", "obj_label", "predicate_id", ...}``
+    (``data/TREx/P19.jsonl``). Relations are functional: a repeated (subject, predicate) keeps
+    its first object. Every predicate needs templates (the error lists those without).
+    ``templates_path``: ``[X]``/``[Y]`` templates, several per relation, as LAMA rows
+    ``{"relation", "template"}`` (``data/relations.jsonl``) or ParaRel rows ``{"pattern", ...}``
+    whose relation is the file's name (``data/pattern_data/graphs_json/P19.jsonl``) unless the
+    row has ``relation``. A relation's query templates are, by the first rule that applies:
+    the rows at the indices ``cfg.lama_query_patterns`` (0-based positions among the relation's
+    template rows, in file order); the rows marked ``"query": true``; its first template with
+    ``[X]`` before ``[Y]`` and ``[Y]`` at the end. The other templates are its corpus forms
+    (times ``cfg.n_prefixes`` prefixes; repeats dropped).
     ``cfg``'s frequency, anchor, document and query fields apply; its sizes
     (``n_subjects``, ``n_relations``, ``n_objects_per_type``) are taken from the files instead.
     """
     _check_common(cfg)
-    trows = _read_jsonl(templates_path, "LAMA templates")
+    picks = tuple(int(i) for i in (cfg.get("lama_query_patterns", ()) or ()))
+    if any(i < 0 for i in picks) or len(set(picks)) != len(picks):
+        raise WorldError(
+            f"world.lama_query_patterns must be distinct pattern indices >= 0, got {picks}"
+        )
     by_rel: dict[str, list[tuple[str, bool]]] = {}
-    for line, row in trows:
-        if "relation" not in row or "template" not in row:
-            raise WorldError(f"{templates_path}:{line}: row lacks 'relation' or 'template'")
-        t = _normalize_template(str(row["template"]))
+    for f, line, row in _read_jsonl_files(templates_path, "LAMA templates"):
+        rel, template, query = _template_row(f, line, row)
+        t = _normalize_template(template)
         if t.count("[X]") != 1 or t.count("[Y]") != 1:
-            raise WorldError(f"{templates_path}:{line}: template {t!r} needs one [X] and one [Y]")
-        by_rel.setdefault(str(row["relation"]), []).append((t, bool(row.get("query", False))))
+            raise WorldError(f"{f}:{line}: template {t!r} needs one [X] and one [Y]")
+        by_rel.setdefault(rel, []).append((t, query))
 
-    frows = _read_jsonl(facts_path, "LAMA facts")
     triples: dict[tuple[str, str], str] = {}
-    for line, row in frows:
+    untemplated: dict[str, str] = {}  # predicate -> first file:line stating it
+    for f, line, row in _read_jsonl_files(facts_path, "LAMA facts"):
         try:
             s, r, o = str(row["sub_label"]), str(row["predicate_id"]), str(row["obj_label"])
         except KeyError as e:
-            raise WorldError(f"{facts_path}:{line}: row lacks field {e.args[0]!r}") from None
+            raise WorldError(f"{f}:{line}: row lacks field {e.args[0]!r}") from None
         if not (s.strip() and o.strip()):
-            raise WorldError(f"{facts_path}:{line}: empty sub_label or obj_label")
+            raise WorldError(f"{f}:{line}: empty sub_label or obj_label")
         if r not in by_rel:
-            raise WorldError(
-                f"{facts_path}:{line}: predicate {r!r} has no template in {templates_path}; add one"
-            )
+            untemplated.setdefault(r, f"{f}:{line}")
+            continue
         triples.setdefault((s, r), o)
+    if untemplated:
+        first = next(iter(untemplated.items()))
+        raise WorldError(
+            f"{first[1]}: predicate {first[0]!r} has no template in {templates_path}; add "
+            f"templates or remove its facts (predicates without templates: "
+            f"{', '.join(sorted(untemplated))})"
+        )
     if not triples:
         raise WorldError(f"{facts_path} holds no facts (empty world)")
 
     relations = []
     for name in sorted({r for _, r in triples}):
         rows = by_rel[name]
-        marked = [t for t, q in rows if q]
+        if picks:
+            if max(picks) >= len(rows):
+                raise WorldError(
+                    f"world.lama_query_patterns = {picks}: relation {name!r} has only "
+                    f"{len(rows)} template rows in {templates_path}"
+                )
+            marked = list(dict.fromkeys(rows[i][0] for i in picks))
+        else:
+            marked = [t for t, q in rows if q]
         if not marked:
             marked = [t for t, _ in rows if _is_query_template(t)][:1]
         bad = [t for t in marked if not _is_query_template(t)]
         if not marked or bad:
             raise WorldError(
                 f"relation {name!r} needs a query template with [X] before [Y] and [Y] at the end "
-                f"(got {bad or 'none'}); add or mark one in {templates_path}"
+                f"(got {bad or 'none'}); add or mark one in {templates_path}, or choose others "
+                "with world.lama_query_patterns"
             )
-        corpus = [t for t, _ in rows if t not in marked]
+        corpus = list(dict.fromkeys(t for t, _ in rows if t not in marked))
         if not corpus:
             raise WorldError(
                 f"relation {name!r} has no corpus template besides its query form; add one"
