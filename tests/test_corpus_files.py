@@ -249,3 +249,17 @@ def test_empty_or_missing_query_file(tmp_path):
         C.read_queries(str(tmp_path / "e.jsonl"))
     with pytest.raises(C.CorpusFileError, match="does not exist"):
         C.read_queries(str(tmp_path / "none.jsonl"))
+
+
+def test_ingest_benchmark_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ingest.json"
+    cmd = [sys.executable, os.path.join(root, "scripts", "ingest_benchmark.py")]
+    cmd += ["--sizes", "50,200", "--vocab", "300", "--dir", str(tmp_path), "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"50", "200"} and result["ratio"] > 0
+    assert result["runs"]["200"]["passages"] >= 200
