@@ -80,6 +80,23 @@ def test_run_directory_and_lazy_export(run, attributor):
     assert len(top) == 3 and np.all(np.diff(top.scores) <= 0)
 
 
+def test_config_for_run_dir_keeps_defaults_the_run_predates(tmp_path):
+    """An older run's config.json lacks newer fields: they keep the defaults, and JSON lists
+    are tuples again."""
+    base = load_config_file(os.path.join(CONFIGS, "tiny.py"))
+    saved = base.to_dict()
+    del saved["featurize"]["max_unk_frac"]
+    saved["train"]["steps"] = 7
+    saved["unused_fields"] = ["world.lama_facts_path"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved, f, default=list)
+    cfg = config_for_run_dir(tmp_path, base=base)
+    assert cfg.run_dir == str(tmp_path) and cfg.train.steps == 7
+    assert cfg.featurize.max_unk_frac == base.featurize.max_unk_frac
+    assert cfg.experiment.k_values == base.experiment.k_values
+    assert isinstance(cfg.experiment.k_values, tuple) and "unused_fields" not in cfg
+
+
 def test_unknown_words_follow_the_unk_policy(run, attributor):
     cfg, _ = run
     target = stages.load_trained(cfg).world.task_queries[0].target

@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from trackstar import correction, data, score, sharding, stages, store
+from trackstar.config import load_config_file
 from trackstar.featurize import Examples, compute_vectors, make_mesh_feature_fn
 from trackstar.hessian import HessianError, HessianFit
 from trackstar.projection import Projector
@@ -397,11 +398,15 @@ class Attributor:
 # ----- helpers ----------------------------------------------------------------------------------
 
 
-def config_for_run_dir(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
+def config_for_run_dir(
+    run_dir: str | os.PathLike, base: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
     """The config a run directory records (``config.json``), with ``run_dir`` set to it.
 
-    The featurize, hessian, score and mesh sections are those of the command that built the
-    run's world; pass a config instead to ``Attributor.from_run`` to use others.
+    The recorded fields are laid over ``base`` (default: ``configs/demo.py`` when the checkout
+    has it), so fields newer than the run keep their defaults. The featurize, hessian, score and
+    mesh sections are those of the command that built the run's world; pass a config to
+    ``Attributor.from_run`` to use others.
     """
     run_dir = os.fspath(run_dir)
     file = os.path.join(run_dir, "config.json")
@@ -413,9 +418,28 @@ def config_for_run_dir(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
     with open(file, encoding="utf-8") as f:
         saved = json.load(f)
     saved.pop("unused_fields", None)
-    cfg = ml_collections.ConfigDict(saved)
-    cfg.run_dir = run_dir
-    return cfg
+    if base is None:
+        from trackstar.cli import default_config_path
+
+        default = default_config_path("demo.py")
+        base = load_config_file(default) if os.path.isfile(default) else None
+    merged = _overlay(base.to_dict() if base is not None else {}, saved)
+    merged["run_dir"] = run_dir
+    return ml_collections.ConfigDict(merged)
+
+
+def _overlay(base: dict, saved: dict) -> dict:
+    """``base`` with every value of ``saved`` on top (nested; JSON lists back to tuples)."""
+    out = dict(base)
+    for key, value in saved.items():
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            out[key] = _overlay(current, value)
+        elif isinstance(value, list) and (isinstance(current, tuple) or current is None):
+            out[key] = tuple(value)
+        else:
+            out[key] = value
+    return out
 
 
 def _finished_store(cfg, which: str, corrected: bool, tag: str) -> VectorStore:
