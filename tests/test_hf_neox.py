@@ -205,19 +205,20 @@ def test_load_checkpoint_of_save_pretrained(tmp_path):
     _assert_logits_match(imported.apply_fn, imported.params, model)
 
 
-def test_tied_head_matches_and_takes_the_reference_path():
+def test_tied_head_matches_and_takes_the_fast_path():
     model = _hf_model(0.25, True, seed=2, tie_word_embeddings=True)
     cfg = neox.config_from_hf(model.config.to_dict())
     assert cfg.tie_word_embeddings
-    tensors = _tensors(model)
-    params = jax.tree.map(jnp.asarray, neox.params_from_hf(tensors, cfg))
+    params = jax.tree.map(jnp.asarray, neox.params_from_hf(_tensors(model), cfg))
     assert "embed_out" not in params
     apply_fn = neox.make_apply(cfg)
     _assert_logits_match(apply_fn, params, model)
-    proj = Projector(params, "global", k_in=2, k_out=2)
-    assert not make_feature_fn(apply_fn, "loss", proj).fast  # the transposed tied head
-    with pytest.raises(ValueError, match="fast=True needs"):
-        make_feature_fn(apply_fn, "loss", proj, fast=True)
+    # The head is embed_in's transposed use ("unembed"): its part adds to the "embed" part.
+    tokens, weights = (jnp.asarray(a) for a in _batch())
+    proj = Projector(params, "global", k_in=5, k_out=6, seed=4)
+    fast = make_feature_fn(apply_fn, "loss", proj, fast=True)
+    want = np.asarray(make_feature_fn(apply_fn, "loss", proj, fast=False)(params, tokens, weights))
+    assert_close(np.asarray(fast(params, tokens, weights)), want, rtol=1e-4, peak_rtol=1e-5)
 
 
 def test_tanh_gelu_and_no_attention_bias_match():

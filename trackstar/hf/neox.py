@@ -17,10 +17,9 @@ The math is Hugging Face's ``GPTNeoXForCausalLM`` (transformers 5, eval mode):
 - final LayerNorm and an untied bias-free head ``embed_out`` (Pythia), or the tied head
   ``h @ embed_in.T`` when ``tie_word_embeddings``.
 
-Every parameterized op goes through ``trackstar.taps`` (``dense``, ``embed``, ``norm``), so the
-apply function has the fast path (``trackstar.gradients.activation_features``). The one
-exception is a tied head: its transposed use of the embedding is none of the tap kinds (taps
-rule 4), so a tied model's apply function has no ``tapped`` and takes the reference path.
+Every parameterized op goes through ``trackstar.taps`` (``dense``, ``embed``, ``norm``, and
+``unembed`` for a tied head), so the apply function has the fast path
+(``trackstar.gradients.activation_features``), tied or not.
 
 Interface (``trackstar.hf``): ``FAMILY``, ``config_from_hf``, ``params_from_hf`` (the mapping
 table ``hf_tensor_names``), ``build``, ``make_apply``, ``abstract_params``, ``TENSOR_RULES``, and
@@ -56,7 +55,7 @@ from flax import nnx
 
 from trackstar import families
 from trackstar.model import MODEL, ModelConfigError
-from trackstar.taps import NnxApply, dense, embed, norm
+from trackstar.taps import NnxApply, dense, embed, norm, unembed
 
 try:
     from trackstar.hf.loader import HFImportError
@@ -424,7 +423,7 @@ class NeoxLM(nnx.Module):
             x_BxTxD = block(x_BxTxD)
         h_BxTxD = norm(self.final_layer_norm, x_BxTxD)
         if self.spec.tie_word_embeddings:
-            logits_BxTxV = self.embed_in.attend(h_BxTxD)  # no tap kind: reference path only
+            logits_BxTxV = unembed(self.embed_in, h_BxTxD)  # h @ embed_in.T
         else:
             logits_BxTxV = dense(self.embed_out, h_BxTxD)
         return logits_BxTxV.astype(jnp.float32)
@@ -445,18 +444,8 @@ class NeoxApply(NnxApply):
         return f"{type(self).__name__}({self.spec})"
 
 
-class TiedNeoxApply(NeoxApply):
-    """A tied-head ``NeoxLM``: no ``tapped`` (taps rule 4), so the reference path runs it."""
-
-    tapped = None
-
-
 def _module(spec: NeoxSpec, seed: int) -> NeoxLM:
     return NeoxLM(spec, rngs=nnx.Rngs(params=seed))
-
-
-def _apply_class(spec: NeoxSpec) -> type[NeoxApply]:
-    return TiedNeoxApply if spec.tie_word_embeddings else NeoxApply
 
 
 def build(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> tuple[NeoxApply, Params]:
@@ -465,14 +454,14 @@ def build(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> tuple[NeoxApp
     spec = resolve_spec(cfg_model, vocab_size)
     module = _module(spec, seed)
     graphdef, state = nnx.split(module, nnx.Param)
-    return _apply_class(spec)(graphdef, spec), nnx.to_pure_dict(state)
+    return NeoxApply(graphdef, spec), nnx.to_pure_dict(state)
 
 
 def make_apply(cfg_model: Mapping | Any, vocab_size: int | None = None) -> NeoxApply:
     """The apply function alone (shapes traced abstractly; no parameter is initialized)."""
     spec = resolve_spec(cfg_model, vocab_size)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: _module(spec, 0)), nnx.Param)
-    return _apply_class(spec)(graphdef, spec)
+    return NeoxApply(graphdef, spec)
 
 
 def abstract_params(cfg_model: Mapping | Any, vocab_size: int | None = None) -> Params:
