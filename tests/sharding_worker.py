@@ -6,6 +6,9 @@ imported, so they run here, in a fresh process, and report JSON / npz; the tests
     python tests/sharding_worker.py devices OUT.json
     python tests/sharding_worker.py featurize --store DIR --out OUT.npz
         [--coordinator HOST:PORT --num-processes P --process-id I] [--kill-after N] [--slow S]
+        [--scope local|global] [--chunk C] [--only-chunks 0,2] [--no-score]
+
+``--no-score`` writes ``OUT.npz-pI.json`` with process I's kernel call count instead.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ def run_featurize(args) -> None:
     )
     info = multihost.initialize_distributed(cfg)
     apply_fn, params, precond, projector, (tok, w), (qtok, qw) = build()
-    mesh = sh.mesh_from_config(cfg, scope="local")
+    mesh = sh.mesh_from_config(cfg, scope=args.scope)
     shardings = sh.param_shardings(params, mesh, sh.preset_rules("tensor"))
     fn = make_mesh_feature_fn(apply_fn, "train", projector, precond, mesh, shardings)
     placed = sh.place(params, shardings)
@@ -207,6 +210,7 @@ def run_featurize(args) -> None:
             time.sleep(args.slow)
         return fn(p, t, wt)
 
+    feature_fn.mesh = fn.mesh  # featurize_into_store runs in lockstep on a global mesh
     meta = store.StoreMeta(
         kind="train",
         dim=projector.dim,
@@ -220,11 +224,19 @@ def run_featurize(args) -> None:
         correction="adam",
     )
     vs = store.VectorStore.create(args.store, meta)
+    if args.only_chunks:  # one process writes just these chunks (a partial store to resume)
+        only = [int(c) for c in args.only_chunks.split(",")]
+        featurize_into_store(
+            feature_fn, placed, Examples(tok, w), vs, args.batch, chunks=only, progress=False
+        )
+        return
     featurize_into_store(
         feature_fn, placed, Examples(tok, w), vs, args.batch, progress=False, finalize=True
     )
     vs = store.VectorStore.open(args.store)
     if args.no_score:
+        with open(f"{args.out}-p{info.process_index}.json", "w") as f:
+            json.dump({"calls": calls[0], "devices": jax.device_count()}, f)
         return
     # Queries: featurized by every process alike, at the store's batch size (no new compile).
     qt, qwt = np.tile(qtok, (2, 1))[:8], np.tile(qw, (2, 1))[:8]
@@ -267,6 +279,8 @@ def main() -> None:
     p.add_argument("--kill-after", type=int, default=-1)
     p.add_argument("--slow", type=float, default=0.0)
     p.add_argument("--no-score", action="store_true", help="featurize only")
+    p.add_argument("--scope", choices=["local", "global"], default="local")
+    p.add_argument("--only-chunks", default="", help="write only these chunks, e.g. 0,2")
     args = p.parse_args()
     if args.mode == "devices":
         run_devices(args.out)

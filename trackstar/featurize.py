@@ -4,8 +4,10 @@ The feature kernel (gradients + correction + projection, ``trackstar.gradients``
 mesh (``make_mesh_feature_fn``; one device is a 1-device mesh) batch by batch; rows are grouped
 into store chunks and each chunk is committed atomically, so a killed run restarts at the first
 missing chunk and the finished store equals an uninterrupted one. With several processes each
-writes its own chunks (``c % P == p``) into the one store and process 0 finalizes it. Store
-writes run on a background thread so disk I/O overlaps the next chunk's compute.
+writes its own chunks (``c % P == p``) into the one store and process 0 finalizes it. On a mesh
+that spans processes (``mesh.featurize_scope = "global"``) every kernel call is a collective, so
+the processes featurize in lockstep rounds instead (``featurize_into_store``). Store writes run
+on a background thread so disk I/O overlaps the next chunk's compute.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from trackstar import multihost
 from trackstar.gradients import make_feature_fn
+from trackstar.rows import spans_processes
 from trackstar.sharding import (
     DATA,
     ShardingError,
@@ -109,7 +113,9 @@ def make_mesh_feature_fn(
     Pass params placed with ``trackstar.sharding.place(params, fn.shardings)`` (host arrays
     are transferred on every call). The batch size must be a multiple of the data axis size.
     ``fn.jitted`` is the sharded jit (for ``.lower(...)``), ``fn.precond`` the placed
-    preconditioner, ``fn.fast`` the gradient path taken.
+    preconditioner, ``fn.fast`` the gradient path taken, ``fn.mesh`` the mesh. On a mesh that
+    spans processes each process passes the rows of its own devices (processes holding the same
+    ``data`` positions pass the same rows) and every call is a collective.
     """
     base = make_feature_fn(apply_fn, output_fn, projector, preconditioner, fast=fast)
     mesh = default_mesh(mesh)
@@ -138,7 +144,39 @@ def make_mesh_feature_fn(
     feature_fn.precond = precond
     feature_fn.shardings = shardings
     feature_fn.fast = base.fast
+    feature_fn.mesh = mesh
     return feature_fn
+
+
+def feed_groups(mesh: Mesh) -> list[list[int]]:
+    """Processes of ``mesh`` grouped by the batch rows they feed, ascending by ``data`` position.
+
+    A process feeds the rows of the ``data`` positions its devices hold; processes holding the
+    same positions (a ``model`` axis across processes) are one group and must pass the same
+    rows. A mesh of one process is one group. Groups that overlap only partly, or a mesh that
+    leaves out a process, cannot be fed from per-process rows (``ShardingError``).
+    """
+    axis = mesh.axis_names.index(DATA)
+    held: dict[int, set[int]] = {}
+    for index, device in np.ndenumerate(mesh.devices):
+        held.setdefault(device.process_index, set()).add(index[axis])
+    if len(held) > 1 and set(held) != set(range(jax.process_count())):
+        raise ShardingError(
+            "a featurize mesh that spans processes must span all of them; use "
+            "mesh.featurize_scope = 'global' (every device) or 'local'"
+        )
+    groups: dict[frozenset[int], list[int]] = {}
+    for proc in sorted(held):
+        groups.setdefault(frozenset(held[proc]), []).append(proc)
+    keys = sorted(groups, key=min)
+    for i, a in enumerate(keys):
+        for b in (b for b in keys[i + 1 :] if a & b):
+            raise ShardingError(
+                f"processes {groups[a]} and {groups[b]} hold overlapping but different data "
+                "positions of the featurize mesh; lay it out so that processes share all their "
+                "data positions or none (trackstar.sharding.make_mesh over jax.devices() does)"
+            )
+    return [groups[k] for k in keys]
 
 
 def _to_global(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -211,6 +249,14 @@ def featurize_into_store(
     example ids) before any of it is committed. Store writes overlap the next chunk's compute
     on a writer thread. ``finalize``: after a barrier, process 0 finalizes the store (which
     proves every example position is covered once), then a second barrier.
+
+    When ``feature_fn.mesh`` spans processes (``make_mesh_feature_fn`` on a global mesh), every
+    call is a collective, so the processes run in lockstep: they agree on the missing chunks
+    (a chunk committed in any process's view is done), missing chunk i goes to feed group
+    ``i % G`` (``feed_groups``; one process per group unless a ``model`` axis crosses
+    processes; the group's first process writes it), and in every round each process makes as
+    many calls as the round's longest chunk needs, on all-padding batches when it has fewer
+    rows. ``batch_size`` is then the rows each group feeds per call; ``chunks`` must be None.
     """
     meta = store.meta
     if meta.num_examples != len(examples):
@@ -220,31 +266,49 @@ def featurize_into_store(
         )
     bad = skipped_examples(examples, skip_bad_examples)
     me, n_proc = jax.process_index(), jax.process_count()
-    todo = list(store.chunks_for_process(me, n_proc) if chunks is None else chunks)
+    mesh = getattr(feature_fn, "mesh", None)
+    if mesh is not None and spans_processes(mesh):
+        if chunks is not None:
+            raise ValueError(
+                "featurize_into_store(chunks=...) on a mesh that spans processes: the processes "
+                "split the missing chunks between them in lockstep; pass chunks=None"
+            )
+        plan = _lockstep_plan(store, bad, batch_size, feed_groups(mesh), me)
+    else:
+        todo = list(store.chunks_for_process(me, n_proc) if chunks is None else chunks)
+        plan = [(c, None, True) for c in todo]
     progress = progress and me == 0
-    total = sum(meta.chunk_range(c)[1] - meta.chunk_range(c)[0] for c in todo)
-    written = 0
+    total = sum(meta.chunk_range(c)[1] - meta.chunk_range(c)[0] for c, _, _ in plan if c >= 0)
+    lockstep = any(calls is not None for _, calls, _ in plan)
+    written, refused = 0, None
     with (
         tqdm(total=total, desc=desc, unit="ex", disable=not progress, smoothing=0.1) as bar,
         concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer,
     ):
         pending = None
-        for c in todo:
-            lo, hi = meta.chunk_range(c)
+        for c, calls, write in plan:
+            lo, hi = meta.chunk_range(c) if c >= 0 else (0, 0)
             ids = np.array([i for i in range(lo, hi) if i not in bad], np.int64)
             skipped = [{"id": i, "reason": bad[i]} for i in range(lo, hi) if i in bad]
-            vectors = (
-                compute_vectors(feature_fn, params, examples.take(ids), batch_size)
-                if len(ids)
-                else np.zeros((0, meta.dim), np.float32)
-            )
+            if calls is not None:  # lockstep: exactly `calls` kernel calls, padding included
+                vectors = _lockstep_vectors(
+                    feature_fn, params, examples.take(ids), batch_size, calls, meta.dim
+                )
+            elif len(ids):
+                vectors = compute_vectors(feature_fn, params, examples.take(ids), batch_size)
+            else:
+                vectors = np.zeros((0, meta.dim), np.float32)
+            if c < 0 or not write:
+                continue
             if pending is not None:
-                pending.result()  # surfaces a refused chunk before more work is queued
+                refused = _write_result(pending, lockstep, refused)
             pending = writer.submit(store.write_chunk, c, ids, vectors, skipped)
             written += len(ids)
             bar.update(hi - lo)
         if pending is not None:
-            pending.result()
+            refused = _write_result(pending, lockstep, refused)
+    if refused is not None:
+        raise refused
     if finalize:
         name = os.path.basename(store.path)
         multihost.barrier(f"trackstar-featurized-{name}")
@@ -252,3 +316,71 @@ def featurize_into_store(
             store.finalize()
         multihost.barrier(f"trackstar-finalized-{name}")
     return written
+
+
+def _write_result(
+    pending: concurrent.futures.Future, lockstep: bool, refused: Exception | None
+) -> Exception | None:
+    """Waits for a chunk write. A refused chunk raises at once (before more work is queued),
+    except in lockstep, where this process must still make its calls of the remaining rounds
+    (its peers are waiting in the collectives): the first refusal is then returned, to be
+    raised after the last round."""
+    if not lockstep:
+        pending.result()
+        return None
+    try:
+        pending.result()
+    except Exception as e:  # re-raised after the last round
+        return refused or e
+    return refused
+
+
+def _lockstep_plan(
+    store: VectorStore,
+    bad: Mapping[int, str],
+    batch_size: int,
+    groups: list[list[int]],
+    me: int,
+) -> list[tuple[int, int, bool]]:
+    """This process's rounds: ``(chunk or -1, kernel calls, whether it writes the chunk)``.
+
+    Every process gets the same number of rounds and the same calls per round, so the
+    collectives of the feature kernel line up. The missing chunks are agreed on by gathering
+    every process's view of the store before anyone writes; a chunk committed in any view is
+    done (commits are atomic, a view that lacks it is stale).
+    """
+    meta = store.meta
+    missing = np.zeros(meta.num_chunks, np.int8)
+    missing[store.missing_chunks()] = 1
+    views = multihost_utils.process_allgather(missing).reshape(-1, meta.num_chunks)
+    todo = [int(c) for c in np.flatnonzero(views.min(axis=0))]
+    group = next(g for g, procs in enumerate(groups) if me in procs)
+    writes = groups[group][0] == me
+
+    def calls(c: int) -> int:
+        lo, hi = meta.chunk_range(c)
+        return -(-sum(i not in bad for i in range(lo, hi)) // batch_size)
+
+    n_groups = len(groups)
+    plan = []
+    for start in range(0, len(todo), n_groups):
+        round_chunks = todo[start : start + n_groups]
+        mine = round_chunks[group] if group < len(round_chunks) else -1
+        plan.append((mine, max(calls(c) for c in round_chunks), writes))
+    return plan
+
+
+def _lockstep_vectors(
+    feature_fn: FeatureFn, params, examples: Examples, batch_size: int, calls: int, dim: int
+) -> np.ndarray:
+    """``compute_vectors`` in exactly ``calls`` kernel calls: batches past the examples are all
+    padding (token 0, weight 0) and their outputs are dropped."""
+    assert -(-len(examples) // batch_size) <= calls, (len(examples), batch_size, calls)
+    pending = []
+    for k in range(calls):
+        tok = examples.tokens_NxT[k * batch_size : (k + 1) * batch_size]
+        wts = examples.weights_NxT[k * batch_size : (k + 1) * batch_size]
+        tok_p, wts_p = _pad_batch(tok, wts, batch_size)
+        pending.append((tok.shape[0], feature_fn(params, tok_p, wts_p)))
+    rows = [_host_rows(v).astype(np.float32, copy=False)[:m] for m, v in pending if m]
+    return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
