@@ -207,6 +207,42 @@ def test_fast_path_equals_reference_path(case, precond):
         assert "unembed" not in params and make_feature_fn(apply_fn, "loss", proj).fast
 
 
+@pytest.mark.parametrize("case", ["qwen2", "llama_bias_tied"])
+def test_taps_mean_what_the_contract_says(case):
+    # Every op the tapped forward hands over computes what its kind says from the params, the
+    # tapped forward is the plain one, and every parameter is covered (trackstar.taps).
+    _, _, _, apply_fn, params = _import(case)
+    tokens = jnp.asarray(_batch()[0], jnp.int32)
+    calls = []
+
+    def tap(kind, path, x, y):
+        calls.append((kind, path, x, y))
+        return y
+
+    logits = apply_fn.tapped(params, tokens, tap)
+    np.testing.assert_array_equal(logits, apply_fn(params, tokens))
+    covered = set()
+    for kind, path, x, y in calls:
+        node = params
+        for key in path.split("/"):
+            node = node[int(key) if key.isdigit() else key]
+        bias = node.get("bias", 0.0)
+        if kind == "dense":
+            want, leaves = x @ node["kernel"] + bias, ("kernel", "bias")
+        elif kind == "embed":
+            want, leaves = node["embedding"][x], ("embedding",)
+        elif kind == "unembed":
+            want, leaves = x @ node["embedding"].T, ("embedding",)
+        else:
+            want, leaves = x * node["scale"] + bias, ("scale", "bias")
+        assert y.shape[:2] == tokens.shape, (path, y.shape)
+        assert_close(y, want, rtol=1e-5, peak_rtol=1e-6, err_msg=f"{kind} {path}")
+        covered |= {f"{path}/{leaf}" for leaf in leaves}
+    assert {p for p, _ in named_leaves(params)} <= covered
+    kinds = {k for k, *_ in calls}
+    assert kinds == ({"dense", "embed", "scale_shift"} | ({"unembed"} if "tied" in case else set()))
+
+
 def test_a_missing_or_foreign_tensor_is_refused_by_name():
     model = _torch_model("qwen2")
     cfg = llama.config_from_hf(model.config.to_dict())
@@ -271,6 +307,13 @@ def test_load_checkpoint_reads_a_saved_model(tmp_path):
         want = model(input_ids=torch.from_numpy(tokens[:1])).logits.numpy()
     got = imported.apply_fn(imported.params, jnp.asarray(tokens[:1], jnp.int32))
     assert_close(np.asarray(got), want, rtol=1e-4, peak_rtol=1e-5)
+    # bfloat16 params and compute: float32 logits near the float32 model's.
+    half = loader.load_checkpoint(tmp_path, dtype="bfloat16")
+    assert half.cfg_model.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    got = half.apply_fn(half.params, jnp.asarray(tokens[:1], jnp.int32))
+    assert got.dtype == jnp.float32
+    assert np.abs(np.asarray(got) - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_the_family_builds_sizes_and_shards_by_name():
