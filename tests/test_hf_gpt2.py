@@ -172,12 +172,10 @@ def _precond(kind, params):
 @pytest.mark.parametrize(
     "precond_kind,mode,output_fn,k",
     [
-        ("none", "global", "loss", 3),
-        ("adam", "global", "loss", 3),
-        ("adam", "per_tensor", "margin", 3),
+        ("none", "per_tensor", "margin", 3),  # folded into the projection factors
+        ("adam", "global", "loss", 3),  # elementwise V: each use's gradient materialized
         ("adam", "dense", "loss", 3),
-        ("factored", "global", "margin", 3),
-        ("none", "per_tensor", "loss", 40),  # k large: the head's gradient is materialized
+        ("factored", "global", "margin", 3),  # rows x columns V folded into the factors
     ],
 )
 def test_fast_features_equal_the_reference(tied, precond_kind, mode, output_fn, k):
