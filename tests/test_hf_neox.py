@@ -203,6 +203,16 @@ def test_load_checkpoint_of_save_pretrained(tmp_path):
     for (name, a), (_, b) in zip(named_leaves(direct), named_leaves(imported.params), strict=True):
         np.testing.assert_array_equal(np.asarray(b), a, err_msg=name)
     _assert_logits_match(imported.apply_fn, imported.params, model)
+    # bfloat16 params and compute: the same model at bfloat16's precision.
+    bf16 = loader.load_checkpoint(tmp_path, dtype="bfloat16")
+    assert bf16.cfg_model.dtype == "bfloat16"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16.params))
+    tokens, _ = _batch()
+    want = _hf_logits(model, tokens)
+    got = np.asarray(bf16.apply_fn(bf16.params, jnp.asarray(tokens)))
+    assert got.dtype == np.float32
+    for i, n in enumerate(LENGTHS):
+        assert_close(got[i, :n], want[i, :n], rtol=0.0, peak_rtol=3e-2, err_msg=f"row {i}")
 
 
 def test_tied_head_matches_and_takes_the_fast_path():
@@ -275,27 +285,34 @@ def test_config_from_hf_reads_pythia_files_and_refuses_what_it_cannot_compute():
 
 
 def test_the_family_builds_registers_and_shards_by_its_rules():
+    from trackstar import sharding
+
     family = families.get_family("neox")
     assert family is neox.MODEL_FAMILY and family.tensor_rules is neox.TENSOR_RULES
-    cfg = neox.config_from_hf({**SIZES, "model_type": "gpt_neox"})
-    apply_fn, params = families.make_model(cfg, VOCAB, seed=0)
-    abstract = families.abstract_params(cfg, VOCAB)
+    vocab = 96  # divisible by the model axis below: the head is column-parallel
+    cfg = neox.config_from_hf({**SIZES, "vocab_size": vocab, "model_type": "gpt_neox"})
+    apply_fn, params = families.make_model(cfg, vocab, seed=0)
+    abstract = families.abstract_params(cfg, vocab)
     assert jax.tree.structure(abstract) == jax.tree.structure(params)
     assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, params)
     # The checkpoint mapping fills exactly the tree build makes.
     names = {"/".join(map(str, p)) for p, *_ in neox.hf_tensor_names(neox.resolve_spec(cfg))}
     assert names == {name for name, _ in named_leaves(params)}
     logits = apply_fn(params, jnp.ones((2, 5), jnp.int32))
-    assert logits.shape == (2, 5, VOCAB) and np.all(np.isfinite(np.asarray(logits)))
-
-    def rule(name):
-        return next(spec for pattern, spec in neox.TENSOR_RULES if re.search(pattern, name))
-
-    column, row = (None, "model"), ("model", None)
-    assert rule("blocks/0/attn/qkv/kernel") == column
-    assert rule("blocks/1/mlp/dense_h_to_4h/kernel") == column
-    assert rule("blocks/0/attn/dense/kernel") == row
-    assert rule("blocks/1/mlp/dense_4h_to_h/kernel") == row
-    assert rule("blocks/0/attn/dense/bias") == () and rule("final_layer_norm/scale") == ()
+    assert logits.shape == (2, 5, vocab) and np.all(np.isfinite(np.asarray(logits)))
     with pytest.raises(families.ModelConfigError, match="exceeds model.vocab_size"):
-        families.make_model(cfg, VOCAB + 1, seed=0)
+        families.make_model(cfg, vocab + 1, seed=0)
+
+    # mesh.rules = "tensor" on a 4-way model axis: whole heads of the fused qkv per device.
+    rules = sharding.preset_rules("tensor", cfg)
+    specs = sharding.param_specs(abstract, rules, {"data": 1, "model": 4})
+    specs = {name: str(spec) for name, spec in named_leaves(specs)}
+    column, row = "P(None, 'model')", "P('model', None)"
+    for n in range(SIZES["num_hidden_layers"]):
+        assert specs[f"blocks/{n}/attn/qkv/kernel"] == column
+        assert specs[f"blocks/{n}/attn/qkv/bias"] == "P('model',)"
+        assert specs[f"blocks/{n}/mlp/dense_h_to_4h/kernel"] == column
+        assert specs[f"blocks/{n}/attn/dense/kernel"] == row
+        assert specs[f"blocks/{n}/mlp/dense_4h_to_h/kernel"] == row
+        assert specs[f"blocks/{n}/attn/dense/bias"] == "P()"
+    assert specs["embed_out/kernel"] == column and specs["final_layer_norm/scale"] == "P()"

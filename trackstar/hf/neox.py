@@ -54,16 +54,9 @@ import numpy as np
 from flax import nnx
 
 from trackstar import families
+from trackstar.hf.loader import HFImportError
 from trackstar.model import MODEL, ModelConfigError
 from trackstar.taps import NnxApply, dense, embed, norm, unembed
-
-try:
-    from trackstar.hf.loader import HFImportError
-except ImportError:  # pragma: no cover - the loader is part of the package
-
-    class HFImportError(ValueError):
-        """A checkpoint that cannot be imported; the message names the tensor or field."""
-
 
 Params = dict[str, Any]
 
