@@ -278,3 +278,23 @@ def test_write_proponents(tmp_path):
         write_proponents(jl, nz, queries, ids, scores, {0: "zero"})
     with pytest.raises(ScoreError, match="line up"):
         write_proponents(jl, nz, queries[:1], ids, scores, texts)
+
+
+def test_streaming_loops_bound_the_steps_queued_on_the_device(monkeypatch):
+    """Scoring and the Gauss-Newton sum block on every second step's output, so asynchronous
+    dispatch cannot queue every block of a large store (memory would grow with N)."""
+    import jax
+
+    from trackstar.hessian import gauss_newton
+
+    waits = []
+    real = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(1) or real(x))
+    rng = np.random.default_rng(0)
+    u_NxD = rng.standard_normal((48, 8)).astype(np.float32)
+    top_k_scores(u_NxD, u_NxD[:3], None, None, True, 5, rows_per_step=8)
+    assert len(waits) == 3  # 6 steps of 8 rows
+    waits.clear()
+    R, _ = gauss_newton(u_NxD, rows_per_step=4)
+    assert len(waits) == 6  # 12 steps of 4 rows
+    np.testing.assert_allclose(R, u_NxD.T.astype(np.float64) @ u_NxD / 48, rtol=1e-5, atol=1e-6)

@@ -129,6 +129,7 @@ def gauss_newton(
     keep_pos = None if sample_positions is None else np.unique(np.asarray(sample_positions))
     n_local = rows.local_mesh_devices(mesh)
     step = _gn_step(mesh)
+    limit = rows.DispatchLimit()
     step_rows = rows_per_step or fixed_rows or None
     acc = comp = None
     dim = None
@@ -160,6 +161,7 @@ def gauss_newton(
         for piece_ids, piece in rows.pieces(ids_kept, vecs_NxD, step_rows, fixed_rows):
             _, _, u = rows.global_rows(mesh, padded, piece_ids, piece, dim)
             acc, comp = step(acc, comp, u)
+            limit.wait(acc)
         used += len(vecs_NxD)
     used = rows.sum_over_processes(used, mesh)
     if dim is None or used == 0:

@@ -186,3 +186,23 @@ def sum_over_processes(n: int, mesh: Mesh) -> int:
 def fetch_replicated(x: jax.Array) -> np.ndarray:
     """A fully replicated global array as numpy (every process holds a full copy)."""
     return np.asarray(x.addressable_data(0))
+
+
+class DispatchLimit:
+    """Bounds how many jitted steps a streaming loop has queued on the devices.
+
+    JAX dispatches asynchronously: a loop that only feeds steps (no value read back until the
+    end) runs ahead of the devices, and every queued step keeps its input block alive, so memory
+    would grow with the number of rows streamed. ``wait(out)`` after each step blocks on every
+    ``every``-th step's output, so at most ``every`` steps are queued while the host prepares the
+    next block.
+    """
+
+    def __init__(self, every: int = 2):
+        self.every = max(int(every), 1)
+        self.count = 0
+
+    def wait(self, out: Any) -> None:
+        self.count += 1
+        if self.count % self.every == 0:
+            jax.block_until_ready(out)

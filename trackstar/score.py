@@ -360,6 +360,7 @@ def top_k_scores(
     step_rows = rows_per_step or fixed_rows or None
     seen = 0
     last_id = -1
+    limit = rows.DispatchLimit()
     try:
         for ids, vecs in blocks:
             if np.shape(vecs)[1] != d:
@@ -383,6 +384,7 @@ def top_k_scores(
             for piece_ids, piece in rows.pieces(ids, vecs, step_rows, fixed_rows):
                 g_ids, g_valid, g_vecs = rows.global_rows(mesh, padded, piece_ids, piece, d)
                 best, best_ids, bad = step(best, best_ids, bad, g_ids, g_valid, g_vecs, t_m, q_QxD)
+                limit.wait(best)
             seen += len(ids)
             if update is not None:
                 update(seen, total)
