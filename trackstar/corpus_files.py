@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from trackstar.files import iter_jsonl
 from trackstar.tokenizer import BOS, PAD
 
 FORMATS = ("jsonl", "parquet", "datasets")
@@ -137,25 +138,8 @@ def _files(path: str, fmt: str) -> list[str]:
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(path:line, row)`` of each JSON object of a jsonl file, read line by line."""
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            where = f"{path}:{i}"
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise CorpusFileError(
-                    f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusFileError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise CorpusFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    for i, row in iter_jsonl(path, CorpusFileError):
+        yield f"{path}:{i}", row
 
 
 def _columns(names: Sequence[str], source: CorpusSource, path: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 
@@ -42,3 +42,30 @@ def write_text(path: str, text: str) -> None:
 def write_bytes(path: str, data: bytes) -> None:
     """Writes ``data``, atomically."""
     atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def iter_jsonl(path: str, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of each JSON object of a jsonl file, read line by line.
+
+    Lines are decoded one by one (a UTF-8 byte-order mark is allowed on the first), so a bad line
+    raises ``error("path:line: ...")`` naming its line: a non-UTF-8 byte, bad JSON, or a row that
+    is not a JSON object. Blank lines are skipped.
+    """
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise error(
+                    f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1}); re-encode the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row

@@ -12,12 +12,12 @@ file that cannot give a usable world.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trackstar.files import iter_jsonl
 from trackstar.world.checks import _check_common, _check_query_capacity
 from trackstar.world.corpus import _build_world
 from trackstar.world.records import Candidate, Relation, World, WorldError
@@ -39,26 +39,7 @@ def _read_jsonl(path: str, what: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _file_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise WorldError(
-                    f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise WorldError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise WorldError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append((i, row))
-    return rows
+    return list(iter_jsonl(path, WorldError))
 
 
 def _read_jsonl_files(path: str, what: str) -> list[tuple[str, int, dict[str, Any]]]:
