@@ -30,6 +30,13 @@ from flax import nnx
 
 from trackstar import families, taps
 from trackstar import model as transformer
+from trackstar.hf.common import (
+    GELU_ACTIVATIONS,
+    SpecApply,
+    nnx_abstract_params,
+    nnx_build,
+    nnx_make_apply,
+)
 from trackstar.hf.loader import HFImportError, require
 from trackstar.model import ModelConfigError
 
@@ -40,13 +47,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Hugging Face ``activation_function`` -> the function (transformers.activations.ACT2FN).
 ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    **GELU_ACTIVATIONS,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
@@ -268,15 +269,8 @@ class GPT2LM(nnx.Module):
         return taps.dense(self.unembed, h_BxTxD).astype(jnp.float32)
 
 
-class GPT2Apply(taps.NnxApply):
+class GPT2Apply(SpecApply):
     """The pure apply function of a ``GPT2LM`` (a ``trackstar.taps.NnxApply``: has ``tapped``)."""
-
-    def __init__(self, graphdef: Any, spec: Spec):
-        super().__init__(graphdef)
-        self.spec = spec
-
-    def __repr__(self) -> str:
-        return f"GPT2Apply({self.spec})"
 
 
 def _module(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> GPT2LM:
@@ -285,23 +279,17 @@ def _module(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> GPT2LM:
 
 def build(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> tuple[GPT2Apply, dict]:
     """``(apply_fn, params)`` of a randomly initialized GPT-2 (Hugging Face's init scheme)."""
-    module = _module(cfg_model, vocab_size, seed)
-    graphdef, state = nnx.split(module, nnx.Param)
-    return GPT2Apply(graphdef, module.spec), nnx.to_pure_dict(state)
+    return nnx_build(lambda s: _module(cfg_model, vocab_size, s), GPT2Apply, seed)
 
 
 def make_apply(cfg_model: Mapping | Any, vocab_size: int) -> GPT2Apply:
     """The apply function alone (no parameters initialized: the module is traced abstractly)."""
-    abstract = nnx.eval_shape(lambda: _module(cfg_model, vocab_size, 0))
-    graphdef, _ = nnx.split(abstract, nnx.Param)
-    return GPT2Apply(graphdef, abstract.spec)
+    return nnx_make_apply(lambda s: _module(cfg_model, vocab_size, s), GPT2Apply)
 
 
 def abstract_params(cfg_model: Mapping | Any, vocab_size: int) -> dict:
     """``jax.ShapeDtypeStruct``s of ``build``'s params (nothing allocated)."""
-    abstract = nnx.eval_shape(lambda: _module(cfg_model, vocab_size, 0))
-    state = nnx.split(abstract, nnx.Param)[1]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    return nnx_abstract_params(lambda s: _module(cfg_model, vocab_size, s))
 
 
 # ----------------------------------------------------------------------------- weights

@@ -54,6 +54,13 @@ import numpy as np
 from flax import nnx
 
 from trackstar import families, taps
+from trackstar.hf.common import (
+    SpecApply,
+    nnx_abstract_params,
+    nnx_build,
+    nnx_make_apply,
+    rotate_half,
+)
 from trackstar.hf.loader import HFImportError, require
 from trackstar.model import MODEL, ModelConfigError
 
@@ -406,12 +413,6 @@ def rotary(spec: LlamaSpec, seq: int, dtype: Any) -> tuple[jax.Array, jax.Array]
     return jnp.cos(emb_TxK).astype(dtype), jnp.sin(emb_TxK).astype(dtype)
 
 
-def rotate_half(x: jax.Array) -> jax.Array:
-    """``concat(-x2, x1)`` of the two halves of the last axis."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
 def _linear(spec: LlamaSpec, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
     dt = _DTYPES[spec.dtype]
     return nnx.Linear(
@@ -543,19 +544,12 @@ class LlamaLM(nnx.Module):
         return taps.unembed(self.embed, h_BxTxD).astype(jnp.float32)
 
 
-class LlamaApply(taps.NnxApply):
+class LlamaApply(SpecApply):
     """The pure apply function of a ``LlamaLM``, with ``tapped`` (the fast path)."""
-
-    def __init__(self, graphdef: Any, spec: LlamaSpec):
-        super().__init__(graphdef)
-        self.spec = spec
 
     def module(self, params: Params) -> LlamaLM:
         """Rebuilds the ``LlamaLM`` holding ``params``."""
         return super().module(params)
-
-    def __repr__(self) -> str:
-        return f"LlamaApply({self.spec})"
 
 
 def build_module(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> LlamaLM:
@@ -565,25 +559,17 @@ def build_module(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> LlamaL
 
 def build(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> tuple[LlamaApply, Params]:
     """``(apply_fn, params)`` of a randomly initialized model (the family's ``build``)."""
-    module = build_module(cfg_model, vocab_size, seed)
-    graphdef, state = nnx.split(module, nnx.Param)
-    return LlamaApply(graphdef, module.spec), nnx.to_pure_dict(state)
-
-
-def _abstract_module(cfg_model: Mapping | Any, vocab_size: int) -> LlamaLM:
-    return nnx.eval_shape(lambda: build_module(cfg_model, vocab_size, 0))
+    return nnx_build(lambda s: build_module(cfg_model, vocab_size, s), LlamaApply, seed)
 
 
 def make_apply(cfg_model: Mapping | Any, vocab_size: int) -> LlamaApply:
     """The apply function alone (no parameter is initialized): for imported checkpoints."""
-    module = _abstract_module(cfg_model, vocab_size)
-    return LlamaApply(nnx.split(module, nnx.Param)[0], module.spec)
+    return nnx_make_apply(lambda s: build_module(cfg_model, vocab_size, s), LlamaApply)
 
 
 def abstract_params(cfg_model: Mapping | Any, vocab_size: int) -> Params:
     """``jax.ShapeDtypeStruct``s of ``build``'s params (nothing allocated)."""
-    state = nnx.split(_abstract_module(cfg_model, vocab_size), nnx.Param)[1]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    return nnx_abstract_params(lambda s: build_module(cfg_model, vocab_size, s))
 
 
 # ----------------------------------------------------------------------------- HF tensors

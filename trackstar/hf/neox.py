@@ -54,9 +54,17 @@ import numpy as np
 from flax import nnx
 
 from trackstar import families
+from trackstar.hf.common import (
+    GELU_ACTIVATIONS,
+    SpecApply,
+    nnx_abstract_params,
+    nnx_build,
+    nnx_make_apply,
+    rotate_half,
+)
 from trackstar.hf.loader import HFImportError
 from trackstar.model import MODEL, ModelConfigError
-from trackstar.taps import NnxApply, dense, embed, norm, unembed
+from trackstar.taps import dense, embed, norm, unembed
 
 Params = dict[str, Any]
 
@@ -67,14 +75,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Hugging Face hidden_act names this family computes exactly as transformers' ACT2FN does.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    **GELU_ACTIVATIONS,
     "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
 }
 
 # Megatron-style tensor-parallel rules (the "tensor" preset of trackstar.sharding for this
@@ -296,11 +298,6 @@ def rotary_cos_sin(spec: NeoxSpec, seq_len: int) -> tuple[jax.Array, jax.Array]:
     return jnp.cos(emb_TxR), jnp.sin(emb_TxR)
 
 
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def apply_rotary(x_BxTxHxK: jax.Array, cos_TxR: jax.Array, sin_TxR: jax.Array) -> jax.Array:
     """Rotate-half rotary embedding on the first ``R`` dims of every head, the rest unchanged."""
     r = cos_TxR.shape[-1]
@@ -308,7 +305,7 @@ def apply_rotary(x_BxTxHxK: jax.Array, cos_TxR: jax.Array, sin_TxR: jax.Array) -
         return x_BxTxHxK
     cos, sin = (c[:, None, :].astype(x_BxTxHxK.dtype) for c in (cos_TxR, sin_TxR))
     rot, rest = x_BxTxHxK[..., :r], x_BxTxHxK[..., r:]
-    return jnp.concatenate([rot * cos + _rotate_half(rot) * sin, rest], axis=-1)
+    return jnp.concatenate([rot * cos + rotate_half(rot) * sin, rest], axis=-1)
 
 
 def _linear(n_in: int, n_out: int, bias: bool, spec: NeoxSpec, rngs: nnx.Rngs) -> nnx.Linear:
@@ -422,19 +419,12 @@ class NeoxLM(nnx.Module):
         return logits_BxTxV.astype(jnp.float32)
 
 
-class NeoxApply(NnxApply):
+class NeoxApply(SpecApply):
     """The pure apply function of a ``NeoxLM``: ``(params, tokens_BxT) -> logits_BxTxV``.
 
     A ``trackstar.taps.NnxApply``: ``module(params)`` gives the nnx module, ``tapped`` the fast
     path (paths such as ``"blocks/0/attn/qkv"``).
     """
-
-    def __init__(self, graphdef: Any, spec: NeoxSpec):
-        super().__init__(graphdef)
-        self.spec = spec
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec})"
 
 
 def _module(spec: NeoxSpec, seed: int) -> NeoxLM:
@@ -445,23 +435,19 @@ def build(cfg_model: Mapping | Any, vocab_size: int, seed: int) -> tuple[NeoxApp
     """``(apply_fn, params)`` of a randomly initialized model (HF's init: normal(0.02) weights,
     zero biases, unit norm scales); ``params`` is ``nnx.to_pure_dict`` (int block keys)."""
     spec = resolve_spec(cfg_model, vocab_size)
-    module = _module(spec, seed)
-    graphdef, state = nnx.split(module, nnx.Param)
-    return NeoxApply(graphdef, spec), nnx.to_pure_dict(state)
+    return nnx_build(lambda s: _module(spec, s), NeoxApply, seed)
 
 
 def make_apply(cfg_model: Mapping | Any, vocab_size: int | None = None) -> NeoxApply:
     """The apply function alone (shapes traced abstractly; no parameter is initialized)."""
     spec = resolve_spec(cfg_model, vocab_size)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: _module(spec, 0)), nnx.Param)
-    return NeoxApply(graphdef, spec)
+    return nnx_make_apply(lambda s: _module(spec, s), NeoxApply)
 
 
 def abstract_params(cfg_model: Mapping | Any, vocab_size: int | None = None) -> Params:
     """``jax.ShapeDtypeStruct``s of ``build``'s params (nothing allocated)."""
     spec = resolve_spec(cfg_model, vocab_size)
-    state = nnx.split(nnx.eval_shape(lambda: _module(spec, 0)), nnx.Param)[1]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    return nnx_abstract_params(lambda s: _module(spec, s))
 
 
 # ----------------------------------------------------------------------------- checkpoint
