@@ -7,9 +7,8 @@ On the project's LM and on a second model family registered by name (tests/toy_m
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from toy_models import TOY_FAMILY
+from toy_models import TOY_FAMILY, random_preconditioner
 
 from trackstar import correction, families
 from trackstar.gradients import make_feature_fn, per_example_grads
@@ -53,21 +52,10 @@ def _flat(tree) -> np.ndarray:
 
 
 def _precond(kind, params):
-    if kind == "none":
-        return None
-    if kind == "adam":
-        rng = np.random.default_rng(1)
-        return jax.tree.map(
-            lambda x: jnp.asarray(rng.uniform(0.3, 3.0, x.shape), jnp.float32), params
-        )
+    pre = random_preconditioner(kind, params)
+    if kind != "factored":
+        return pre
     # Adafactor factors every matrix here (min_dim_size_to_factor=4), after two real steps.
-    opt = optax.adafactor(1e-2, min_dim_size_to_factor=4, multiply_by_parameter_scale=False)
-    state = opt.init(params)
-    rng = np.random.default_rng(2)
-    for _ in range(2):
-        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
-        _, state = opt.update(grads, state, params)
-    pre = correction.preconditioner(state, params)
     n_factored = sum(
         isinstance(s, correction.FactoredScale)
         for s in jax.tree.leaves(pre, is_leaf=lambda s: isinstance(s, correction.FactoredScale))

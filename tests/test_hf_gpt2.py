@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from tolerances import assert_close
+from toy_models import random_preconditioner
 
 from trackstar import correction, families, taps
 from trackstar.gradients import make_feature_fn
@@ -150,22 +150,9 @@ def test_one_example_loss_gradient_matches_torch_autograd(tied):
 
 
 def _precond(kind, params):
-    if kind == "none":
-        return None
-    if kind == "adam":  # an elementwise V: random positive, shaped like the params
-        rng = np.random.default_rng(1)
-        return jax.tree.map(
-            lambda x: jnp.asarray(rng.uniform(0.3, 3.0, x.shape), jnp.float32), params
-        )
-    # Adafactor: the tied table's V is factored (rows x columns), folded into the projection.
-    opt = optax.adafactor(1e-2, min_dim_size_to_factor=4, multiply_by_parameter_scale=False)
-    state = opt.init(params)
-    rng = np.random.default_rng(2)
-    for _ in range(2):
-        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
-        _, state = opt.update(grads, state, params)
-    pre = correction.preconditioner(state, params)
-    assert isinstance(pre["embed"]["embedding"], correction.FactoredScale)
+    pre = random_preconditioner(kind, params)
+    if kind == "factored":  # the tied table's V is factored (rows x columns), folded in
+        assert isinstance(pre["embed"]["embedding"], correction.FactoredScale)
     return pre
 
 

@@ -23,9 +23,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from trackstar import taps
+from trackstar import correction, taps
 from trackstar.families import ModelFamily
 from trackstar.tree import path_name
 
@@ -242,3 +243,23 @@ TOY_FAMILY = ModelFamily(
     tensor_rules=TOY_TENSOR_RULES,
     description="tests: a plain-function Llama-like LM with taps (tests/toy_models.py)",
 )
+
+
+def random_preconditioner(kind: str, params):
+    """A preconditioner for ``params``: ``None`` (``kind="none"``); ``"adam"``, an elementwise
+    V (random positive, shaped like the params); otherwise (``"factored"``) Adafactor's, after
+    two real steps (every matrix with both dims >= 4 factored)."""
+    if kind == "none":
+        return None
+    if kind == "adam":
+        rng = np.random.default_rng(1)
+        return jax.tree.map(
+            lambda x: jnp.asarray(rng.uniform(0.3, 3.0, x.shape), jnp.float32), params
+        )
+    opt = optax.adafactor(1e-2, min_dim_size_to_factor=4, multiply_by_parameter_scale=False)
+    state = opt.init(params)
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+        _, state = opt.update(grads, state, params)
+    return correction.preconditioner(state, params)
