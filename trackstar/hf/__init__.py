@@ -27,5 +27,7 @@ A family module exposes (docs/models.md, "Hugging Face checkpoints"):
 - ``MODEL_FAMILY = families.register_family(families.ModelFamily(name=FAMILY, build=build,
   tensor_rules=TENSOR_RULES))`` at import.
 
-Nothing heavy is imported here: the family modules load lazily.
+``trackstar.hf.common`` holds what the families share (activation names, ``rotate_half``, the
+nnx ``build`` / ``make_apply`` / ``abstract_params`` helpers). Nothing heavy is imported here:
+the family modules load lazily.
 """
