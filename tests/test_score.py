@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from store_fixtures import store_meta
+from tolerances import assert_close
 
 from trackstar.hessian import HessianError, fit_hessian
 from trackstar.score import (
@@ -297,4 +298,4 @@ def test_streaming_loops_bound_the_steps_queued_on_the_device(monkeypatch):
     waits.clear()
     R, _ = gauss_newton(u_NxD, rows_per_step=4)
     assert len(waits) == 6  # 12 steps of 4 rows
-    np.testing.assert_allclose(R, u_NxD.T.astype(np.float64) @ u_NxD / 48, rtol=1e-5, atol=1e-6)
+    assert_close(R, u_NxD.T.astype(np.float64) @ u_NxD / 48, rtol=1e-5, peak_rtol=1e-6)
