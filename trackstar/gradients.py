@@ -185,21 +185,23 @@ def activation_features(
                 projector.project_corrected(path, g_BxN, scales.get(path), factors[path]),
             )
 
+    def kernel_use(name: str, in_BxTxI: jax.Array, out_BxTxO: jax.Array, last: Any) -> Any:
+        """Adds one matrix use ``y = in @ W`` of parameter ``name`` (W: in x out); returns the
+        new ordering token."""
+        if _materializes(projector, name, seq, scales.get(name)):
+            # Order the layers that materialize G: without the barrier XLA may schedule all
+            # of them at once and hold B x |theta| floats, the cost this path exists to avoid.
+            (in_BxTxI, out_BxTxO), _ = jax.lax.optimization_barrier(((in_BxTxI, out_BxTxO), last))
+        block = _kernel_block(projector, name, in_BxTxI, out_BxTxO, scales.get(name), factors[name])
+        add(name, block)
+        return block[0, 0]
+
     last = jnp.zeros((), jnp.float32)
     for (kind, path, _), x, d in zip(calls, inputs, deltas, strict=True):
         d_BxTxO = d.astype(jnp.float32)
         if kind == "dense":
             x_BxTxI = jnp.broadcast_to(x, (batch, seq, x.shape[-1])).astype(jnp.float32)
-            kernel = f"{path}/kernel"
-            if _materializes(projector, kernel, seq, scales.get(kernel)):
-                # Order the layers that materialize G: without the barrier XLA may schedule all
-                # of them at once and hold B x |theta| floats, the cost this path exists to avoid.
-                (x_BxTxI, d_BxTxO), _ = jax.lax.optimization_barrier(((x_BxTxI, d_BxTxO), last))
-            block = _kernel_block(
-                projector, kernel, x_BxTxI, d_BxTxO, scales.get(kernel), factors[kernel]
-            )
-            add(kernel, block)
-            last = block[0, 0]
+            last = kernel_use(f"{path}/kernel", x_BxTxI, d_BxTxO, last)
             vector(f"{path}/bias", jnp.sum(d_BxTxO, axis=1))
         elif kind == "embed":
             ids_BxT = jnp.broadcast_to(x, (batch, seq))
@@ -217,14 +219,7 @@ def activation_features(
             # contribution. The correction is linear in the gradient, so each use's part is
             # corrected and projected on its own and the sum is the corrected, projected sum.
             x_BxTxD = jnp.broadcast_to(x, (batch, seq, x.shape[-1])).astype(jnp.float32)
-            table = f"{path}/embedding"
-            if _materializes(projector, table, seq, scales.get(table)):
-                (x_BxTxD, d_BxTxO), _ = jax.lax.optimization_barrier(((x_BxTxD, d_BxTxO), last))
-            block = _kernel_block(
-                projector, table, d_BxTxO, x_BxTxD, scales.get(table), factors[table]
-            )
-            add(table, block)
-            last = block[0, 0]
+            last = kernel_use(f"{path}/embedding", d_BxTxO, x_BxTxD, last)
         elif kind == "scale_shift":
             xhat_BxTxO = jnp.broadcast_to(x, d_BxTxO.shape).astype(jnp.float32)
             vector(f"{path}/scale", jnp.sum(xhat_BxTxO * d_BxTxO, axis=1))
