@@ -19,13 +19,17 @@ Other models plug in through the constructor, which takes plain pieces: ``apply_
 ``params`` (``logits_BxTxV = apply_fn(params, tokens_BxT)``), a tokenizer, the finished train
 store, the Hessian fit (None for a preset without one) and the query featurize settings
 (``QueryFeaturizer``: projector, preconditioner, output function, context length, UNK policy).
-``Attributor.from_run`` is one factory (a run directory of ``trackstar.stages``). A factory for
-an imported Hugging Face checkpoint (``trackstar.hf.loader.load_checkpoint``) would build the
-same pieces: the loaded model's apply function and params, its tokenizer with an
-``encode_queries`` function that applies the checkpoint's own tokenization, a store featurized
-from that model, and a ``QueryFeaturizer`` whose projector and preconditioner are the store's
-(``projector_from_meta``; without optimizer state, an uncorrected store and
-``preconditioner=None``). It is not written yet.
+``Attributor.from_run`` is one factory (a run directory of ``trackstar.stages``);
+``Attributor.from_checkpoint`` the other, for a Hugging Face checkpoint attributed over a
+corpus file by ``trackstar.checkpoint_run`` (``trackstar attribute``): the loaded model's apply
+function and params, an ``encode_queries`` with the checkpoint's own tokenizer and BOS id, the
+run's corpus store, its Hessian fit and a ``QueryFeaturizer`` whose projector and correction
+(the estimated V, or none) are the store's. Its proponents carry the passage ids
+(``"<doc id>:<k>"``) beside the store rows::
+
+    att = Attributor.from_checkpoint("runs/hf_gpt2")        # the run of trackstar attribute
+    best = att.proponents("The capital of France is", "Paris", k=10)
+    best.passage_ids, best.scores, best.texts
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class Proponents:
     ids: np.ndarray  # int64 (k,): example ids of the train store (positions in its example set)
     scores: np.ndarray  # float32 (k,)
     texts: list[str] | None  # The examples' texts, when the Attributor has them.
+    passage_ids: list[str] | None = None  # The examples' names (corpus passages: "<doc>:<k>").
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -122,20 +127,29 @@ class Proponents:
         return [(int(i), float(s), t) for i, s, t in zip(self.ids, self.scores, texts, strict=True)]
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict with the fields of a proponents file row."""
-        return {
+        """A JSON-ready dict with the fields of a proponents file row (with ``passage_ids``
+        when the Attributor names its examples)."""
+        out = {
             "prompt": self.prompt,
             "target": self.target,
             "proponent_ids": [int(i) for i in self.ids],
             "scores": [float(s) for s in self.scores],
             "texts": self.texts,
         }
+        if self.passage_ids is not None:
+            out["passage_ids"] = list(self.passage_ids)
+        return out
 
     def table(self, width: int = 100) -> str:
         """A plain-text table: rank, id, score and text (cut to ``width`` characters a line)."""
-        lines = [f"query: {self.prompt} -> {self.target}", f"{'rank':>4}  {'id':>7}  score    text"]
-        for rank, (i, s, text) in enumerate(self.rows(), 1):
-            line = f"{rank:>4}  {i:>7}  {s:+.4f}  {'' if text is None else text}"
+        names = self.passage_ids or [str(i) for i in self.ids]
+        w = max([7, *map(len, names)])
+        lines = [
+            f"query: {self.prompt} -> {self.target}",
+            f"{'rank':>4}  {'id':>{w}}  score    text",
+        ]
+        for rank, (name, (_, s, text)) in enumerate(zip(names, self.rows(), strict=True), 1):
+            line = f"{rank:>4}  {name:>{w}}  {s:+.4f}  {'' if text is None else text}"
             lines.append(line if len(line) <= width else line[: width - 3] + "...")
         return "\n".join(lines)
 
@@ -171,7 +185,9 @@ class Attributor:
       hessian_fit: the ``HessianFit`` the preset scores with; None for a preset without R.
       query: how query vectors are made (``QueryFeaturizer``); checked against the train store.
       preset: a scoring preset (``trackstar.score.PRESETS``).
-      texts: the texts of the store's examples by id (for ``Proponents.texts``), or None.
+      texts: the texts of the store's examples by id (for ``Proponents.texts``), or None; any
+        sequence (read by index only, so it may read a file on demand).
+      labels: the names of the store's examples by id (``Proponents.passage_ids``), or None.
       encode_queries: ``(prompts, targets) -> Examples``; default: ``data.encode_queries`` with
         ``tokenizer``, ``query.max_len`` and the UNK policy of ``query``.
       mesh: the scoring mesh (train rows sharded over its devices; None: one device).
@@ -196,6 +212,7 @@ class Attributor:
         encode_queries: EncodeFn | None = None,
         mesh: Mesh | None = None,
         rows_per_step: int | None = None,
+        labels: Sequence[str] | None = None,
     ):
         spec = score.get_preset(preset)
         meta = train_store.meta
@@ -220,18 +237,20 @@ class Attributor:
                 hessian_fit.check_compatible(meta.to_dict(), "the train store")
             except HessianError as e:
                 raise AttributionError(str(e)) from None
-        if texts is not None and len(texts) != meta.num_examples:
-            raise AttributionError(
-                f"{len(texts)} texts for a store of {meta.num_examples} examples; pass the texts "
-                "of the example set the store was featurized from"
-            )
+        for what, values in (("texts", texts), ("labels", labels)):
+            if values is not None and len(values) != meta.num_examples:
+                raise AttributionError(
+                    f"{len(values)} {what} for a store of {meta.num_examples} examples; pass the "
+                    f"{what} of the example set the store was featurized from"
+                )
         self.apply_fn = apply_fn
         self.tokenizer = tokenizer
         self.train_store = train_store
         self.hessian_fit = hessian_fit
         self.query = query
         self.preset = preset
-        self.texts = None if texts is None else list(texts)
+        self.texts = texts if texts is None or isinstance(texts, Sequence) else list(texts)
+        self.labels = labels
         self.mesh = mesh
         self.rows_per_step = rows_per_step
         self._encode = encode_queries or self._encode_with_tokenizer
@@ -329,6 +348,64 @@ class Attributor:
             rows_per_step=int(cfg.score.chunk_rows),
         )
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        run: str | os.PathLike | ml_collections.ConfigDict,
+        preset: str | None = None,
+    ) -> Attributor:
+        """An Attributor over a run of ``trackstar.checkpoint_run`` (``trackstar attribute``):
+        a Hugging Face checkpoint attributed over a corpus file.
+
+        ``run`` is the pipeline's config, or its run directory (the config it saved as
+        ``results/config.json``). The checkpoint is loaded once; the corpus store, the V
+        estimate and the Hessian fit are the run's, so a query of the queries file gets the
+        ids and scores of its row in ``results/proponents.jsonl`` (``Proponents.passage_ids``
+        are that row's ``proponent_ids``). ``preset`` defaults to the run's ``score.preset``.
+
+        Raises:
+          StageError: the run has not made its stores or fit yet (run ``trackstar attribute``).
+        """
+        from trackstar import checkpoint_run
+
+        cfg = (
+            run
+            if isinstance(run, ml_collections.ConfigDict)
+            else checkpoint_run.config_for_run_dir(run)
+        )
+        preset = preset or str(cfg.score.preset)
+        parts = checkpoint_run.attributor_parts(cfg, preset)
+        ckpt, feat = parts.checkpoint, parts.featurizer
+        meta = parts.train_store.meta
+        query = QueryFeaturizer(
+            output_fn=parts.output_fn,
+            projector=feat.projector,
+            preconditioner=feat.preconditioner,
+            max_len=ckpt.max_len,
+            correction=meta.correction,
+            correction_settings=dict(meta.correction_settings),
+            optimizer_fingerprint=feat.optimizer_fingerprint,
+            batch_size=int(cfg.featurize.batch_size),
+            dtype=parts.query_dtype,
+            mesh=feat.mesh,
+            shardings=feat.shardings,
+            **stages.unk_policy(cfg),
+        )
+        return cls(
+            ckpt.apply_fn,
+            ckpt.params,
+            ckpt.tokenizer,
+            parts.train_store,
+            parts.fit,
+            query,
+            preset=preset,
+            texts=parts.texts,
+            encode_queries=parts.encode_queries,
+            mesh=sharding.mesh_from_config(cfg.mesh),
+            rows_per_step=int(cfg.score.chunk_rows),
+            labels=parts.passage_ids,
+        )
+
     # ----- queries ----------------------------------------------------------------------------
 
     def _encode_with_tokenizer(self, prompts: Sequence[str], targets: Sequence[str]) -> Examples:
@@ -387,7 +464,8 @@ class Attributor:
         out = []
         for p, t, i, s in zip(prompts, targets, ids, scores, strict=True):
             texts = None if self.texts is None else [self.texts[int(j)] for j in i]
-            out.append(Proponents(p, t, np.asarray(i, np.int64), np.asarray(s), texts))
+            names = None if self.labels is None else [self.labels[int(j)] for j in i]
+            out.append(Proponents(p, t, np.asarray(i, np.int64), np.asarray(s), texts, names))
         return out
 
     def proponents(self, prompt: str, target: str, k: int = 10) -> Proponents:

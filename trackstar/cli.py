@@ -8,6 +8,10 @@
     trackstar run         --config configs/demo.py      all of the above, then the E1 table
     trackstar experiment  --config configs/e1.py        one experiment (E1-E7) and its table
     trackstar proponents  --config configs/demo.py --prompt "..." --target "..." --k 10
+    trackstar attribute   --config configs/hf_gpt2.py --config.model.checkpoint_dir=DIR \
+                          --config.corpus.path=FILE --config.queries.path=FILE
+                                                    proponents of a Hugging Face checkpoint
+    trackstar export      --config configs/demo.py --out DIR   a trained run as HF GPT-2
 
 Every command takes ``--config FILE`` (default ``configs/demo.py``; ``configs/e1.py`` for
 ``experiment``) and any ``--config.section.field=VALUE`` override (``trackstar.config``): the
@@ -315,6 +319,54 @@ def _proponents(argv: list[str], prog: str) -> int:
     return 0
 
 
+def _attribute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, default=5, help="proponents shown per query (default 5)")
+
+
+def _attribute(argv: list[str], prog: str) -> int:
+    """Proponents of a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json)
+    over a corpus file, for the queries of a jsonl file (docs/bring_your_own_model.md).
+
+    Loads model.checkpoint_dir, packs corpus.path into passages with the checkpoint's
+    tokenizer, estimates V, featurizes the passages and the queries (queries.path), fits R,
+    scores with score.preset and writes <run_dir>/results/proponents.jsonl, proponents.md and
+    config.json. Every step is cached in the run directory: rerunning resumes or reuses it.
+    """
+    cfg, args = parse(
+        _attribute.__doc__,
+        _attribute_args,
+        default_config=default_config_path("hf_gpt2.py"),
+        argv=argv,
+        prog=prog,
+    )
+    from trackstar import checkpoint_run
+
+    t0 = time.perf_counter()
+    res = checkpoint_run.run(cfg)
+    print(checkpoint_run.proponents_table(res["rows"], k=max(1, args.k)))
+    print(
+        f"{len(res['rows'])} queries over {res['passages']} passages in "
+        f"{time.perf_counter() - t0:.0f} s; proponents -> {res['path']}"
+    )
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory to write the checkpoint into")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _export(argv: list[str], prog: str) -> int:
+    """Writes the trained model of a run (model.family = "gpt2") as a Hugging Face GPT-2
+    checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+    cfg, args = parse(_export.__doc__, _export_args, argv=argv, prog=prog)
+    from trackstar.hf.export import export_run
+
+    out = export_run(cfg, args.out, args.overwrite)
+    print(f"exported {cfg.run_dir} -> {out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "world": Command("build the fact world and tokenizer (stage 1)", _world),
     "train": Command("train the model, report fact accuracy (stage 2)", _train),
@@ -324,6 +376,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command("the end-to-end job: every stage, then the E1 table", _run),
     "experiment": Command("run one experiment (E1-E7) and print its table", _experiment),
     "proponents": Command("proponents of new prompt/target pairs (Attributor)", _proponents),
+    "attribute": Command("proponents of a Hugging Face checkpoint over a corpus file", _attribute),
+    "export": Command("write a trained run's model as a Hugging Face GPT-2 checkpoint", _export),
 }
 
 
