@@ -12,7 +12,7 @@ from tolerances import assert_close
 
 import trackstar
 from trackstar import data, stages, store
-from trackstar.attributor import AttributionError, Attributor, config_for_run_dir
+from trackstar.attributor import AttributionError, Attributor, Proponents, config_for_run_dir
 from trackstar.config import load_config_file
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -130,3 +130,16 @@ def test_missing_stages_are_named(run, tmp_path):
         Attributor.from_run(str(tmp_path))
     with pytest.raises(AttributionError, match="equal, non-empty"):
         Attributor.from_run(cfg).query_vectors(["a"], [])
+
+
+def test_proponents_name_passages_when_given_their_ids():
+    found = Proponents(
+        "Brisa lives in", "Tolsk", np.array([4, 0]), np.array([0.5, 0.25], np.float32),
+        ["Brisa lives in Tolsk .", "Arlo lives in Remnu ."], ["d1:0", "d0:0"],
+    )  # fmt: skip
+    assert found.to_dict()["passage_ids"] == ["d1:0", "d0:0"]
+    assert found.to_dict()["proponent_ids"] == [4, 0]
+    table = found.table().splitlines()
+    assert table[2].split()[:3] == ["1", "d1:0", "+0.5000"]
+    plain = Proponents("p", "t", np.array([3]), np.array([1.0], np.float32), None)
+    assert "passage_ids" not in plain.to_dict() and plain.table().splitlines()[2].split()[1] == "3"

@@ -73,6 +73,8 @@ def test_help_lists_the_commands(capsys):
     for name in ("world", "train", "featurize", "hessian", "score", "run", "experiment"):
         assert f"  {name} " in out
     assert "proponents" in out
+    for name in ("attribute", "export"):  # a Hugging Face checkpoint in, a run's model out
+        assert f"  {name} " in out
     # A command's help needs no config file.
     with pytest.raises(SystemExit) as e:
         cli.main(["proponents", "--help", "--config", "nowhere.py"])
@@ -80,6 +82,21 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_attribute_help_and_export_of_the_run(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["attribute", "--help"])
+    assert e.value.code == 0 and "checkpoint" in capsys.readouterr().out
+    out = str(tmp_path / "hf")
+    code = cli.main(["export", *_args(run.run_dir), "--out", out])
+    captured = capsys.readouterr()
+    if run.model.get("family", "transformer") == "gpt2":  # a GPT-2 run exports
+        assert code == 0 and os.path.isfile(os.path.join(out, "config.json"))
+        assert out in captured.out
+    else:  # any other family is refused in one line, naming the family
+        assert code == 1 and captured.err.startswith("error (HFExportError):")
+        assert "gpt2" in captured.err and not os.path.exists(out)
 
 
 def test_bad_override_is_a_one_line_config_error(tmp_path, capsys):
