@@ -11,6 +11,7 @@ file's answer, and the errors for bad input.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -188,15 +189,22 @@ def test_proponents_file_names_passages_with_their_texts(gpt2_run, files):
         assert UNIQUE in f.read()
 
 
+def _one(*pattern: str) -> str:
+    """The one path matching ``pattern`` (the query store and R are tagged by the queries)."""
+    (found,) = glob.glob(os.path.join(*pattern))
+    return found
+
+
 def _passage_file(run_dir: str) -> str:
     (key,) = os.listdir(os.path.join(run_dir, "passages"))
     return os.path.join(run_dir, "passages", key, "texts.jsonl")
 
 
 def test_scores_are_the_dense_trackstar_formula(gpt2_run):
-    run_dir, _, _ = gpt2_run
+    run_dir, _, cfg = gpt2_run
     train = VectorStore.open(os.path.join(run_dir, "stores", "corpus-estimate"))
-    query = VectorStore.open(os.path.join(run_dir, "stores", "task-estimate"))
+    tag = checkpoint_run.queries_tag(cfg)
+    query = VectorStore.open(_one(run_dir, "stores", f"task-estimate-{tag}"))
     assert train.meta.correction == "estimate" and train.dim == 1024
     ids, X = train.read_all()  # P (g / sqrt(V)) of every passage, by store row
     _, Q = query.read_all()
@@ -214,14 +222,14 @@ def test_scores_are_the_dense_trackstar_formula(gpt2_run):
         got = np.asarray(r["scores"])
         assert_near_zero(got - dense[i, ids.searchsorted(r["rows"])], unit_scale, rel=1e-5)
         assert_near_zero(got - np.sort(dense[i])[::-1][:6], unit_scale, rel=1e-5)
-    assert_close(lam, att_lambda(run_dir), rtol=1e-5)
+    assert_close(lam, att_lambda(run_dir, tag), rtol=1e-5)
 
 
-def att_lambda(run_dir: str) -> float:
+def att_lambda(run_dir: str, tag: str) -> float:
     """λ of the run's Hessian fit."""
     from trackstar.hessian import HessianFit
 
-    return HessianFit.load(os.path.join(run_dir, "hessian", "corpus-estimate.npz")).lambda_mix
+    return HessianFit.load(_one(run_dir, "hessian", f"corpus-estimate-{tag}.npz")).lambda_mix
 
 
 def test_a_copied_sentence_ranks_its_passage_first(gpt2_run):
@@ -241,6 +249,18 @@ def test_a_rerun_computes_nothing(gpt2_run):
     assert res["rows"] == _read(os.path.join(run_dir, "results", "proponents.jsonl"))
 
 
+def test_new_queries_reuse_the_corpus_store(gpt2_run, files, tmp_path):
+    run_dir, checkpoint, _ = gpt2_run
+    queries = _write_jsonl(str(tmp_path / "more.jsonl"), [QUERIES[1]])
+    cfg = _config(HF_GPT2, run_dir, checkpoint, files, **{"queries.path": queries})
+    before = stages.CACHE_MISSES["featurize"]
+    res = checkpoint_run.run(cfg, progress=False)
+    assert stages.CACHE_MISSES["featurize"] == before + 1  # the new query store only
+    assert len(glob.glob(os.path.join(run_dir, "stores", "task-estimate-q*"))) == 2
+    assert res["rows"][0]["prompt"] == QUERIES[1]["prompt"]
+    checkpoint_run.run(gpt2_run[2], progress=False)  # the run's own results back in place
+
+
 def test_stores_of_another_checkpoint_or_projection_are_refused(gpt2_run, files):
     run_dir, checkpoint, _ = gpt2_run
     other_seed = _config(HF_GPT2, run_dir, checkpoint, files, **{"featurize.projection_seed": "7"})
@@ -252,10 +272,11 @@ def test_stores_of_another_checkpoint_or_projection_are_refused(gpt2_run, files)
 
 
 def test_attributor_gives_the_pipelines_proponents(gpt2_run):
-    run_dir, _, _ = gpt2_run
+    run_dir, _, cfg = gpt2_run
     rows = _read(os.path.join(run_dir, "results", "proponents.jsonl"))
     att = Attributor.from_checkpoint(run_dir)
-    _, stored = VectorStore.open(os.path.join(run_dir, "stores", "task-estimate")).read_all()
+    tag = checkpoint_run.queries_tag(cfg)
+    _, stored = VectorStore.open(_one(run_dir, "stores", f"task-estimate-{tag}")).read_all()
     made = att.query_vectors([q["prompt"] for q in QUERIES], [q["target"] for q in QUERIES])
     assert_close(made, stored, rtol=1e-4, peak_rtol=1e-5)  # the same kernel, other batches
     for q, row in zip(QUERIES, rows, strict=True):

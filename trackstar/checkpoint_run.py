@@ -13,8 +13,9 @@ in a run directory, each step cached and resumable like ``trackstar.stages``:
    (``featurize.correction_source = "estimate"``, ``trackstar.v_estimate``; saved in
    ``v_estimate/<key>.npz``), or none (``"none"``: uncorrected presets only);
 4. ``featurize``: the passages into ``stores/corpus-<correction>`` and the queries (the
-   ``queries`` jsonl file, also the R_eval source) into ``stores/task-<correction>``; a store
-   made with another checkpoint, projection or correction is refused
+   ``queries`` jsonl file, also the R_eval source) into ``stores/task-<correction>-<tag>``,
+   the tag naming the queries file (``queries_tag``: new queries reuse the corpus store); a
+   store made with another checkpoint, projection or correction is refused
    (``VectorStore.create``), a partial one resumes;
 5. R: ``stages.stage_hessian`` on those stores (reused while its provenance key holds);
 6. ``stage_score``: the ``score.preset`` scores written to ``results/proponents.jsonl`` (one row
@@ -177,6 +178,8 @@ def _stamp(path: str) -> list:
     if os.path.isfile(path):
         st = os.stat(path)
         return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+    if not os.path.isdir(path):
+        return ["missing"]
     out = []
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
@@ -523,16 +526,40 @@ def make_featurizer(
     return Featurizer(projector, settings, precond, fingerprint, mesh, shardings)
 
 
+# Feature kernels built in this process, by what they compute: a rerun (new queries, another
+# pass of the pipeline) reuses the compiled kernel.
+_FEATURE_FNS: dict[str, Any] = {}
+
+
 def feature_fn(featurizer: Featurizer, ckpt: Checkpoint, output: str) -> Any:
-    """The feature kernel of ``output`` on the featurizer's mesh."""
-    return make_mesh_feature_fn(
-        ckpt.apply_fn,
+    """The feature kernel of ``output`` on the featurizer's mesh (memoized per checkpoint,
+    projection, correction, output function and mesh)."""
+    s = featurizer.settings
+    key = stages.config_key(
+        ckpt.fingerprint,
+        featurizer.projector.config(),
+        s.to_dict() if s else None,
         output,
-        featurizer.projector,
-        featurizer.preconditioner,
-        featurizer.mesh,
-        featurizer.shardings,
+        str(featurizer.mesh),
     )
+    if key not in _FEATURE_FNS:
+        _FEATURE_FNS[key] = make_mesh_feature_fn(
+            ckpt.apply_fn,
+            output,
+            featurizer.projector,
+            featurizer.preconditioner,
+            featurizer.mesh,
+            featurizer.shardings,
+        )
+    return _FEATURE_FNS[key]
+
+
+def queries_tag(cfg: ml_collections.ConfigDict) -> str:
+    """The store tag of the queries file: a hash of its path, size, modification time and the
+    ``queries`` section, so another queries file gets its own query store (and R)."""
+    path = str(cfg.queries.path)
+    key = stages.config_key(os.path.abspath(path), _stamp(path), cfg.queries.to_dict())
+    return f"q{key[:8]}"
 
 
 def featurize(
@@ -543,11 +570,13 @@ def featurize(
     examples: Examples,
     extra: dict,
     progress: bool = True,
+    tag: str = "",
 ) -> store_lib.VectorStore:
-    """``examples`` into ``stores/<which>-<correction>`` (``stages.store_path``); a finished
-    store is reused, a partial one resumes, one made another way is refused."""
+    """``examples`` into ``stores/<which>-<correction>[-<tag>]`` (``stages.store_path``); a
+    finished store is reused, a partial one resumes, one made another way is refused."""
     meta = featurizer.meta(cfg, ckpt, which, len(examples), extra)
-    vs = store_lib.VectorStore.create(stages.store_path(cfg, which, featurizer.corrected), meta)
+    path = stages.store_path(cfg, which, featurizer.corrected, tag)
+    vs = store_lib.VectorStore.create(path, meta)
     if not vs.is_complete:
         stages.CACHE_MISSES["featurize"] += 1
         fn = feature_fn(featurizer, ckpt, meta.output_fn)
@@ -634,7 +663,7 @@ def stage_score(
     """Scores the queries with ``score.preset`` and writes the results (module docstring);
     reuses them while the stores, the fit and the score section are the same."""
     preset = str(cfg.score.preset)
-    inputs = stages.score_inputs(cfg, preset, CORPUS)
+    inputs = stages.score_inputs(cfg, preset, CORPUS, query_tag=queries_tag(cfg))
     fit_key = inputs.fit.provenance.get("config_key") if inputs.fit is not None else None
     key = stages.config_key(
         stages.config_section(cfg, "score"),
@@ -706,14 +735,15 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         ),
         QUERIES: featurize(
             cfg, ckpt, featurizer, QUERIES, q_examples,
-            {**source, "queries": os.path.abspath(str(cfg.queries.path)),
-             "queries_stamp": _stamp(str(cfg.queries.path))},
-            progress,
+            {**source, "queries": os.path.abspath(str(cfg.queries.path))},
+            progress, queries_tag(cfg),
         ),
     }  # fmt: skip
     fit_path = None
     if score.get_preset(str(cfg.score.preset)).hessian != "none":
-        fit_path = stages.stage_hessian(cfg, CORPUS, featurizer.corrected)
+        fit_path = stages.stage_hessian(
+            cfg, CORPUS, featurizer.corrected, query_tag=queries_tag(cfg)
+        )
     rows = stage_score(cfg, queries, passages, progress)
     return {
         "rows": rows,
@@ -784,12 +814,12 @@ def attributor_parts(cfg: ml_collections.ConfigDict, preset: str | None = None) 
     )
     fit = None
     if spec.hessian != "none":
-        fit_path = stages.hessian_path(cfg, CORPUS, spec.corrected)
+        fit_path = stages.hessian_path(cfg, CORPUS, spec.corrected, "", queries_tag(cfg))
         if not os.path.isfile(fit_path):
             raise stages.StageError(
                 f"preset {preset!r} needs the Hessian fit {fit_path}; run trackstar attribute"
             )
-        fit = stages.preset_fit(cfg, preset, CORPUS, train_store)
+        fit = stages.preset_fit(cfg, preset, CORPUS, train_store, "", queries_tag(cfg))
     query_meta = _query_meta(cfg, spec.corrected)
     return AttributorParts(
         checkpoint=ckpt,
@@ -812,7 +842,7 @@ def _store_projector(ckpt: Checkpoint, meta: store_lib.StoreMeta) -> Projector:
 
 def _query_meta(cfg, corrected: bool) -> store_lib.StoreMeta | None:
     try:
-        return stages.open_store(stages.store_path(cfg, QUERIES, corrected)).meta
+        return stages.open_store(stages.store_path(cfg, QUERIES, corrected, queries_tag(cfg))).meta
     except store_lib.StoreError:
         return None
 
