@@ -55,17 +55,24 @@ def get_config() -> ml_collections.ConfigDict:
     # the 4 special tokens (a LAMA / ParaRel world has thousands of entity words).
     t.vocab_size = 2048
 
-    # --- Model (decoder-only Transformer, flax.nnx) ---
+    # --- Model (a small GPT-2, flax.nnx: trackstar.hf.gpt2) ---
     m = c.model = ml_collections.ConfigDict()
     # Model family by name (trackstar.families, docs/models.md): how the model is built, sized
-    # and sharded. "transformer" = trackstar.model; the size fields below are its own.
-    m.family = "transformer"
+    # and sharded. The demo model is a small configuration of the "gpt2" family, the same code
+    # that imports Hugging Face GPT-2 checkpoints, so a trained run exports as one
+    # (trackstar.hf.export).
+    m.family = "gpt2"
     m.size = "small"  # Named size ("tiny", "small", "base"); fields below override if > 0.
     m.d_model = 128
     m.n_layers = 2
     m.n_heads = 4
     m.d_ff = 512
-    m.max_len = 64  # Context length; longer examples are an error.
+    m.max_len = 64  # Context length (GPT-2's n_positions); longer examples are an error.
+    # Untied output head (lm_head, no bias): the embedding rows of words no document contains
+    # then never train, which the V-floor study relies on (world.rare_token_candidates).
+    m.tie_word_embeddings = False
+    m.layer_norm_epsilon = 1e-5  # GPT-2's.
+    m.activation = "gelu_new"  # GPT-2's tanh-approximated GELU.
     m.dtype = "float32"  # Compute dtype, "float32" or "bfloat16"; params and logits stay float32.
 
     # --- Training (optax AdamW, warmup + cosine) ---

@@ -28,26 +28,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tiny world shared by every worker run: deterministic, identical in every process.
 VOCAB, T, N_TRAIN, N_QUERY, K = 64, 16, 40, 6, 5
 # max_len != T so no activation shape (B, T, D) looks like a per-example pos_embed gradient.
-MODEL_CFG = dict(size="tiny", d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=T + 8)
+MODEL_CFG = dict(
+    family="gpt2",
+    tie_word_embeddings=False,
+    size="tiny",
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    d_ff=64,
+    max_len=T + 8,
+)
 PROJ = dict(mode="global", k_in=8, k_out=8, seed=0)
 
 
 def build():
     """``(apply_fn, params, precond, projector, train examples, query examples)``."""
     import jax
-    from flax import nnx
 
-    from trackstar import model as model_lib
+    from trackstar.hf import gpt2
     from trackstar.projection import Projector
 
     # The project's LM, initialized from numpy (eager nnx init dispatches dozens of tiny ops).
-    abstract = nnx.eval_shape(lambda: model_lib.build_module(MODEL_CFG, VOCAB, 0))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    apply_fn = model_lib.LMApply(graphdef, abstract.spec)
+    apply_fn = gpt2.make_apply(MODEL_CFG, VOCAB)
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda x: (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(np.float32),
-        nnx.to_pure_dict(state),
+        gpt2.abstract_params(MODEL_CFG, VOCAB),
     )
     # A positive Adam-like correction factor per parameter.
     precond = jax.tree.map(lambda p: rng.uniform(0.5, 2.0, np.shape(p)).astype(np.float32), params)

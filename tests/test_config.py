@@ -207,12 +207,14 @@ def test_choices_match_the_modules():
         world,
     )
     from trackstar import train as train_lib
+    from trackstar.hf import gpt2
 
     assert C.SCORE_PRESETS == tuple(score.PRESETS)
     assert C.METHODS == experiments.ALL_METHODS
     assert C.EXPERIMENTS == tuple(experiments.RUNNERS)
     assert C.MODEL_MAX_LEN == {k: v["max_len"] for k, v in model.SIZES.items()}
-    assert set(C.MODEL_DTYPES) == set(model._DTYPES)
+    assert set(C.MODEL_DTYPES) == set(gpt2._DTYPES)
+    assert C.GPT2_ACTIVATIONS == tuple(sorted(gpt2.ACTIVATIONS))
     assert C.MODEL_FAMILIES == families.project_family_names()
     assert C.OPTIMIZERS == train_lib.OPTIMIZERS
     assert C.QUERY_OUTPUT_FNS == tuple(losses.OUTPUT_FNS)

@@ -29,30 +29,31 @@ def _shapes(tree):
     return {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in named_leaves(tree)}
 
 
-def test_transformer_is_the_default_family():
-    fam = families.get_family("transformer")
+def test_gpt2_is_the_default_family():
+    fam = families.get_family("gpt2")
     assert families.get_family(None) is fam and families.get_family({}) is fam
     assert families.get_family(dict(TINY, family="")) is fam
     assert families.get_family(fam) is fam
     assert fam.tensor_rules == model.TENSOR_RULES
-    apply_fn, params = families.make_model(dict(TINY, family="transformer"), 31, seed=3)
-    ref_fn, ref = model.make_model(TINY, 31, seed=3)
-    assert type(apply_fn) is type(ref_fn) is model.LMApply
+    assert families.project_family_names()[0] == "gpt2"
+    apply_fn, params = families.make_model(dict(TINY, family="gpt2"), 31, seed=3)
+    ref_fn, ref = families.make_model(TINY, 31, seed=3)
+    assert type(apply_fn) is type(ref_fn)
     for (p, a), (q, b) in zip(named_leaves(params), named_leaves(ref), strict=True):
         assert p == q
         np.testing.assert_array_equal(a, b)
+    # The project's former own model is refused with what to write instead.
+    with pytest.raises(model.ModelConfigError, match="tie_word_embeddings = False"):
+        families.get_family("transformer")
 
 
 def test_unknown_family_names_the_known_ones(registry):
     with pytest.raises(model.ModelConfigError, match="unknown model family 'gpt9'") as e:
         families.make_model(dict(family="gpt9"), 31, 0)
-    assert "toy_rms, transformer" in str(e.value) and "register_family" in str(e.value)
+    assert "gpt2, llama, neox, toy_rms" in str(e.value) and "register_family" in str(e.value)
     with pytest.raises(ValueError, match="registered already"):
         families.register_family(TOY_FAMILY)
     families.register_family(TOY_FAMILY, replace=True)  # explicit replacement is allowed
-    # trackstar.model builds only its own family.
-    with pytest.raises(model.ModelConfigError, match="trackstar.families.make_model"):
-        model.make_model(dict(TINY, family="toy_rms"), 31, 0)
 
 
 def test_abstract_params_match_the_built_params(registry):
@@ -70,10 +71,13 @@ def test_config_names_a_family(registry, monkeypatch):
     assert cfg.model.family == families.DEFAULT_FAMILY
     validate(cfg)
     cfg.model.family = "toy_rms"  # registered at run time: accepted
-    cfg.model.n_heads = 3  # the transformer's head check no longer applies
+    cfg.model.n_heads = 3  # the gpt2 sizes' head check no longer applies
     validate(cfg)
     cfg.model.family = "gpt9"
     with pytest.raises(ConfigError, match="model.family must be a model family"):
+        validate(cfg)
+    cfg.model.family = "transformer"  # the former own model: refused with the fix
+    with pytest.raises(ConfigError, match="set model.family = 'gpt2'"):
         validate(cfg)
 
 
@@ -90,7 +94,7 @@ def test_stages_build_the_configured_family(registry):
 
 # ----- sharding rules come with the family ----------------------------------------------------
 
-# trackstar.sharding's TENSOR_RULES before they moved to trackstar.model: the transformer's
+# trackstar.sharding's TENSOR_RULES before they moved to trackstar.model: the gpt2 family's
 # "tensor" preset must shard its params exactly as these did.
 _OLD_TENSOR_RULES = (
     (r"(^|/)(embed|pos_embed)/embedding$", (None, "model")),
@@ -118,7 +122,7 @@ def test_tensor_preset_is_the_family_rules(registry):
     cfg = load_config_file(os.path.join(ROOT, "configs", "large.py"))
     params = sh.abstract_lm_params(cfg.model, cfg.mesh.memory_vocab_size)
     want = _specs(params, _OLD_TENSOR_RULES, 8)
-    for family in (None, "transformer", cfg.model):
+    for family in (None, "gpt2", cfg.model):
         assert _specs(params, sh.rules_from_config(cfg.mesh, family), 8) == want
     assert want["blocks/0/attn/qkv/kernel"] == "P(None, 'model')"
     assert want["blocks/0/mlp/fc_out/kernel"] == "P('model', None)"

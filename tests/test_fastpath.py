@@ -12,13 +12,21 @@ from toy_models import TOY_FAMILY, random_preconditioner
 
 from trackstar import correction, families
 from trackstar.gradients import make_feature_fn, per_example_grads
-from trackstar.model import make_model
 from trackstar.projection import Projector
 from trackstar.train import mean_token_loss
 from trackstar.tree import named_leaves
 
 VOCAB = 29
-MODEL = dict(size="tiny", d_model=16, n_layers=1, n_heads=2, d_ff=24, max_len=12)
+MODEL = dict(
+    family="gpt2",
+    tie_word_embeddings=False,
+    size="tiny",
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    d_ff=24,
+    max_len=12,
+)
 
 
 def _examples(n, t, seed):
@@ -35,7 +43,7 @@ def _examples(n, t, seed):
 
 @pytest.fixture(scope="module")
 def lm():
-    apply_fn, params = make_model(MODEL, VOCAB, seed=0)
+    apply_fn, params = families.make_model(MODEL, VOCAB, seed=0)
     tokens, weights = _examples(5, 10, seed=3)
     # Reference per-example gradients (vmap of grad), one compile per output function.
     ref = {
@@ -104,8 +112,8 @@ def test_exact_v_memory_is_a_training_step_plus_one_layer():
     # memory exceeds the plain training step's (activations) by O(B x largest layer), not by
     # O(B x |theta|).
     vocab, batch = 512, 32
-    apply_fn, params = make_model(
-        dict(size="tiny", d_model=64, n_layers=4, n_heads=2, d_ff=128, max_len=16), vocab, 0
+    apply_fn, params = families.make_model(
+        dict(MODEL, d_model=64, n_layers=4, n_heads=2, d_ff=128, max_len=16), vocab, 0
     )
     proj = Projector(params, "global", k_in=8, k_out=8)
     pre = jax.tree.map(jnp.ones_like, params)

@@ -1,4 +1,5 @@
-"""The nnx LM against an explicit numpy forward pass, causality, greedy decoding, size errors."""
+"""The demo LM (a small GPT-2, untied head) against an explicit numpy forward pass, causality,
+greedy decoding and target log-probabilities (trackstar.model), size errors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,25 +7,37 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from trackstar import families
 from trackstar import model as M
+from trackstar.hf import gpt2
 from trackstar.tree import named_leaves
 
 V = 23
-CFG = dict(size="tiny", d_model=16, n_layers=2, n_heads=2, d_ff=24, max_len=12, dtype="float32")
+CFG = dict(
+    family="gpt2",
+    tie_word_embeddings=False,
+    size="tiny",
+    d_model=16,
+    n_layers=2,
+    n_heads=2,
+    d_ff=24,
+    max_len=12,
+    dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return M.make_model(CFG, V, seed=0)
+    return families.make_model(CFG, V, seed=0)
 
 
-def _layernorm(x, p, eps=1e-6):
+def _layernorm(x, p, eps=1e-5):  # GPT-2's layer_norm_epsilon
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _gelu(x):  # tanh approximation, as jax.nn.gelu's default
+def _gelu(x):  # tanh approximation: GPT-2's gelu_new
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
@@ -55,7 +68,7 @@ def _reference_logits(params, tokens_T, n_heads):
         h = _gelu(h @ b["mlp"]["fc_in"]["kernel"] + b["mlp"]["fc_in"]["bias"])
         x = x + h @ b["mlp"]["fc_out"]["kernel"] + b["mlp"]["fc_out"]["bias"]
     x = _layernorm(x, p["final_norm"])
-    return x @ p["unembed"]["kernel"] + p["unembed"]["bias"]
+    return x @ p["unembed"]["kernel"]  # an untied head without bias, as GPT-2's lm_head
 
 
 def test_forward_matches_explicit_formula_and_paths_are_stable(lm):
@@ -76,7 +89,7 @@ def test_forward_matches_explicit_formula_and_paths_are_stable(lm):
     assert M.count_params(params) == sum(int(x.size) for x in names.values())
     # The nnx module rebuilt from params holds exactly those params.
     module = apply_fn.module(params)
-    assert isinstance(module, M.TransformerLM)
+    assert isinstance(module, gpt2.GPT2LM)
     back = dict(named_leaves(nnx.to_pure_dict(nnx.state(module, nnx.Param))))
     assert back.keys() == names.keys()
     assert all(np.array_equal(back[k], names[k]) for k in names)
@@ -128,7 +141,7 @@ def test_greedy_correct_and_target_logprob_match_decoding(lm):
 
 
 def test_presets_overrides_and_bad_sizes():
-    spec = M.resolve_spec(dict(size="small", d_model=0, n_layers=0, n_heads=0, d_ff=0), 700)
+    spec = gpt2.resolve(dict(size="small", d_model=0, n_layers=0, n_heads=0, d_ff=0), 700)
     assert (spec.d_model, spec.n_layers, spec.n_heads, spec.d_ff, spec.max_len) == (
         128,
         2,
@@ -136,19 +149,23 @@ def test_presets_overrides_and_bad_sizes():
         512,
         64,
     )
-    spec = M.resolve_spec(dict(size="tiny", d_model=48, n_heads=3), 50)
+    assert spec.d_model == M.SIZES["small"]["d_model"]
+    spec = gpt2.resolve(dict(size="tiny", d_model=48, n_heads=3), 50)
     assert (spec.d_model, spec.n_heads, spec.head_dim, spec.n_layers) == (48, 3, 16, 1)
     with pytest.raises(M.ModelConfigError, match="not divisible by model.n_heads"):
-        M.make_model(dict(size="tiny", d_model=30, n_heads=4), 50, 0)
+        families.make_model(dict(CFG, d_model=30, n_heads=4), 50, 0)
     with pytest.raises(M.ModelConfigError, match="unknown model size"):
-        M.resolve_spec(dict(size="huge"), 50)
+        gpt2.resolve(dict(size="huge"), 50)
     with pytest.raises(M.ModelConfigError, match="negative"):
-        M.resolve_spec(dict(size="tiny", d_ff=-1), 50)
+        gpt2.resolve(dict(size="tiny", d_ff=-1), 50)
     with pytest.raises(M.ModelConfigError, match="vocab_size"):
-        M.resolve_spec(dict(size="tiny"), 2)
+        gpt2.resolve(dict(size="tiny"), 0)
+    # The project's former own family is refused with the fix.
+    with pytest.raises(M.ModelConfigError, match="model.family = 'gpt2'.*tie_word_embeddings"):
+        families.make_model(dict(family="transformer"), 50, 0)
 
 
 def test_too_long_tokens_raise(lm):
     apply_fn, params = lm
-    with pytest.raises(ValueError, match="exceeds the model's max_len 12"):
+    with pytest.raises(ValueError, match="exceeds GPT-2's n_positions 12"):
         apply_fn(params, jnp.zeros((1, 13), jnp.int32))

@@ -8,12 +8,21 @@ import pytest
 from tolerances import assert_close
 
 from trackstar import checkpoint as C
-from trackstar import model as M
+from trackstar import families
 from trackstar import train as T
 from trackstar.tree import named_leaves
 
 V, B, SEQ = 16, 8, 12
-MODEL = dict(size="tiny", d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=SEQ)
+MODEL = dict(
+    family="gpt2",
+    tie_word_embeddings=False,
+    size="tiny",
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    d_ff=32,
+    max_len=SEQ,
+)
 TRAIN = dict(
     optimizer="adamw",
     steps=12,
@@ -34,7 +43,7 @@ TRAIN = dict(
 
 @pytest.fixture(scope="module")
 def lm():
-    return M.make_model(MODEL, V, seed=0)
+    return families.make_model(MODEL, V, seed=0)
 
 
 def counting_batch(step):

@@ -311,9 +311,20 @@ def experiment_names(folder: str | None = None) -> tuple[str, ...]:
 
 EXPERIMENTS = experiment_names()  # trackstar.experiments.NAMES
 MODEL_MAX_LEN = {"tiny": 48, "small": 64, "base": 128}  # trackstar.model.SIZES: max_len
-MODEL_DTYPES = ("float32", "bfloat16")  # trackstar.model._DTYPES
+MODEL_DTYPES = ("float32", "bfloat16")  # trackstar.hf.gpt2._DTYPES
 # trackstar.families.project_family_names(): its own family and the lazily loaded HF ones
-MODEL_FAMILIES = ("transformer", "gpt2", "llama", "neox")
+MODEL_FAMILIES = ("gpt2", "llama", "neox")
+# trackstar.hf.gpt2.ACTIVATIONS (Hugging Face activation_function names)
+GPT2_ACTIVATIONS = (
+    "gelu",
+    "gelu_fast",
+    "gelu_new",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "relu",
+    "silu",
+    "swish",
+)
 OPTIMIZERS = ("adamw", "adafactor")  # trackstar.train.OPTIMIZERS
 QUERY_OUTPUT_FNS = ("loss", "margin", "logit")  # trackstar.losses.OUTPUT_FNS
 PROJECTION_MODES = ("global", "per_tensor", "dense")  # trackstar.projection.MODES
@@ -513,7 +524,8 @@ RULES: dict[str, Rule] = {
     # model (a size field of 0 takes the named size's value)
     "model.family": Rule(
         f"a model family: one of {MODEL_FAMILIES} or a registered one (trackstar.families)",
-        lambda v: _known_family(v),
+        # The retired name passes here to get its own message (_check_retired_family).
+        lambda v: _known_family(v) or v == "transformer",
     ),
     "model.size": OneOf(*MODEL_MAX_LEN),
     "model.d_model": _NONNEG,
@@ -522,6 +534,10 @@ RULES: dict[str, Rule] = {
     "model.d_ff": _NONNEG,
     "model.max_len": _NONNEG,
     "model.dtype": OneOf(*MODEL_DTYPES),
+    # GPT-2 options (trackstar.hf.gpt2: the activation names are its ACTIVATIONS)
+    "model.tie_word_embeddings": Bool(),
+    "model.layer_norm_epsilon": Num(0.0, lo_open=True),
+    "model.activation": OneOf(*GPT2_ACTIVATIONS),
     # train
     "train.optimizer": OneOf(*OPTIMIZERS),
     "train.steps": _POS,
@@ -630,8 +646,18 @@ def _known_family(v: Any) -> bool:
 
 
 def _other_family(cfg) -> bool:
-    """Whether ``cfg`` names a model family other than trackstar.model's (its own sizes)."""
-    return _has(cfg, "model.family") and cfg.model.family not in ("", "transformer")
+    """Whether ``cfg`` names a model family without the named sizes (only gpt2 has them)."""
+    return _has(cfg, "model.family") and cfg.model.family not in ("", "gpt2")
+
+
+def _check_retired_family(cfg) -> str | None:
+    if _has(cfg, "model.family") and cfg.model.family == "transformer":
+        return (
+            "model.family = 'transformer' is gone: the demo model is now a configuration of the "
+            "GPT-2 family; set model.family = 'gpt2' and model.tie_word_embeddings = False "
+            "(configs/demo.py) and retrain"
+        )
+    return None
 
 
 def _check_context(cfg) -> str | None:
@@ -694,6 +720,7 @@ def _check_k_values(cfg) -> str | None:
 # Relations between fields (each returns a message, or None when it holds).
 CROSS_CHECKS: tuple[Callable[[ml_collections.ConfigDict], str | None], ...] = (
     _check_warmup,
+    _check_retired_family,
     _check_context,
     _check_heads,
     _check_heldout,

@@ -11,9 +11,10 @@ A ``ModelFamily`` gives everything the library needs of one kind of model (docs/
   for it (``trackstar.sharding``; ``"fsdp"`` and ``"replicated"`` work for any model).
 
 ``MODEL_FAMILIES`` holds the registered families; ``LAZY_FAMILIES`` names the modules of the
-project's other families (the Hugging Face architectures of ``trackstar.hf``), imported and so
-registered the first time ``get_family`` is asked for one; ``register_family`` adds one at run
-time (tests, plugins); ``make_model`` builds the one a config names.
+project's families (the Hugging Face architectures of ``trackstar.hf``; the demo model is a
+small GPT-2), imported and so registered the first time ``get_family`` is asked for one;
+``register_family`` adds one at run time (tests, plugins); ``make_model`` builds the one a
+config names.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from typing import Any
 
 import jax
 
-from trackstar import model as transformer
 from trackstar.model import ModelConfigError
 from trackstar.taps import ApplyFn
 
 PyTree = Any
 Rules = tuple[tuple[str, Any], ...]
-DEFAULT_FAMILY = transformer.FAMILY  # cfg.model.family when the field is absent or empty
+DEFAULT_FAMILY = "gpt2"  # cfg.model.family when the field is absent or empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,23 +51,13 @@ class ModelFamily:
         return jax.eval_shape(lambda: self.build(cfg_model, vocab_size, 0)[1])
 
 
-MODEL_FAMILIES: dict[str, ModelFamily] = {
-    f.name: f
-    for f in (
-        ModelFamily(
-            name=transformer.FAMILY,
-            build=transformer.make_model,
-            tensor_rules=transformer.TENSOR_RULES,
-            abstract=transformer.abstract_params,
-            description="decoder-only pre-norm Transformer LM (trackstar.model, flax.nnx)",
-        ),
-    )
-}
+MODEL_FAMILIES: dict[str, ModelFamily] = {}  # registered (the project's register on import)
 
 
-# Families defined in modules of their own, imported (and so registered) the first time
-# ``get_family`` is asked for one: the Hugging Face architectures of trackstar.hf, which
-# ``trackstar.hf.loader.load_checkpoint`` fills with a checkpoint's weights.
+# The project's families, each defined in a module of its own and imported (and so registered)
+# the first time ``get_family`` is asked for it: the Hugging Face architectures of trackstar.hf,
+# which ``trackstar.hf.loader.load_checkpoint`` fills with a checkpoint's weights. The demo model
+# is a small configuration of "gpt2" (configs/demo.py).
 LAZY_FAMILIES: dict[str, str] = {
     "gpt2": "trackstar.hf.gpt2",
     "llama": "trackstar.hf.llama",
@@ -75,9 +65,19 @@ LAZY_FAMILIES: dict[str, str] = {
 }
 
 
+# Family names the project no longer has, with what to write instead (a clear error, not a guess).
+RETIRED_FAMILIES: dict[str, str] = {
+    "transformer": (
+        "the project's own Transformer is now a configuration of the GPT-2 family: set "
+        "model.family = 'gpt2' and model.tie_word_embeddings = False (configs/demo.py); a run "
+        "trained with the old model must be retrained"
+    ),
+}
+
+
 def project_family_names() -> tuple[str, ...]:
-    """The project's own family names: the default, then the lazily loaded ones."""
-    return (DEFAULT_FAMILY, *LAZY_FAMILIES)
+    """The project's own family names (the default first)."""
+    return (DEFAULT_FAMILY, *(n for n in LAZY_FAMILIES if n != DEFAULT_FAMILY))
 
 
 def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
@@ -114,6 +114,8 @@ def get_family(which: str | ModelFamily | Mapping | Any | None = None) -> ModelF
         name = family_name(which)
     if name not in MODEL_FAMILIES and name in LAZY_FAMILIES:
         _load_lazy(name)
+    if name not in MODEL_FAMILIES and name in RETIRED_FAMILIES:
+        raise ModelConfigError(f"model.family = {name!r}: {RETIRED_FAMILIES[name]}")
     if name not in MODEL_FAMILIES:
         raise ModelConfigError(
             f"unknown model family {name!r}; set model.family to one of "

@@ -44,7 +44,7 @@ FSDP_RULES: tuple[tuple[str, Any], ...] = ((r".*", FSDP),)
 REPLICATED_RULES: tuple[tuple[str, Any], ...] = ((r".*", ()),)
 GENERIC_RULES = {"fsdp": FSDP_RULES, "replicated": REPLICATED_RULES}
 # "tensor": the model family's own tensor-parallel rules (trackstar.families; e.g.
-# trackstar.model.TENSOR_RULES for the "transformer" family), see preset_rules.
+# trackstar.model.TENSOR_RULES for the "gpt2" family), see preset_rules.
 RULE_PRESETS = ("tensor", *GENERIC_RULES)
 
 
@@ -152,7 +152,7 @@ def preset_rules(preset: str, family: Any = None) -> tuple[tuple[str, Any], ...]
 
     ``"tensor"`` is the family's own tensor-parallel rules (``ModelFamily.tensor_rules``);
     ``"fsdp"`` and ``"replicated"`` fit any model. ``family``: a name, a ``model`` config section
-    or a ``ModelFamily``; None is the default family (``"transformer"``).
+    or a ``ModelFamily``; None is the default family (``"gpt2"``).
     """
     from trackstar import families
 
@@ -176,7 +176,7 @@ def rules_from_config(cfg_mesh: Any, family: Any = None) -> tuple[tuple[str, Any
     """``mesh.rule_overrides`` ("regex=spec" strings, tried first) + the ``mesh.rules`` preset.
 
     ``family`` (a name, the ``model`` config section or a ``ModelFamily``; None: the default
-    ``"transformer"``) decides what the ``"tensor"`` preset means (``preset_rules``).
+    ``"gpt2"``) decides what the ``"tensor"`` preset means (``preset_rules``).
     """
     preset = str(cfg_mesh.rules)
     if preset not in RULE_PRESETS:
@@ -319,7 +319,7 @@ def abstract_lm_params(cfg_model: Any, vocab_size: int) -> PyTree:
     """ShapeDtypeStructs of the params of ``cfg_model``'s model family (nothing allocated).
 
     ``trackstar.families.abstract_params``: the family ``cfg_model.family`` names (default
-    ``"transformer"``, ``trackstar.model``).
+    ``"gpt2"``, ``trackstar.hf.gpt2``).
     """
     from trackstar import families
 

@@ -9,11 +9,16 @@ the config says ``tie_word_embeddings: false``). Attention is causal and scaled 
 kernels as they are. Padding is the caller's: with right padding and the causal mask a real
 position never sees a pad, so its logits equal the unpadded sequence's.
 
-Parameter paths follow ``trackstar.model`` (``embed/embedding``, ``pos_embed/embedding``,
-``blocks/0/attn_norm/scale``, ``blocks/0/attn/qkv/kernel``, ``blocks/0/attn/out``,
-``blocks/0/mlp_norm``, ``blocks/0/mlp/fc_in``, ``blocks/0/mlp/fc_out``, ``final_norm``;
-``unembed/kernel`` only for an untied head), so its ``TENSOR_RULES`` apply. Every op goes
-through ``trackstar.taps``; the tied head is the ``"unembed"`` kind, so the fast path covers it.
+Parameter paths (``embed/embedding``, ``pos_embed/embedding``, ``blocks/0/attn_norm/scale``,
+``blocks/0/attn/qkv/kernel``, ``blocks/0/attn/out``, ``blocks/0/mlp_norm``,
+``blocks/0/mlp/fc_in``, ``blocks/0/mlp/fc_out``, ``final_norm``; ``unembed/kernel`` only for an
+untied head) are those ``trackstar.model.TENSOR_RULES`` shard. Every op goes through
+``trackstar.taps``; the tied head is the ``"unembed"`` kind, so the fast path covers it.
+
+This is also the project's own model: the demo LM is a small configuration of this family
+(``configs/demo.py``: ``model.size = "small"``, ``tie_word_embeddings = False``), built with
+GPT-2's initialization (normal(0.02) weights, out-projections scaled by 1/sqrt(2 n_layers)),
+so a trained run exports as a Hugging Face checkpoint (``trackstar.hf.export``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from trackstar import families, taps
-from trackstar import model as transformer
+from trackstar import model as model_lib
 from trackstar.hf.common import (
     GELU_ACTIVATIONS,
     SpecApply,
@@ -41,7 +46,7 @@ from trackstar.hf.loader import HFImportError, require
 from trackstar.model import ModelConfigError
 
 FAMILY = "gpt2"
-TENSOR_RULES = transformer.TENSOR_RULES  # the same paths: column/row-parallel attention & MLP
+TENSOR_RULES = model_lib.TENSOR_RULES  # the same paths: column/row-parallel attention & MLP
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -118,14 +123,16 @@ def resolve(cfg_model: Mapping | Any, vocab_size: int) -> Spec:
     """Sizes from ``cfg_model`` (a field <= 0 or absent: ``trackstar.model.SIZES[size]``)."""
     get = cfg_model.get
     size = get("size", "small") or "small"
-    if size not in transformer.SIZES:
+    if size not in model_lib.SIZES:
         raise ModelConfigError(
-            f"unknown model size {size!r}; set model.size to one of {sorted(transformer.SIZES)}"
+            f"unknown model size {size!r}; set model.size to one of {sorted(model_lib.SIZES)}"
         )
     fields: dict[str, Any] = {}
     for name in _SIZE_FIELDS:
-        value = get(name, 0)
-        fields[name] = int(value) if value and int(value) > 0 else transformer.SIZES[size][name]
+        value = int(get(name, 0) or 0)
+        if value < 0:
+            raise ModelConfigError(f"model.{name} = {value} is negative; use > 0 (or 0 = preset)")
+        fields[name] = value if value > 0 else model_lib.SIZES[size][name]
     for name, default in _DEFAULTS.items():
         value = get(name, None)
         fields[name] = default if value is None or value == "" else value
