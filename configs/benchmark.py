@@ -7,6 +7,13 @@ training sequences and 64 queries of random token ids, batch 32, float32.
 Run: python scripts/benchmark.py --json results/benchmark.json
      python scripts/benchmark.py --tiny          (seconds; what CI runs)
 ``get_config("tiny")`` (or ``--config configs/benchmark.py:tiny``) gives the tiny workload.
+
+``get_config("hf")`` (``--config configs/benchmark.py:hf``) runs only the rows of Hugging
+Face-shaped models (``hf_rows``): a GPT-2-small-shaped model (124M parameters, tied head) and a
+Llama-shaped one of similar size (GQA, SwiGLU, RoPE, untied head), random init, next to the
+project's own model (the reference workload's, row "own") at the same batch, sequence length and
+number of examples, each featurized with the exact Adam V and with an estimated V
+(``trackstar.v_estimate``). ``--tiny`` with it (or ``:hf_tiny``) gives toy sizes.
 """
 
 import ml_collections
@@ -18,6 +25,8 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # Model init, data and projection seed.
 
     m = c.model = ml_collections.ConfigDict()
+    m.family = "gpt2"  # The project's model: a configuration of the gpt2 family, untied head.
+    m.tie_word_embeddings = False
     m.size = "base"  # Preset of trackstar.model.SIZES; the fields below override it.
     m.n_layers = 4
     m.n_heads = 4
@@ -52,7 +61,42 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
 
     c.rss_sizes = (512, 2048)  # Corpus sizes N of the peak-RSS runs (one subprocess per stage).
 
-    if mode == "tiny":
+    # Rows of Hugging Face-shaped models (scripts/benchmark.py, run_hf). Each row times the
+    # floor and featurize (exact Adam V from hf_v_steps AdamW steps, and V estimated by
+    # trackstar.v_estimate from hf_estimate_examples examples) on hf_batch_size * hf_reps examples
+    # of hf_seq_len tokens, with the Kronecker projection above (d = k_in * k_out).
+    c.hf_rows = ()  # Names: "own" (the model above) and keys of hf_models; () runs none.
+    c.hf_only = False  # True: only the hf rows (skip every other stage).
+    c.hf_batch_size = 4  # Examples per jitted call (floor, featurize and the V estimate).
+    c.hf_reps = 2  # Timed batches per floor / featurize pass (after one compile + warm-up call).
+    c.hf_own_reps = 8  # The same for the own model (it is cheap; more batches, less noise).
+    c.hf_passes = 2  # Rounds of (floor pass, featurize pass) per V; the best of each is kept.
+    c.hf_seq_len = 128
+    c.hf_v_steps = 2  # optax.adamw steps on random token batches that make the Adam nu.
+    c.hf_estimate_examples = 8  # Examples of the V estimate (whole batches of hf_batch_size).
+    h = c.hf_models = ml_collections.ConfigDict()
+    # GPT-2 small (124M): d_model 768, 12 layers, 12 heads, d_ff 3072, n_positions 1024, tied head.
+    h.gpt2_small = dict(
+        vocab=50257,
+        model=dict(
+            family="gpt2", d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024,
+            tie_word_embeddings=True, dtype="float32",
+        ),
+    )  # fmt: skip
+    # Llama-shaped, about as large: 4 kv heads (GQA), SwiGLU d_ff 2048, RoPE, untied head.
+    h.llama_small = dict(
+        vocab=32000,
+        model=dict(
+            family="llama", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, intermediate_size=2048, max_position_embeddings=1024,
+            tie_word_embeddings=False, dtype="float32",
+        ),
+    )  # fmt: skip
+
+    if mode in ("hf", "hf_tiny"):
+        c.hf_rows = ("own", "gpt2_small", "llama_small")
+        c.hf_only = True
+    if mode in ("tiny", "hf_tiny"):
         c.tiny = True
         m.size = "tiny"
         m.n_layers, m.n_heads, m.d_model, m.d_ff, m.max_len = 1, 2, 16, 32, 16
@@ -68,6 +112,18 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
         c.hessian_rows = 64
         c.hessian_timeout_s = 120
         c.rss_sizes = (32, 64)
-    elif mode not in (None, "", "full"):
-        raise ValueError(f"unknown benchmark config mode {mode!r}; use 'tiny' or nothing")
+        c.hf_batch_size, c.hf_reps, c.hf_seq_len, c.hf_v_steps = 2, 1, 16, 2
+        c.hf_own_reps, c.hf_passes = 1, 1
+        c.hf_estimate_examples = 2
+        g, ll = h.gpt2_small, h.llama_small
+        g.vocab, ll.vocab = 96, 80
+        g.model.update(d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=32)
+        ll.model.update(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=24, max_position_embeddings=32,
+        )  # fmt: skip
+    elif mode not in (None, "", "full", "hf"):
+        raise ValueError(
+            f"unknown benchmark config mode {mode!r}; use 'tiny', 'hf', 'hf_tiny' or nothing"
+        )
     return c

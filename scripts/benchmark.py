@@ -11,10 +11,15 @@ One process, one run, on the reference workload of configs/benchmark.py:
   store read   MB/s of iter_chunks vs a raw tensorstore read of the same arrays
   hessian      R fit + R^-1/2 seconds per d (one subprocess per d, with a time limit)
   rss          peak RSS of featurize and score at two corpus sizes (one subprocess per stage)
+  hf rows      (hf_rows; only these with the config's "hf" mode) Hugging Face-shaped models
+               (GPT-2 small, a Llama of similar size) and the project's own model at the same
+               batch: featurize over floor with the exact Adam V and with an estimated V, the
+               V estimate's one-time cost, and each family's ratio over the own model's
 It prints a table and, with --json PATH, writes every figure.
 
 Run: python scripts/benchmark.py --json results/benchmark.json   (about 15-25 min on 2 cores)
      python scripts/benchmark.py --tiny --json /tmp/bench.json    (CI smoke run, seconds)
+     python scripts/benchmark.py --config configs/benchmark.py:hf --json results/hf.json
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ import sys
 import tempfile
 import time
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import tensorstore as ts
 
 from trackstar import correction
+from trackstar import v_estimate as v_estimate_lib
 from trackstar.config import load_config_file
 from trackstar.families import make_model
 from trackstar.featurize import Examples, featurize_into_store
@@ -61,6 +69,8 @@ DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "benchmark.py")
 def load_cfg(path: str, tiny: bool):
     if tiny and ":" not in os.path.basename(path):
         path = f"{path}:tiny"
+    elif tiny and path.endswith(":hf"):
+        path = f"{path}_tiny"
     return load_config_file(path)
 
 
@@ -82,19 +92,26 @@ def build(cfg):
     return apply_fn, params
 
 
-def optimizer_states(cfg, apply_fn, params, train: Examples) -> dict[str, Any]:
-    """V from a few AdamW and Adafactor steps on the training data: {name: preconditioner}."""
+def grad_step(apply_fn):
+    """The jitted gradient of the mean training loss of a batch (the floor's computation)."""
 
     def loss(p, tok, w):
         return mean_token_loss(apply_fn(p, tok), tok, w)[0]
 
-    grad_fn = jax.jit(jax.grad(loss))
+    return jax.jit(jax.grad(loss))
+
+
+def optimizer_states(
+    cfg, apply_fn, params, train: Examples, kinds=("adam", "adafactor"), grad_fn=None
+) -> dict[str, Any]:
+    """V from a few AdamW and Adafactor steps on the training data: {name: preconditioner}."""
+    grad_fn = grad_fn or grad_step(apply_fn)
     out = {}
     opts = {
         "adam": (optax.adamw(cfg.lr, b1=0.9, b2=0.98, eps=1e-8), dict(eps=1e-8, b2=0.98)),
         "adafactor": (optax.adafactor(cfg.lr, multiply_by_parameter_scale=False), {}),
     }
-    for name, (opt, kw) in opts.items():
+    for name, (opt, kw) in ((k, opts[k]) for k in kinds):
         p, state = params, opt.init(params)
         for s in range(cfg.v_steps):
             lo = (s * cfg.batch_size) % max(1, len(train) - cfg.batch_size + 1)
@@ -143,13 +160,9 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- timings
 
 
-def make_floor(cfg, apply_fn, params, train: Examples):
+def make_floor(cfg, apply_fn, params, train: Examples, step=None):
     """``floor(n_examples) -> seconds per example`` of fwd + bwd of the mean loss (compiled)."""
-
-    def loss(p, tok, w):
-        return mean_token_loss(apply_fn(p, tok), tok, w)[0]
-
-    step = jax.jit(jax.grad(loss))
+    step = step or grad_step(apply_fn)
     b = cfg.batch_size
     batches = [
         (jnp.asarray(train.tokens_NxT[i : i + b]), jnp.asarray(train.weights_NxT[i : i + b]))
@@ -167,10 +180,14 @@ def make_floor(cfg, apply_fn, params, train: Examples):
     return floor
 
 
-def time_featurize(cfg, feature_fn, params, examples: Examples, store: VectorStore) -> float:
+def time_featurize(
+    cfg, feature_fn, params, examples: Examples, store: VectorStore, warm_up: bool = True
+) -> float:
     """Seconds per example of featurize_into_store (store write and finalize included)."""
     b = cfg.batch_size
-    jax.block_until_ready(feature_fn(params, examples.tokens_NxT[:b], examples.weights_NxT[:b]))
+    if warm_up:  # compile (and run once) outside the timing
+        tok, w = examples.tokens_NxT[:b], examples.weights_NxT[:b]
+        jax.block_until_ready(feature_fn(params, tok, w))
     t0 = time.perf_counter()
     featurize_into_store(feature_fn, params, examples, store, b, progress=False)
     store.finalize()
@@ -274,6 +291,159 @@ def time_scoring(cfg, store: VectorStore, q_QxD: np.ndarray, t_DxD: np.ndarray) 
     }
 
 
+# ----------------------------------------------------------------------------- hf rows
+
+
+def hf_row_cfg(cfg, name: str):
+    """``cfg`` for one hf row: its model and vocab ("own": the reference workload's), the hf
+    batch and sequence length, N = hf_batch_size * hf_reps (own: hf_own_reps) training
+    examples, no queries."""
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    if name != "own":
+        if name not in cfg.hf_models:
+            raise ValueError(f"hf row {name!r}: use 'own' or one of {sorted(cfg.hf_models)}")
+        row = cfg.hf_models[name]
+        c.model = ml_collections.ConfigDict(row.model.to_dict())
+        c.vocab_size = int(row.vocab)
+    c.batch_size = cfg.hf_batch_size
+    c.seq_len = cfg.hf_seq_len
+    reps = cfg.hf_own_reps if name == "own" else cfg.hf_reps
+    c.n_train, c.n_queries = cfg.hf_batch_size * reps, 0
+    c.v_steps = cfg.hf_v_steps
+    return c
+
+
+def time_estimate(cfg, apply_fn, params, train: Examples) -> tuple[Any, dict]:
+    """V from ``v_estimate.estimate_v`` on hf_estimate_examples examples, and what it cost.
+
+    The estimate's jitted step is compiled (and run once, on the first batch) first, so the
+    timed ``estimate_v`` call is its steady cost; ``compile_s`` is that first call.
+    """
+    sample = v_estimate_lib.EstimateSample(cfg.hf_estimate_examples, cfg.seed, cfg.batch_size)
+    pos = v_estimate_lib.sample_positions(len(train), sample)
+    tok, w = train.tokens_NxT[pos], train.weights_NxT[pos]
+    step = v_estimate_lib.make_step(apply_fn)
+    b = cfg.batch_size
+    zeros = jax.tree.map(lambda p: jnp.zeros(np.shape(p), jnp.float32), params)
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(zeros, params, tok[:b], w[:b]))
+    first = time.perf_counter() - t0
+    with mock.patch.object(v_estimate_lib, "make_step", lambda _fn: step):  # reuse it, warm
+        t0 = time.perf_counter()
+        est = v_estimate_lib.estimate_v(apply_fn, params, tok, w, b, progress=False)
+        jax.block_until_ready(est.v)
+        steady = time.perf_counter() - t0
+    return est, {"examples": len(pos), "batches": est.count, "s": steady, "compile_s": first}
+
+
+def hf_row(cfg, name: str, root: str) -> dict:
+    """One hf row: featurize over floor with the exact Adam V and the estimated V."""
+    rc = hf_row_cfg(cfg, name)
+    t_row = time.perf_counter()
+    apply_fn, params = build(rc)
+    train, _ = make_data(rc)
+    step = grad_step(apply_fn)
+    t0 = time.perf_counter()
+    adam = optimizer_states(rc, apply_fn, params, train, ("adam",), step)["adam"]
+    adam_s = time.perf_counter() - t0  # compile of the step + v_steps steps
+    floor_fn = make_floor(rc, apply_fn, params, train, step)
+    est, est_info = time_estimate(rc, apply_fn, params, train)
+    pre_est = correction.preconditioner(est, params, eps=correction.ESTIMATE_EPS)
+    proj = Projector(params, "global", k_in=rc.k_in, k_out=rc.k_out, seed=rc.seed)
+    exact_fn = make_feature_fn(apply_fn, "train", proj, adam)
+
+    def estimate_fn(p, tok, w):  # the same compiled program, the estimate's V as its argument
+        return exact_fn.jitted(p, pre_est, tok, w)
+
+    # hf_passes rounds of (floor pass, featurize pass) per V; the best of each is kept (the CPU
+    # may be shared: contention only slows a pass down).
+    n = len(train)
+    floors, passes = [], {"exact": [], "estimate": []}
+    for i in range(cfg.hf_passes):
+        for key, fn in (("exact", exact_fn), ("estimate", estimate_fn)):
+            floors.append(floor_fn(n))
+            store = new_store(root, f"hf_{name}_{key}", proj, n, rc)
+            passes[key].append(time_featurize(rc, fn, params, train, store, warm_up=i == 0))
+    floors.append(floor_fn(n))
+    floor = min(floors)
+    secs = {key: min(v) for key, v in passes.items()}
+    out = {
+        "family": rc.model.get("family", "") or "transformer (default)",
+        "n_params": count_params(params),
+        "vocab_size": rc.vocab_size,
+        "fast_path": bool(exact_fn.fast),
+        "examples_timed": n,
+        "floor_s_per_example": floor,
+        "floor_s_per_example_all_passes": floors,
+        "adam_steps_s": adam_s,
+        "v_estimate_examples": est_info["examples"],
+        "v_estimate_batches": est_info["batches"],
+        "v_estimate_s": est_info["s"],
+        "v_estimate_compile_s": est_info["compile_s"],
+        "v_estimate_per_example_over_floor": est_info["s"] / est_info["examples"] / floor,
+    }
+    for key, sec in secs.items():
+        out[f"featurize_{key}_s_per_example"] = sec
+        out[f"featurize_{key}_s_per_example_all_passes"] = passes[key]
+        out[f"featurize_over_floor_{key}"] = sec / floor
+    out["row_wall_s"] = time.perf_counter() - t_row
+    return out
+
+
+def run_hf(cfg, root: str) -> dict:
+    """The hf rows, and each row's ratios over the own model's (when "own" is among them)."""
+    rows = {name: hf_row(cfg, name, root) for name in cfg.hf_rows}
+    r: dict[str, Any] = {
+        "hf_rows": rows,
+        "hf_batch_size": cfg.hf_batch_size,
+        "hf_reps": cfg.hf_reps,
+        "hf_own_reps": cfg.hf_own_reps,
+        "hf_passes": cfg.hf_passes,
+        "hf_seq_len": cfg.hf_seq_len,
+        "hf_dim": cfg.k_in * cfg.k_out,
+    }
+    if "own" in rows:
+        own = rows["own"]
+        r["hf_over_own"] = {
+            name: {
+                key: row[f"featurize_over_floor_{key}"] / own[f"featurize_over_floor_{key}"]
+                for key in ("exact", "estimate")
+            }
+            for name, row in rows.items()
+            if name != "own"
+        }
+    return r
+
+
+def hf_table(r: dict) -> str:
+    d = r["hf_dim"]
+    lines = [
+        f"hf rows: batch {r['hf_batch_size']}, {r['hf_reps']} timed batches per pass (own model: "
+        f"{r['hf_own_reps']}), best of {r['hf_passes']} passes, seq {r['hf_seq_len']}, global "
+        f"Kronecker d={d}; ratios are featurize / floor per example",
+        f"{'row':12s} {'family':22s} {'params':>12s} {'floor s/ex':>10s} {'exact V':>8s} "
+        f"{'est. V':>8s} {'V est. s':>9s} {'/ex/floor':>9s}",
+    ]
+    for name, x in r["hf_rows"].items():
+        lines.append(
+            f"{name:12s} {x['family']:22s} {x['n_params']:12,d} {x['floor_s_per_example']:10.4f} "
+            f"{x['featurize_over_floor_exact']:7.2f}x {x['featurize_over_floor_estimate']:7.2f}x "
+            f"{x['v_estimate_s']:9.2f} {x['v_estimate_per_example_over_floor']:8.2f}x"
+        )
+    lines.append(
+        "V est. s: estimate_v on the sample after its compile (compile + first batch: "
+        + ", ".join(f"{n} {x['v_estimate_compile_s']:.1f} s" for n, x in r["hf_rows"].items())
+        + f"); sample {', '.join(str(x['v_estimate_examples']) for x in r['hf_rows'].values())}"
+        " examples"
+    )
+    for name, ratios in r.get("hf_over_own", {}).items():
+        lines.append(
+            f"{name} ratio / own ratio: exact V {ratios['exact']:.3f}, "
+            f"estimated V {ratios['estimate']:.3f}  (target <= 1.10)"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- subprocess stages
 
 
@@ -328,18 +498,30 @@ def run_stage(args: argparse.Namespace, extra: list[str], timeout: float) -> dic
 # ----------------------------------------------------------------------------- main
 
 
+def run_meta() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+        f"({jax.default_backend()}: {jax.devices()[0].device_kind})",
+    }
+
+
 def run(args: argparse.Namespace, cfg) -> dict:
     t_start = time.perf_counter()
     root = args.workdir or tempfile.mkdtemp(prefix="trackstar_bench_")
+    if cfg.hf_only:
+        r = {"tiny": bool(cfg.tiny), **run_meta(), **run_hf(cfg, root)}
+        r["wall_s"] = time.perf_counter() - t_start
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+        return r
     apply_fn, params = build(cfg)
     train, queries = make_data(cfg)
     pres = optimizer_states(cfg, apply_fn, params, train)
     kron = Projector(params, "global", k_in=cfg.k_in, k_out=cfg.k_out, seed=cfg.seed)
     r: dict[str, Any] = {
         "tiny": bool(cfg.tiny),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-        f"({jax.default_backend()}: {jax.devices()[0].device_kind})",
+        **run_meta(),
         "n_params": count_params(params),
         "n_train": len(train),
         "batch_size": cfg.batch_size,
@@ -400,6 +582,8 @@ def run(args: argparse.Namespace, cfg) -> dict:
     for stage in ("featurize", "score"):
         small, large = rss[stage][0]["peak_rss_mb"], rss[stage][-1]["peak_rss_mb"]
         r[f"{stage}_rss_growth"] = large / small
+    if cfg.hf_rows:
+        r.update(run_hf(cfg, root))
     r["main_peak_rss_mb"] = peak_rss_mb()
     r["wall_s"] = time.perf_counter() - t_start
     if not args.workdir:
@@ -475,7 +659,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(stages[args.stage]()))
         return None
     r = run(args, cfg)
-    print(table(r), flush=True)
+    tables = ([] if cfg.hf_only else [table(r)]) + ([hf_table(r)] if "hf_rows" in r else [])
+    print("\n\n".join(tables), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

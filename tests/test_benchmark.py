@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -46,3 +47,34 @@ def test_unknown_config_mode_is_refused():
 
     with pytest.raises(ValueError, match="unknown benchmark config mode 'huge'"):
         load_config_file(os.path.join(ROOT, "configs", "benchmark.py") + ":huge")
+
+
+def test_tiny_hf_rows_write_finite_ratios(tmp_path, capsys):
+    """The hf rows (GPT-2- and Llama-shaped models next to the own model) at toy sizes."""
+    out = tmp_path / "hf.json"
+    config = os.path.join(ROOT, "configs", "benchmark.py") + ":hf"
+    _load_script().main(
+        ["--config", config, "--tiny", "--json", str(out), "--workdir", str(tmp_path / "w")]
+    )
+    r = json.loads(out.read_text())
+    assert r["tiny"] is True and r["hf_reps"] == 1
+    assert list(r["hf_rows"]) == ["own", "gpt2_small", "llama_small"]
+    families = [row["family"] for row in r["hf_rows"].values()]
+    assert families[1:] == ["gpt2", "llama"]
+    for name, row in r["hf_rows"].items():
+        assert row["fast_path"] is True, name
+        assert row["n_params"] > 0 and row["v_estimate_examples"] == 2, name
+        for key in (
+            "featurize_over_floor_exact",
+            "featurize_over_floor_estimate",
+            "v_estimate_s",
+            "v_estimate_per_example_over_floor",
+        ):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+    for name in ("gpt2_small", "llama_small"):
+        for key in ("exact", "estimate"):
+            ratio = r["hf_over_own"][name][key]
+            assert math.isfinite(ratio) and ratio > 0, (name, key, ratio)
+    printed = capsys.readouterr().out
+    assert "gpt2_small ratio / own ratio" in printed and "llama_small" in printed
+    assert "featurize, exact Adam V" not in printed  # the hf mode runs only the hf rows
