@@ -28,16 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tiny world shared by every worker run: deterministic, identical in every process.
 VOCAB, T, N_TRAIN, N_QUERY, K = 64, 16, 40, 6, 5
 # max_len != T so no activation shape (B, T, D) looks like a per-example pos_embed gradient.
-MODEL_CFG = dict(
-    family="gpt2",
-    tie_word_embeddings=False,
-    size="tiny",
-    d_model=32,
-    n_layers=1,
-    n_heads=2,
-    d_ff=64,
-    max_len=T + 8,
-)
+# The demo LM's configuration (toy_models.demo_lm; not imported: it imports jax).
+MODEL_CFG = dict(family="gpt2", tie_word_embeddings=False, size="tiny", d_model=32, n_layers=1)
+MODEL_CFG.update(n_heads=2, d_ff=64, max_len=T + 8)
 PROJ = dict(mode="global", k_in=8, k_out=8, seed=0)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 from tolerances import assert_close
-from toy_models import make_toy_transformer
+from toy_models import demo_lm, make_toy_transformer
 
 from trackstar import correction, gradients, hessian, score
 from trackstar.families import make_model
@@ -29,16 +29,7 @@ from trackstar.tree import named_leaves
 # token never seen as an input) is bounded by the V floor instead of getting 1/EPS.
 V, T, B2, EPS, V_FLOOR, LAMBDA, DAMPING = 29, 10, 0.98, 1e-8, 1e-4, 0.3, 0.1
 # The project's LM at test size; max_len > T, so some position rows never get a gradient.
-PROJECT_LM = dict(
-    family="gpt2",
-    tie_word_embeddings=False,
-    size="tiny",
-    d_model=8,
-    n_layers=1,
-    n_heads=2,
-    d_ff=16,
-    max_len=T + 2,
-)
+PROJECT_LM = demo_lm(d_model=8, n_layers=1, n_heads=2, d_ff=16, max_len=T + 2)
 
 
 def _model(name):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy_models import TOY_FAMILY, random_preconditioner
+from toy_models import TOY_FAMILY, demo_lm, random_preconditioner
 
 from trackstar import correction, families
 from trackstar.gradients import make_feature_fn, per_example_grads
@@ -17,16 +17,7 @@ from trackstar.train import mean_token_loss
 from trackstar.tree import named_leaves
 
 VOCAB = 29
-MODEL = dict(
-    family="gpt2",
-    tie_word_embeddings=False,
-    size="tiny",
-    d_model=16,
-    n_layers=1,
-    n_heads=2,
-    d_ff=24,
-    max_len=12,
-)
+MODEL = demo_lm(d_model=16, n_layers=1, n_heads=2, d_ff=24, max_len=12)
 
 
 def _examples(n, t, seed):

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 from tolerances import assert_close
+from toy_models import padded_batch
 
 from trackstar import families, score
 from trackstar import tokenizer as tokenizer_lib
@@ -74,14 +75,7 @@ def exported(request, tok, tmp_path_factory):
 
 
 def _batch(vocab: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    T = max(LENGTHS)
-    tokens = np.zeros((len(LENGTHS), T), np.int64)
-    mask = np.zeros((len(LENGTHS), T), np.int64)
-    for i, n in enumerate(LENGTHS):
-        tokens[i, :n] = rng.integers(4, vocab, n)
-        mask[i, :n] = 1
-    return tokens, mask
+    return padded_batch(LENGTHS, vocab, seed, low=4)
 
 
 def test_the_directory_holds_what_transformers_reads(exported, tok):

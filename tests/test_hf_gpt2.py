@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tolerances import assert_close
-from toy_models import random_preconditioner
+from toy_models import padded_batch, random_preconditioner
 
 from trackstar import correction, families, taps
 from trackstar.gradients import make_feature_fn
@@ -58,14 +58,7 @@ def tied(tmp_path_factory):
 
 
 def _batch(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    T = max(LENGTHS)
-    tokens = np.zeros((len(LENGTHS), T), np.int64)
-    mask = np.zeros((len(LENGTHS), T), np.int64)
-    for i, n in enumerate(LENGTHS):
-        tokens[i, :n] = rng.integers(1, VOCAB, n)
-        mask[i, :n] = 1
-    return tokens, mask
+    return padded_batch(LENGTHS, VOCAB, seed)
 
 
 def _max_diffs(got, want):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from toy_models import demo_lm
 
 from trackstar import families
 from trackstar import model as M
@@ -13,17 +14,7 @@ from trackstar.hf import gpt2
 from trackstar.tree import named_leaves
 
 V = 23
-CFG = dict(
-    family="gpt2",
-    tie_word_embeddings=False,
-    size="tiny",
-    d_model=16,
-    n_layers=2,
-    n_heads=2,
-    d_ff=24,
-    max_len=12,
-    dtype="float32",
-)
+CFG = demo_lm(d_model=16, n_layers=2, n_heads=2, d_ff=24, max_len=12, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from tolerances import assert_close
+from toy_models import demo_lm
 
 from trackstar import checkpoint as C
 from trackstar import families
@@ -13,16 +14,7 @@ from trackstar import train as T
 from trackstar.tree import named_leaves
 
 V, B, SEQ = 16, 8, 12
-MODEL = dict(
-    family="gpt2",
-    tie_word_embeddings=False,
-    size="tiny",
-    d_model=16,
-    n_layers=1,
-    n_heads=2,
-    d_ff=32,
-    max_len=SEQ,
-)
+MODEL = demo_lm(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=SEQ)
 TRAIN = dict(
     optimizer="adamw",
     steps=12,

@@ -9,6 +9,9 @@ attribution kernels are model-agnostic:
 - ``make_toy_gru``: a plain-dict GRU LM (no flax) with a 3-D gate tensor, a scalar parameter and
   a bias vector, run with ``lax.scan``.
 
+``demo_lm(**sizes)`` is the ``model`` config of the project's demo LM (the gpt2 family, untied
+head) at test sizes; ``padded_batch`` a right-padded token batch with its attention mask.
+
 ``TOY_FAMILY`` is a second model family (``trackstar.families``) written as plain functions that
 follows the tap contract of ``trackstar.taps``, so it takes the fast path: a Llama-like
 residual LM with RMSNorms (scale only), bias-free dense layers, a causal running-mean token
@@ -29,6 +32,24 @@ from flax import nnx
 from trackstar import correction, taps
 from trackstar.families import ModelFamily
 from trackstar.tree import path_name
+
+
+def demo_lm(**sizes) -> dict:
+    """The demo LM's ``model`` config section (configs/demo.py: gpt2, untied head) at ``sizes``."""
+    return dict(family="gpt2", tie_word_embeddings=False, size="tiny", **sizes)
+
+
+def padded_batch(
+    lengths: tuple[int, ...], vocab: int, seed: int, low: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids in ``[low, vocab)``, right-padded with 0 to the longest length, and its mask."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(lengths), max(lengths)), np.int64)
+    mask = np.zeros((len(lengths), max(lengths)), np.int64)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(low, vocab, n)
+        mask[i, :n] = 1
+    return tokens, mask
 
 
 class _Block(nnx.Module):

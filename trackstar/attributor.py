@@ -477,29 +477,34 @@ class Attributor:
 
 
 def config_for_run_dir(
-    run_dir: str | os.PathLike, base: ml_collections.ConfigDict | None = None
+    run_dir: str | os.PathLike,
+    base: ml_collections.ConfigDict | None = None,
+    *,
+    saved_file: str = "config.json",
+    default_config: str = "demo.py",
+    missing: str = (
+        "so it is not a built run directory; run the world and train stages into it first "
+        "(trackstar world / trackstar train)"
+    ),
 ) -> ml_collections.ConfigDict:
-    """The config a run directory records (``config.json``), with ``run_dir`` set to it.
+    """The config a run directory records (``saved_file``), with ``run_dir`` set to it.
 
-    The recorded fields are laid over ``base`` (default: ``configs/demo.py`` when the checkout
-    has it), so fields newer than the run keep their defaults. The featurize, hessian, score and
-    mesh sections are those of the command that built the run's world; pass a config to
-    ``Attributor.from_run`` to use others.
+    The recorded fields are laid over ``base`` (default: ``configs/<default_config>`` when the
+    checkout has it), so fields newer than the run keep their defaults. The featurize, hessian,
+    score and mesh sections are those of the command that built the run's world; pass a config
+    to ``Attributor.from_run`` to use others. Without the file, ``StageError`` says ``missing``.
     """
     run_dir = os.fspath(run_dir)
-    file = os.path.join(run_dir, "config.json")
+    file = os.path.join(run_dir, saved_file)
     if not os.path.isfile(file):
-        raise stages.StageError(
-            f"{run_dir} has no config.json, so it is not a built run directory; run the world "
-            "and train stages into it first (trackstar world / trackstar train)"
-        )
+        raise stages.StageError(f"{run_dir} has no {saved_file}, {missing}")
     with open(file, encoding="utf-8") as f:
         saved = json.load(f)
     saved.pop("unused_fields", None)
     if base is None:
         from trackstar.cli import default_config_path
 
-        default = default_config_path("demo.py")
+        default = default_config_path(default_config)
         base = load_config_file(default) if os.path.isfile(default) else None
     merged = _overlay(base.to_dict() if base is not None else {}, saved)
     merged["run_dir"] = run_dir

@@ -850,22 +850,14 @@ def _query_meta(cfg, corrected: bool) -> store_lib.StoreMeta | None:
 def config_for_run_dir(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a finished run saved (``results/config.json``) laid over the defaults of
     ``configs/hf_gpt2.py`` (when the checkout has it), with ``run_dir`` set to ``run_dir``."""
-    from trackstar.attributor import _overlay
-    from trackstar.cli import default_config_path
-    from trackstar.config import load_config_file
+    from trackstar import attributor
 
-    run_dir = os.fspath(run_dir)
-    file = os.path.join(run_dir, "results", "config.json")
-    if not os.path.isfile(file):
-        raise stages.StageError(
-            f"{run_dir} has no results/config.json, so the pipeline has not finished there; run "
-            "trackstar attribute --config ... first (or pass its config)"
-        )
-    with open(file, encoding="utf-8") as f:
-        saved = json.load(f)
-    saved.pop("unused_fields", None)
-    default = default_config_path("hf_gpt2.py")
-    base = load_config_file(default).to_dict() if os.path.isfile(default) else {}
-    merged = _overlay(base, saved)
-    merged["run_dir"] = run_dir
-    return ml_collections.ConfigDict(merged)
+    return attributor.config_for_run_dir(
+        run_dir,
+        saved_file=os.path.join("results", "config.json"),
+        default_config="hf_gpt2.py",
+        missing=(
+            "so the pipeline has not finished there; run trackstar attribute --config ... first "
+            "(or pass its config)"
+        ),
+    )
