@@ -22,7 +22,6 @@ neither torch nor transformers is imported.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from trackstar import families
+from trackstar import families, files
 from trackstar.hf import gpt2
 from trackstar.hf.loader import CONFIG_FILE, SINGLE_FILE, TOKENIZER_FILE, HFImportError
 from trackstar.tree import named_leaves
@@ -248,12 +247,6 @@ def _tokenizer_config(tokenizer: Any, max_len: int) -> dict:
     return out
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -288,7 +281,7 @@ def save_checkpoint(
         ``out_dir`` that is a file or a non-empty directory (pass ``overwrite=True`` to replace
         the directory).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out) and not os.path.isdir(out):
@@ -313,17 +306,16 @@ def save_checkpoint(
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        _write_json(os.path.join(tmp, CONFIG_FILE), config)
-        save_file(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
+        # Each file is written synced (trackstar.files), then the directory is renamed.
+        files.write_json(os.path.join(tmp, CONFIG_FILE), config, sort_keys=True)
+        files.write_bytes(os.path.join(tmp, SINGLE_FILE), save(tensors, metadata={"format": "pt"}))
         if tok is not None:
-            tok.save(os.path.join(tmp, TOKENIZER_FILE))
-            _write_json(
+            files.write_text(os.path.join(tmp, TOKENIZER_FILE), tok.to_str())
+            files.write_json(
                 os.path.join(tmp, TOKENIZER_CONFIG_FILE),
                 _tokenizer_config(tok, config["n_positions"]),
+                sort_keys=True,
             )
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
         _fsync_dir(tmp)
         _move_into_place(tmp, out)
         _fsync_dir(parent)
