@@ -2,8 +2,9 @@
 
     python scripts/export_check.py --config configs/demo.py --out runs/demo/hf_export
 
-1. ``trackstar.hf.export.export_run`` writes ``config.json``, ``model.safetensors`` and
-   ``tokenizer.json`` (the run's model must be a gpt2-family configuration, as the demo's is).
+1. ``trackstar.stages.export_run`` (``trackstar.hf.export``) writes ``config.json``,
+   ``model.safetensors`` and ``tokenizer.json`` (the run's model must be a gpt2-family
+   configuration, as the demo's is).
 2. With ``transformers`` installed (the test extra; never needed at run time):
    ``GPT2LMHeadModel.from_pretrained`` gives the native model's logits on the run's task queries
    (max |difference| relative to max |logit| is printed).
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from trackstar import cli, data, stages  # noqa: E402
 from trackstar.attributor import Attributor  # noqa: E402
-from trackstar.hf import export, loader  # noqa: E402
+from trackstar.hf import loader  # noqa: E402
 from trackstar.tree import named_leaves  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--k", type=int, default=10, help="proponents compared per query")
 
     cfg, args = cli.parse(__doc__, flags, argv=argv)
-    export.export_run(cfg, args.out, overwrite=args.overwrite)
+    stages.export_run(cfg, args.out, overwrite=args.overwrite)
     trained = stages.load_trained(cfg)
     queries = list(trained.world.task_queries)[: args.queries or None]
     prompts, targets = [q.prompt for q in queries], [q.target for q in queries]

@@ -12,8 +12,9 @@ from tolerances import assert_close
 
 import trackstar
 from trackstar import data, stages, store
-from trackstar.attributor import AttributionError, Attributor, Proponents, config_for_run_dir
+from trackstar.attributor import AttributionError, Attributor, Proponents
 from trackstar.config import load_config_file
+from trackstar.stages import config_for_run_dir
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 

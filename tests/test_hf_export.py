@@ -260,11 +260,11 @@ def test_export_run_saves_the_trained_model(tok, tmp_path, monkeypatch):
     cfg = ml_collections.ConfigDict(dict(model=cfg_model.to_dict()))
     trained = stages.Trained(apply_fn, params, None, None, tok, None, 7)
     monkeypatch.setattr(stages, "load_trained", lambda c: trained)
-    out = export.export_run(cfg, tmp_path / "run_export")
+    out = stages.export_run(cfg, tmp_path / "run_export")
     imported = loader.load_checkpoint(out)
     np.testing.assert_array_equal(
         np.asarray(imported.params["unembed"]["kernel"]), np.asarray(params["unembed"]["kernel"])
     )
-    cfg.model.family = "transformer"
-    with pytest.raises(HFExportError, match="model.family = 'transformer'"):
-        export.export_run(cfg, tmp_path / "other")
+    cfg.model.family = "llama"
+    with pytest.raises(HFExportError, match="model.family = 'llama'"):
+        stages.export_run(cfg, tmp_path / "other")

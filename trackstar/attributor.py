@@ -35,7 +35,6 @@ run's corpus store, its Hessian fit and a ``QueryFeaturizer`` whose projector an
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from trackstar import correction, data, score, sharding, stages, store
-from trackstar.config import load_config_file
+from trackstar import projection as projection_lib
 from trackstar.featurize import Examples, compute_vectors, make_mesh_feature_fn
 from trackstar.hessian import HessianError, HessianFit
 from trackstar.projection import Projector
@@ -155,21 +154,11 @@ class Proponents:
 
 
 def projector_from_meta(params: Any, projection: dict) -> Projector:
-    """The projector a store's vectors were made with, rebuilt from ``StoreMeta.projection``
-    over ``params`` (the factors are regenerated from the seed; ``check_compatible`` then
-    compares their fingerprint with the store's)."""
-    mode = projection.get("mode")
+    """``projection.from_meta``, its error an ``AttributionError``."""
     try:
-        return Projector(
-            params,
-            mode,
-            int(projection.get("k_in") or 1),
-            int(projection.get("k_out") or 1),
-            int(projection.get("seed") or 0),
-            int(projection.get("dense_dim") or 1),
-        )
-    except (TypeError, ValueError) as e:
-        raise AttributionError(f"the store's projection {projection} cannot be rebuilt: {e}") from e
+        return projection_lib.from_meta(params, projection)
+    except ValueError as e:
+        raise AttributionError(str(e)) from e
 
 
 class Attributor:
@@ -291,7 +280,7 @@ class Attributor:
         Raises:
           StageError: a stage's output is missing; the message names the stage to run.
         """
-        cfg = run if isinstance(run, ml_collections.ConfigDict) else config_for_run_dir(run)
+        cfg = run if isinstance(run, ml_collections.ConfigDict) else stages.config_for_run_dir(run)
         spec = score.get_preset(preset)
         if candidates not in ("candidates", "corpus"):
             raise AttributionError(
@@ -474,55 +463,6 @@ class Attributor:
 
 
 # ----- helpers ----------------------------------------------------------------------------------
-
-
-def config_for_run_dir(
-    run_dir: str | os.PathLike,
-    base: ml_collections.ConfigDict | None = None,
-    *,
-    saved_file: str = "config.json",
-    default_config: str = "demo.py",
-    missing: str = (
-        "so it is not a built run directory; run the world and train stages into it first "
-        "(trackstar world / trackstar train)"
-    ),
-) -> ml_collections.ConfigDict:
-    """The config a run directory records (``saved_file``), with ``run_dir`` set to it.
-
-    The recorded fields are laid over ``base`` (default: ``configs/<default_config>`` when the
-    checkout has it), so fields newer than the run keep their defaults. The featurize, hessian,
-    score and mesh sections are those of the command that built the run's world; pass a config
-    to ``Attributor.from_run`` to use others. Without the file, ``StageError`` says ``missing``.
-    """
-    run_dir = os.fspath(run_dir)
-    file = os.path.join(run_dir, saved_file)
-    if not os.path.isfile(file):
-        raise stages.StageError(f"{run_dir} has no {saved_file}, {missing}")
-    with open(file, encoding="utf-8") as f:
-        saved = json.load(f)
-    saved.pop("unused_fields", None)
-    if base is None:
-        from trackstar.cli import default_config_path
-
-        default = default_config_path(default_config)
-        base = load_config_file(default) if os.path.isfile(default) else None
-    merged = _overlay(base.to_dict() if base is not None else {}, saved)
-    merged["run_dir"] = run_dir
-    return ml_collections.ConfigDict(merged)
-
-
-def _overlay(base: dict, saved: dict) -> dict:
-    """``base`` with every value of ``saved`` on top (nested; JSON lists back to tuples)."""
-    out = dict(base)
-    for key, value in saved.items():
-        current = out.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            out[key] = _overlay(current, value)
-        elif isinstance(value, list) and (isinstance(current, tuple) or current is None):
-            out[key] = tuple(value)
-        else:
-            out[key] = value
-    return out
 
 
 def _finished_store(cfg, which: str, corrected: bool, tag: str) -> VectorStore:

@@ -45,6 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from trackstar import correction, data, hessian, score, sharding, stages
+from trackstar import projection as projection_lib
 from trackstar import store as store_lib
 from trackstar import v_estimate as v_estimate_lib
 from trackstar.config import save_config
@@ -835,9 +836,8 @@ def attributor_parts(cfg: ml_collections.ConfigDict, preset: str | None = None) 
 
 
 def _store_projector(ckpt: Checkpoint, meta: store_lib.StoreMeta) -> Projector:
-    from trackstar.attributor import projector_from_meta
 
-    return projector_from_meta(ckpt.params, meta.projection)
+    return projection_lib.from_meta(ckpt.params, meta.projection)
 
 
 def _query_meta(cfg, corrected: bool) -> store_lib.StoreMeta | None:
@@ -850,9 +850,7 @@ def _query_meta(cfg, corrected: bool) -> store_lib.StoreMeta | None:
 def config_for_run_dir(run_dir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a finished run saved (``results/config.json``) laid over the defaults of
     ``configs/hf_gpt2.py`` (when the checkout has it), with ``run_dir`` set to ``run_dir``."""
-    from trackstar import attributor
-
-    return attributor.config_for_run_dir(
+    return stages.config_for_run_dir(
         run_dir,
         saved_file=os.path.join("results", "config.json"),
         default_config="hf_gpt2.py",

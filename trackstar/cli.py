@@ -34,23 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from trackstar.config import ConfigError, load_command, save_config
-
-# The repository's configs/ (next to the package in a checkout or editable install).
-_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def default_config_path(name: str = "demo.py") -> str:
-    """``configs/<name>`` of the working directory when it exists, else of the repository
-    this package lives in, else the working directory's (whose absence the config error names)."""
-    here = os.path.join("configs", name)
-    if os.path.isfile(here):
-        return here
-    repo = os.path.join(_REPO_CONFIGS, name)
-    return repo if os.path.isfile(repo) else here
-
-
-# ----- config + arguments -----------------------------------------------------------------------
+from trackstar.config import ConfigError, default_config_path, load_command, save_config
 
 
 def is_library_error(exc: BaseException) -> bool:
@@ -360,7 +344,7 @@ def _export(argv: list[str], prog: str) -> int:
     """Writes the trained model of a run (model.family = "gpt2") as a Hugging Face GPT-2
     checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     cfg, args = parse(_export.__doc__, _export_args, argv=argv, prog=prog)
-    from trackstar.hf.export import export_run
+    from trackstar.stages import export_run
 
     out = export_run(cfg, args.out, args.overwrite)
     print(f"exported {cfg.run_dir} -> {out}")

@@ -40,6 +40,22 @@ import ml_collections
 from trackstar import world as world_lib
 from trackstar.files import write_json
 
+# The repository's configs/ (next to the package in a checkout or editable install).
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def default_config_path(name: str = "demo.py") -> str:
+    """``configs/<name>`` of the working directory when it exists, else of the repository
+    this package lives in, else the working directory's (whose absence the config error names)."""
+    here = os.path.join("configs", name)
+    if os.path.isfile(here):
+        return here
+    repo = os.path.join(_REPO_CONFIGS, name)
+    return repo if os.path.isfile(repo) else here
+
+
+# ----- config + arguments -----------------------------------------------------------------------
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""

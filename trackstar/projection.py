@@ -334,3 +334,21 @@ def _chunked_normal(
         out.append(z_CxRxW[start : start + c].reshape(c * _CHUNK_ROWS, width)[:n] * std)
         start += c
     return out
+
+
+def from_meta(params: Any, projection: dict) -> Projector:
+    """The projector a store's vectors were made with, rebuilt from ``StoreMeta.projection``
+    over ``params`` (the factors are regenerated from the seed; ``store.check_compatible`` then
+    compares their fingerprint with the store's). Raises ``ValueError`` naming the settings when
+    they cannot be rebuilt."""
+    try:
+        return Projector(
+            params,
+            projection.get("mode"),
+            int(projection.get("k_in") or 1),
+            int(projection.get("k_out") or 1),
+            int(projection.get("seed") or 0),
+            int(projection.get("dense_dim") or 1),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the store's projection {projection} cannot be rebuilt: {e}") from e

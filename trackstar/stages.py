@@ -35,7 +35,13 @@ from trackstar import (
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar import v_estimate as v_estimate_lib
-from trackstar.config import run_dir_conflicts, save_config, validate
+from trackstar.config import (
+    default_config_path,
+    load_config_file,
+    run_dir_conflicts,
+    save_config,
+    validate,
+)
 from trackstar.featurize import Examples, featurize_into_store, make_mesh_feature_fn
 from trackstar.files import atomic_write, write_json
 from trackstar.losses import TRAIN_OUTPUT_FN
@@ -957,3 +963,71 @@ def stage_score(
         result = {"ids": ids, "scores": scores, "path": out + ".jsonl"}
     barrier("trackstar-proponents-saved")
     return result
+
+
+def export_run(
+    cfg: ml_collections.ConfigDict, out_dir: str | os.PathLike, overwrite: bool = False
+) -> str:
+    """Writes the trained model of the run ``cfg`` describes as a Hugging Face checkpoint.
+
+    ``trackstar.hf.export.save_checkpoint`` of the final checkpoint's params, ``cfg.model`` and
+    the run's tokenizer; returns the directory. The run's ``cfg.model.family`` must be
+    ``"gpt2"`` (``HFExportError`` before anything is restored otherwise).
+    """
+    from trackstar.hf import export
+
+    export.check_exportable(cfg.model)
+    trained = load_trained(cfg)
+    return export.save_checkpoint(
+        out_dir, trained.params, cfg.model, trained.tok, overwrite=overwrite
+    )
+
+
+# ----- recorded configs -------------------------------------------------------------------
+
+
+def config_for_run_dir(
+    run_dir: str | os.PathLike,
+    base: ml_collections.ConfigDict | None = None,
+    *,
+    saved_file: str = "config.json",
+    default_config: str = "demo.py",
+    missing: str = (
+        "so it is not a built run directory; run the world and train stages into it first "
+        "(trackstar world / trackstar train)"
+    ),
+) -> ml_collections.ConfigDict:
+    """The config a run directory records (``saved_file``), with ``run_dir`` set to it.
+
+    The recorded fields are laid over ``base`` (default: ``configs/<default_config>`` when the
+    checkout has it), so fields newer than the run keep their defaults. The featurize, hessian,
+    score and mesh sections are those of the command that built the run's world; pass a config
+    to ``Attributor.from_run`` to use others. Without the file, ``StageError`` says ``missing``.
+    """
+    run_dir = os.fspath(run_dir)
+    file = os.path.join(run_dir, saved_file)
+    if not os.path.isfile(file):
+        raise StageError(f"{run_dir} has no {saved_file}, {missing}")
+    with open(file, encoding="utf-8") as f:
+        saved = json.load(f)
+    saved.pop("unused_fields", None)
+    if base is None:
+        default = default_config_path(default_config)
+        base = load_config_file(default) if os.path.isfile(default) else None
+    merged = overlay_config(base.to_dict() if base is not None else {}, saved)
+    merged["run_dir"] = run_dir
+    return ml_collections.ConfigDict(merged)
+
+
+def overlay_config(base: dict, saved: dict) -> dict:
+    """``base`` with every value of ``saved`` on top (nested; JSON lists back to tuples)."""
+    out = dict(base)
+    for key, value in saved.items():
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            out[key] = overlay_config(current, value)
+        elif isinstance(value, list) and (isinstance(current, tuple) or current is None):
+            out[key] = tuple(value)
+        else:
+            out[key] = value
+    return out

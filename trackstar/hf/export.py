@@ -12,7 +12,7 @@ tables (``trackstar.hf.gpt2.TOP_TENSORS``, ``BLOCK_TENSORS``, ``HEAD_TENSOR``):
   ``tokenizer.json`` plus a ``tokenizer_config.json`` naming its special tokens, so
   ``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` and
   ``transformers.AutoTokenizer.from_pretrained(out_dir)`` read it;
-- ``export_run(cfg, out_dir)``: the trained model of a run (``trackstar.stages.load_trained``).
+- ``trackstar.stages.export_run(cfg, out_dir)`` writes a trained run's model through it.
 
 What GPT-2 cannot express is refused with ``HFExportError`` naming the field and the fix: a
 family other than ``"gpt2"``, a params leaf without a GPT-2 tensor (``unembed/bias``), a
@@ -58,7 +58,7 @@ class HFExportError(HFImportError):
 # ----------------------------------------------------------------------------- config
 
 
-def _check_exportable(cfg_model: Mapping | Any) -> None:
+def check_exportable(cfg_model: Mapping | Any) -> None:
     """Refuses a ``model`` config section GPT-2's ``config.json`` cannot express."""
     family = families.family_name(cfg_model)
     if family != gpt2.FAMILY:
@@ -103,7 +103,7 @@ def hf_config(cfg_model: Mapping | Any, vocab_size: int, tokenizer: Any = None) 
     Raises:
       HFExportError: a family other than ``"gpt2"`` or a compute dtype other than float32.
     """
-    _check_exportable(cfg_model)
+    check_exportable(cfg_model)
     spec = gpt2.resolve(cfg_model, int(vocab_size))
     special = _special_ids(tokenizer)
     return {
@@ -174,7 +174,7 @@ def params_to_hf(params: PyTree, cfg_model: Mapping | Any) -> dict[str, np.ndarr
         GPT-2 tensor (e.g. ``unembed/bias``: GPT-2's head has no bias), a leaf is missing, or a
         leaf's shape is not the one ``cfg_model`` builds.
     """
-    _check_exportable(cfg_model)
+    check_exportable(cfg_model)
     vocab_size = _vocab_size(params)
     declared = cfg_model.get("vocab_size", None)
     if declared and int(declared) != vocab_size:
@@ -342,17 +342,3 @@ def _move_into_place(tmp: str, out: str) -> None:
         os.rename(old, out)  # put the previous checkpoint back
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def export_run(cfg: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
-    """Exports the trained model of the run ``cfg`` describes; returns the directory.
-
-    Restores the final checkpoint with ``trackstar.stages.load_trained(cfg)`` and writes its
-    params, ``cfg.model`` and tokenizer with ``save_checkpoint``. The run's ``cfg.model.family``
-    must be ``"gpt2"`` (``HFExportError`` otherwise, before anything is restored).
-    """
-    _check_exportable(cfg.model)
-    from trackstar import stages
-
-    trained = stages.load_trained(cfg)
-    return save_checkpoint(out_dir, trained.params, cfg.model, trained.tok, overwrite=overwrite)
