@@ -65,6 +65,26 @@ def build():
     return apply_fn, params, precond, projector, examples(N_TRAIN, False), examples(N_QUERY, True)
 
 
+def run_worker(worker: str, args: list[str], out: str, devices: int = 8) -> dict:
+    """Runs ``python <worker> *args`` with ``devices`` fake CPU devices and returns the JSON it
+    wrote to ``out`` (the tests' process keeps its one device)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=root,
+    )
+    r = subprocess.run(
+        [sys.executable, worker, *args], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
 def per_example_gathers(hlo: str, local_batch: int, shapes: list[tuple[int, ...]]) -> list[str]:
     """All-gather results shaped like a batch of full per-example gradients (must be none)."""
     bad = []

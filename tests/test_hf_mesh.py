@@ -9,16 +9,14 @@ global Kronecker projector. Vectors agree to 1e-5 relative to their largest magn
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import hf_mesh_worker as W
 import jax
 import numpy as np
 import pytest
+from sharding_worker import run_worker
 from tolerances import assert_close
 
 from trackstar import families
@@ -74,20 +72,8 @@ TENSOR = {
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_mesh") / "report.json"
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT
-    )
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "hf_mesh_worker.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    with open(out) as f:
-        return json.load(f)
+    worker = os.path.join(ROOT, "tests", "hf_mesh_worker.py")
+    return run_worker(worker, [str(out)], str(out))
 
 
 def _meshes(report):

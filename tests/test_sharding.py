@@ -9,7 +9,6 @@ top-k on one device. Tolerances (max abs difference relative to the max abs valu
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from sharding_worker import run_worker
 
 from trackstar import sharding as sh
 from trackstar.config import load_config_file
@@ -30,20 +30,7 @@ WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "report.json"
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT
-    )
-    r = subprocess.run(
-        [sys.executable, WORKER, "devices", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    with open(out) as f:
-        return json.load(f)
+    return run_worker(WORKER, ["devices", str(out)], str(out))
 
 
 def test_vectors_R_topk_agree_on_1_2_4_8_devices(report):
