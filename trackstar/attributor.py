@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from trackstar import correction, data, score, sharding, stages, store
+from trackstar import index as index_lib
 from trackstar import projection as projection_lib
 from trackstar.featurize import Examples, compute_vectors, make_mesh_feature_fn
 from trackstar.hessian import HessianError, HessianFit
@@ -181,6 +182,10 @@ class Attributor:
         ``tokenizer``, ``query.max_len`` and the UNK policy of ``query``.
       mesh: the scoring mesh (train rows sharded over its devices; None: one device).
       rows_per_step: train rows per scoring step (default: the store's chunk size).
+      index: a scoring index of ``train_store`` for ``preset`` (``trackstar.index``; a
+        ``ScoringIndex`` or its path), or None. With one, queries are scored against the
+        index's finished rows (one matmul per step, the same ranking); it is checked against
+        the store, the fit and the preset here (``IndexMismatchError`` otherwise).
 
     Raises:
       AttributionError / StoreMismatchError / ScoreError: the pieces do not belong together
@@ -202,6 +207,7 @@ class Attributor:
         mesh: Mesh | None = None,
         rows_per_step: int | None = None,
         labels: Sequence[str] | None = None,
+        index: index_lib.ScoringIndex | str | os.PathLike | None = None,
     ):
         spec = score.get_preset(preset)
         meta = train_store.meta
@@ -242,6 +248,11 @@ class Attributor:
         self.labels = labels
         self.mesh = mesh
         self.rows_per_step = rows_per_step
+        if index is not None and not isinstance(index, index_lib.ScoringIndex):
+            index = index_lib.ScoringIndex.open(index)
+        if index is not None:
+            index.check(train_store, hessian_fit, preset)
+        self.index = index
         self._encode = encode_queries or self._encode_with_tokenizer
         self._feature_fn = make_mesh_feature_fn(
             apply_fn,
@@ -264,6 +275,7 @@ class Attributor:
         *,
         train_tag: str = "",
         query_tag: str = "",
+        index: bool = False,
     ) -> Attributor:
         """An Attributor over a run directory of ``trackstar.stages``.
 
@@ -275,7 +287,8 @@ class Attributor:
         own (from its metadata); the output function and row dtype are those of the run's
         query stores (task, else the R_eval source), else ``featurize.query_output_fn`` and
         ``featurize.dtype``. Context length, UNK policy, batch size and meshes come from the
-        config.
+        config. ``index=True`` scores against the run's float32 scoring index of the store and
+        preset (``stages.stage_index``: built on first use, reused after).
 
         Raises:
           StageError: a stage's output is missing; the message names the stage to run.
@@ -335,6 +348,11 @@ class Attributor:
             texts=texts,
             mesh=sharding.mesh_from_config(cfg.mesh),
             rows_per_step=int(cfg.score.chunk_rows),
+            index=(
+                stages.stage_index(cfg, preset, candidates, "float32", False, train_tag, query_tag)
+                if index
+                else None
+            ),
         )
 
     @classmethod
@@ -441,15 +459,25 @@ class Attributor:
     ) -> list[Proponents]:
         """The top-``k`` proponents of each ``(prompt, target)``, in one pass over the store."""
         q = self.query_vectors(prompts, targets)
-        ids, scores = score.score_preset(
-            self.train_store,
-            q,
-            self.preset,
-            self.hessian_fit,
-            k,
-            rows_per_step=self.rows_per_step,
-            mesh=self.mesh,
-        )
+        if self.index is not None:
+            ids, scores = index_lib.score_index(
+                self.index,
+                q,
+                k,
+                fit=self.hessian_fit,
+                rows_per_step=self.rows_per_step,
+                mesh=self.mesh,
+            )
+        else:
+            ids, scores = score.score_preset(
+                self.train_store,
+                q,
+                self.preset,
+                self.hessian_fit,
+                k,
+                rows_per_step=self.rows_per_step,
+                mesh=self.mesh,
+            )
         out = []
         for p, t, i, s in zip(prompts, targets, ids, scores, strict=True):
             texts = None if self.texts is None else [self.texts[int(j)] for j in i]

@@ -5,6 +5,7 @@
     trackstar featurize   --config configs/demo.py      stores/<set>-<correction>/
     trackstar hessian     --config configs/demo.py      hessian/<name>.npz
     trackstar score       --config configs/demo.py      results/proponents_<...>.jsonl / .npz
+    trackstar index       --config configs/demo.py      indexes/<candidates>-<preset>-<dtype>/
     trackstar run         --config configs/demo.py      all of the above, then the E1 table
     trackstar experiment  --config configs/e1.py        one experiment (E1-E7) and its table
     trackstar proponents  --config configs/demo.py --prompt "..." --target "..." --k 10
@@ -208,6 +209,32 @@ def _score(argv: list[str], prog: str) -> int:
     return 0
 
 
+def _index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidates", default="candidates", choices=["candidates", "corpus"])
+    p.add_argument("--preset", default=None, help="scoring preset (default: config score.preset)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="row dtype of the index (bfloat16: half the bytes to stream)",
+    )
+
+
+def _index(argv: list[str], prog: str) -> int:
+    """Builds a scoring index: the candidate store's rows R^{-1/2}-transformed and normalized
+    once for a preset, so scoring a query batch is one streamed matmul (trackstar.index).
+
+    Reuses an index built from the same store, fit, preset and dtype; resumes a partial one.
+    """
+    cfg, args = parse(_index.__doc__, _index_args, argv=argv, prog=prog)
+    from trackstar import index, stages
+
+    out = stages.stage_index(cfg, args.preset, args.candidates, args.dtype)
+    idx = index.ScoringIndex.open(out)
+    print(f"index: {idx.num_rows} rows, d={idx.dim}, {idx.info.preset}, {idx.info.dtype} -> {out}")
+    return 0
+
+
 def _run(argv: list[str], prog: str) -> int:
     """The main job, end to end: world -> train -> featurize -> R -> score -> proponents, then
     the E1 table (every scoring preset + bm25 + random: MRR, Recall@10, tail-patch with its lr
@@ -357,6 +384,7 @@ COMMANDS: dict[str, Command] = {
     "featurize": Command("featurize example sets into stores (stage 3)", _featurize),
     "hessian": Command("fit R and R^-1/2 from the stores (stage 4)", _hessian),
     "score": Command("score the task queries, write proponents (stage 5)", _score),
+    "index": Command("build a scoring index of a candidate store for a preset", _index),
     "run": Command("the end-to-end job: every stage, then the E1 table", _run),
     "experiment": Command("run one experiment (E1-E7) and print its table", _experiment),
     "proponents": Command("proponents of new prompt/target pairs (Attributor)", _proponents),

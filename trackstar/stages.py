@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from trackstar import (
     tokenizer,
     world,
 )
+from trackstar import index as index_lib
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar import v_estimate as v_estimate_lib
@@ -963,6 +965,62 @@ def stage_score(
         result = {"ids": ids, "scores": scores, "path": out + ".jsonl"}
     barrier("trackstar-proponents-saved")
     return result
+
+
+def index_path(
+    cfg, candidates: str, preset: str, dtype: str = "float32", train_tag="", query_tag=""
+) -> str:
+    """``indexes/<candidates>-<preset>-<dtype>[-<tags>]``: a scoring index (``trackstar.index``)."""
+    return path(cfg, "indexes", _tagged(f"{candidates}-{preset}-{dtype}", train_tag, query_tag))
+
+
+def stage_index(
+    cfg,
+    preset: str | None = None,
+    candidates: str = "candidates",
+    dtype: str = "float32",
+    progress: bool = True,
+    train_tag: str = "",
+    query_tag: str = "",
+) -> str:
+    """Builds the scoring index of a candidate store for ``preset`` (``index.build_index``):
+    its rows R^{-1/2}-transformed and normalized once, as the preset scores them.
+
+    Reads the store and Hessian fit ``stage_score`` would (``score_inputs``'s checks). An index
+    already at ``index_path`` built from the same store, fit, preset and dtype (its recorded
+    ``IndexInfo``) is reused; a partial one resumes; one of other inputs (a refeaturized store,
+    a refit) is deleted and rebuilt, counted in ``CACHE_MISSES["index"]``. Rows are transformed
+    on the mesh of ``cfg.mesh``. Returns the index directory.
+    """
+    preset = preset or cfg.score.preset
+    spec = score.get_preset(preset)
+    train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
+    fit = preset_fit(cfg, preset, candidates, train_store, train_tag, query_tag)
+    out = index_path(cfg, candidates, preset, dtype, train_tag, query_tag)
+    wanted = index_lib.IndexInfo.make(train_store, fit, preset, dtype)
+    existing = index_lib.read_info(out)
+    # A moved run directory keeps its index: the recorded source path is only a label.
+    same = existing is not None and (
+        dataclasses.replace(existing, source_store=wanted.source_store) == wanted
+    )
+    if same and store.VectorStore.open(out, require_complete=False).is_complete:
+        return out
+    CACHE_MISSES["index"] += 1
+    resumable = same and existing.source_store == wanted.source_store
+    if not resumable and os.path.exists(out) and is_main_process():
+        shutil.rmtree(out)  # Built from other inputs (or unreadable): rebuilt below.
+    barrier("trackstar-index-cleared")
+    index_lib.build_index(
+        train_store,
+        fit,
+        preset,
+        out,
+        dtype,
+        mesh=sharding.mesh_from_config(cfg.mesh),
+        progress=progress and is_main_process(),
+        rows_per_step=int(cfg.score.chunk_rows),
+    )
+    return out
 
 
 def export_run(
