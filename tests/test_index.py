@@ -8,7 +8,7 @@ import pytest
 from store_fixtures import store_meta
 from tolerances import assert_close
 
-from trackstar import cli, hessian, index, stages, store
+from trackstar import cli, hessian, index, score, stages, store
 from trackstar.attributor import Attributor
 from trackstar.config import load_config_file
 from trackstar.hessian import fit_hessian
@@ -118,6 +118,9 @@ def test_index_refuses_another_store_fit_or_preset(inputs, tmp_path):
     with pytest.raises(index.ScoringIndexError, match="pass the fit"):
         index.score_index(idx, inputs["q"], K)
     index.ScoringIndex.open(idx.path, source=vs, fit=fit, preset="trackstar")  # its own: fine
+    # The reference scorer refuses an index store (it would transform the rows twice).
+    with pytest.raises(score.ScoreError, match="scoring index"):
+        score.score_preset(idx.store, inputs["q"], "trackstar", fit, K)
     # A store is not an index; an index path of other inputs is not overwritten.
     with pytest.raises(index.ScoringIndexError, match="not a scoring index"):
         index.ScoringIndex.open(vs.path)

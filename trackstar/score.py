@@ -422,6 +422,14 @@ def score_preset(
     spec = get_preset(preset)
     name = preset if isinstance(preset, str) else "custom"
     train_meta = rows.source_meta(train_chunks)
+    if train_meta is not None and "index" in (train_meta.get("extra") or {}):
+        # trackstar.index.INDEX_KEY: its rows are finished already; transforming them again
+        # would score R^-1/2 twice.
+        raise ScoreError(
+            "the train store is a scoring index (rows already transformed and normalized); "
+            "score it with trackstar.index.score_index, or pass the candidate store it was built "
+            "from"
+        )
     if train_meta is not None and "correction" in train_meta:
         has_correction = train_meta["correction"] not in (None, "none")
         if has_correction != spec.corrected:
