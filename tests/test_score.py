@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from store_fixtures import store_meta
-from tolerances import assert_close
+from tolerances import assert_close, assert_same_top_k
 
 from trackstar.hessian import HessianError, fit_hessian
 from trackstar.score import (
@@ -299,3 +299,13 @@ def test_streaming_loops_bound_the_steps_queued_on_the_device(monkeypatch):
     R, _ = gauss_newton(u_NxD, rows_per_step=4)
     assert len(waits) == 6  # 12 steps of 4 rows
     assert_close(R, u_NxD.T.astype(np.float64) @ u_NxD / 48, rtol=1e-5, peak_rtol=1e-6)
+
+
+def test_top_k_comparison_allows_swaps_only_inside_ties():
+    want_ids, want = np.array([[3, 1, 2, 0]]), np.array([[0.9, 0.5, 0.5 + 1e-6, 0.1]])
+    assert_same_top_k(np.array([[3, 2, 1, 0]]), want, want_ids, want)  # a near-tie swapped
+    with pytest.raises(AssertionError, match="outside a tie"):
+        assert_same_top_k(np.array([[1, 3, 2, 0]]), want, want_ids, want)
+    with pytest.raises(AssertionError, match="different ids"):  # not at the cut-off
+        assert_same_top_k(np.array([[3, 7, 2, 0]]), want, [[3, 5, 2, 0]], [[0.9, 0.5, 0.5, 0.1]])
+    assert_same_top_k(np.array([[3, 1, 2, 7]]), want, want_ids, [[0.9, 0.5, 0.5, 0.1]])  # cut-off
