@@ -143,6 +143,10 @@ def get_config() -> ml_collections.ConfigDict:
     h.train_sample = 4096  # Train-store rows sampled for R_train (0 = all).
     h.eval_source = "heldout"  # "task" (the scored queries) or "heldout" queries.
     h.sample_seed = 0
+    # "auto": with n_t + n_e < d rows (train sample + R_eval queries), R has rank <= n_t + n_e
+    # and is fitted as Q diag(s) Q^T + damping from the rows' Gram matrix (no d x d matrix;
+    # docs/method.md, "Low rank"); "never": always the d x d eigendecomposition; "always".
+    h.low_rank = "auto"
 
     # --- Scoring (docs/method.md, Scoring) ---
     s = c.score = ml_collections.ConfigDict()

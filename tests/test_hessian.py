@@ -15,7 +15,9 @@ from trackstar.hessian import (
     gauss_newton,
     inverse_sqrt,
     mix_lambda,
+    root_coefficients,
     sample_rows,
+    use_low_rank,
 )
 from trackstar.rows import source_meta
 from trackstar.store import StoreMeta, StoreMismatchError, VectorStore
@@ -259,3 +261,180 @@ def test_fit_refuses_an_eval_store_featurized_another_way(tmp_path):
     prov = {"train_meta": source_meta(train), "eval_meta": source_meta(other_seed)}
     with pytest.raises(StoreMismatchError, match=r"projection.seed"):
         fit_from_moments(R, R, _cfg(), D, provenance=prov)
+
+
+# ----------------------------------------------------------------------------- low rank
+
+DL, NT, NE = 64, 20, 10  # n_t + n_e = 30 < d: R has rank <= 30, the low-rank form applies
+CROSS_L = 5 * 65536 / DL  # "auto": c = 5, below both ranks, so the curves cross inside them
+
+
+def _low_rank_rows(seed=0):
+    u_train = _vectors(NT, DL, seed=seed, scale=np.geomspace(3, 0.1, DL))
+    u_eval = _vectors(NE, DL, seed=seed + 1, scale=np.geomspace(0.2, 4, DL))
+    return u_train, u_eval
+
+
+def _dense_reference(u_train, u_eval, rule, damping=0.1):
+    """λ, the three transforms and the spectra by the d×d float64 eigh formulas."""
+    Rt = u_train.astype(np.float64).T @ u_train / len(u_train)
+    Re = u_eval.astype(np.float64).T @ u_eval / len(u_eval)
+    lam = mix_lambda(Re, Rt, rule, DL, CROSS_L)
+    mixed, evals = inverse_sqrt(lam * Re + (1 - lam) * Rt, damping)
+    t_sqrt, e_train = inverse_sqrt(Rt, damping)
+    T = {
+        "mixed_inv_sqrt": mixed,
+        "train_inv_sqrt": t_sqrt,
+        "train_inv": _damped_inverse(Rt, damping),
+    }
+    return lam, T, evals, e_train
+
+
+def test_root_coefficients_are_the_differences_of_powers():
+    s = np.array([0.0, 1e-12, 0.3, 2.0, 1e6])
+    for power in (-0.5, -1.0):
+        coef, scale = root_coefficients(s, 0.7, power)
+        assert scale == pytest.approx(0.7**power, rel=1e-15)
+        assert_close(coef, (s + 0.7) ** power - 0.7**power, rtol=1e-12, peak_rtol=1e-15)
+        assert coef[0] == 0 and coef[1] < 0  # no cancellation to 0 for s << δ
+    with pytest.raises(HessianError, match="power"):
+        root_coefficients(s, 0.7, 0.5)
+
+
+@pytest.mark.parametrize("rule", ["auto", "auto_trace", 0.3])
+def test_low_rank_fit_equals_the_dense_eigh_path(rule):
+    u_train, u_eval = _low_rank_rows()
+    fit = fit_hessian(u_train, u_eval, _cfg(lambda_mix=rule, crossing_per_65536=CROSS_L), DL)
+    assert fit.is_low_rank and fit.provenance["representation"] == "low_rank"
+    assert sorted(fit.transforms) == ["mixed_inv_sqrt", "train_inv", "train_inv_sqrt"]
+    fit.apply("mixed_inv_sqrt", np.zeros((1, DL)))
+    assert not fit.transforms._cache  # applying builds no d×d matrix
+    lam, T, evals, e_train = _dense_reference(u_train, u_eval, rule)
+    # λ from the Gram spectra (all float64) equals λ from the d×d eigendecompositions.
+    assert fit.lambda_mix == pytest.approx(lam, rel=1e-9)
+    if rule == "auto":
+        assert 0 < fit.lambda_mix < 1
+    assert_close(fit.eigenvalues, evals, rtol=0, peak_rtol=1e-9)
+    assert_close(fit.eig_train, e_train, rtol=0, peak_rtol=1e-9)
+    assert np.all(fit.eigenvalues[NT + NE :] == 0) and np.all(fit.eig_train[NT:] == 0)
+    assert np.all(fit.eig_eval[NE:] == 0)
+
+    # (R + δI)^p on random rows: float64 rows in float64, float32 rows in float32.
+    x = np.random.default_rng(7).normal(size=(9, DL))
+    for name, ref in T.items():
+        want = x @ ref
+        got = fit.apply(name, x)
+        assert got.dtype == np.float64
+        assert_close(got, want, rtol=1e-5, peak_rtol=1e-6, err_msg=name)
+        got32 = fit.apply(name, x.astype(np.float32))
+        assert got32.dtype == np.float32
+        assert_close(got32, want, rtol=1e-3, peak_rtol=1e-5, err_msg=name)
+        # The d×d matrix the (d×d) scorer reads, built from the factors.
+        assert_close(fit.transform(name), ref, rtol=1e-4, peak_rtol=1e-6, err_msg=name)
+        scale, Q, coef = fit.low_rank_factors(name)
+        assert Q.shape[0] == DL and Q.shape[1] <= NT + NE and Q.dtype == np.float32
+        assert_close(Q.T.astype(np.float64) @ Q, np.eye(Q.shape[1]), rtol=0, peak_rtol=1e-6)
+
+    # The d×d fit of the same rows (float32 device sums: R_TOL) agrees.
+    dense = fit_hessian(
+        u_train, u_eval, _cfg(lambda_mix=rule, crossing_per_65536=CROSS_L, low_rank="never"), DL
+    )
+    assert not dense.is_low_rank and dense.provenance["representation"] == "dense"
+    assert dense.low_rank_factors("mixed_inv_sqrt") is None
+    assert dense.lambda_mix == pytest.approx(fit.lambda_mix, rel=1e-5)
+    for name in T:
+        assert_close(fit.apply(name, x), dense.apply(name, x), rtol=1e-3, peak_rtol=2e-5)
+
+
+def test_low_rank_is_chosen_when_the_rows_are_fewer_than_d():
+    assert use_low_rank("auto", 64, 30) and not use_low_rank("auto", 64, 64)
+    assert not use_low_rank("auto", 64, None)  # unknown row count: the d×d path
+    assert use_low_rank("always", 64, 100) and not use_low_rank("never", 64, 30)
+    with pytest.raises(HessianError, match="low_rank"):
+        use_low_rank("sometimes", 64, 30)
+
+    u_train, u_eval = _low_rank_rows()
+    assert fit_hessian(u_train, u_eval, _cfg(low_rank="auto"), DL).is_low_rank
+    assert not fit_hessian(u_train, u_eval, _cfg(low_rank="never"), DL).is_low_rank
+    # n_t + n_e >= d: the d×d path, under "auto".
+    few = DL // 4
+    assert not fit_hessian(u_train[:, :few], u_eval[:, :few], _cfg(), few).is_low_rank
+    # The cfg without the field is "auto"; a chunk iterable has no row count up front.
+    cfg = _cfg()
+    assert fit_hessian(u_train, u_eval, cfg, DL).is_low_rank
+    chunks = _chunks(u_train, [8, 12])
+    assert not fit_hessian(chunks, u_eval, cfg, DL).is_low_rank
+    # "always" with r >= d still equals the dense formula (r x r Gram of rank d).
+    big_t, big_e = u_train[:, :few], u_eval[:, :few]
+    fit = fit_hessian(big_t, big_e, _cfg(lambda_mix="auto_trace", low_rank="always"), few)
+    assert fit.is_low_rank
+    Rt = big_t.astype(np.float64).T @ big_t / NT
+    Re = big_e.astype(np.float64).T @ big_e / NE
+    lam = mix_lambda(Re, Rt, "auto_trace", few)
+    ref, _ = inverse_sqrt(lam * Re + (1 - lam) * Rt, 0.1)
+    x = np.random.default_rng(1).normal(size=(5, few))
+    assert_close(fit.apply("mixed_inv_sqrt", x), x @ ref, rtol=1e-5, peak_rtol=1e-6)
+
+    with pytest.raises(HessianError, match="damping"):
+        fit_hessian(u_train, u_eval, _cfg(damping=0.0), DL)  # rank 30 < 64 and undamped
+
+
+def test_low_rank_fit_save_load_keeps_factors_and_provenance(tmp_path):
+    u_train, u_eval = _low_rank_rows(seed=3)
+    pool = np.concatenate([u_train, _vectors(15, DL, seed=9)])  # 35 rows, 20 sampled
+    meta = {"dim": DL, "model_fingerprint": "abc", "projection": {"seed": 0}, "correction": "adam"}
+    store = _FakeStore(pool, meta)
+    cfg = _cfg(lambda_mix="auto_trace", train_sample=NT)
+    fit = fit_hessian(store, u_eval, cfg, DL, provenance={"train_path": "x"})
+    assert fit.is_low_rank and fit.provenance["train_rows_used"] == NT
+    pos = sample_rows(len(pool), NT, 0)
+    lam, T, evals, _ = _dense_reference(pool[pos], u_eval, "auto_trace")
+    assert fit.lambda_mix == pytest.approx(lam, rel=1e-9)
+    x = np.random.default_rng(2).normal(size=(4, DL))
+    assert_close(fit.apply("mixed_inv_sqrt", x), x @ T["mixed_inv_sqrt"], rtol=1e-5, peak_rtol=1e-6)
+
+    path = str(tmp_path / "fit.npz")
+    fit.save(path)
+    with np.load(path) as z:
+        assert not [k for k in z.files if k.startswith("transform_")]  # no d×d array saved
+        assert z["basis_mixed"].shape == (DL, NT + NE) and z["basis_train"].shape == (DL, NT)
+    meta_saved = HessianFit.read_meta(path)
+    assert meta_saved["transforms"] == sorted(T)
+    assert set(meta_saved["low_rank"]) == set(T)
+    back = HessianFit.load(path)
+    assert back.is_low_rank and back.lambda_mix == fit.lambda_mix
+    assert back.low_rank["train_inv"].basis is back.low_rank["train_inv_sqrt"].basis
+    for name in T:
+        np.testing.assert_array_equal(back.apply(name, x), fit.apply(name, x))
+        assert back.low_rank[name].scale == fit.low_rank[name].scale
+    np.testing.assert_array_equal(back.eigenvalues, fit.eigenvalues)
+    assert back.provenance == json.loads(json.dumps(fit.provenance))
+    assert back.provenance["train_meta"]["model_fingerprint"] == "abc"
+    back.check_compatible(meta)
+    with pytest.raises(HessianError, match="model_fingerprint"):
+        back.check_compatible({**meta, "model_fingerprint": "zzz"})
+    train_only = fit_hessian(u_train, None, _cfg(), DL)
+    assert train_only.is_low_rank and train_only.lambda_mix is None
+    with pytest.raises(HessianError, match="mixed_inv_sqrt"):
+        train_only.apply("mixed_inv_sqrt", x)
+
+
+def test_top_k_through_the_low_rank_fit_gives_the_dense_ids():
+    from trackstar.score import score_preset, top_k_scores
+
+    u_train, u_eval = _low_rank_rows(seed=5)
+    queries = _vectors(6, DL, seed=11, scale=np.geomspace(0.2, 4, DL))
+    cfg = _cfg(lambda_mix="auto_trace")
+    low = fit_hessian(u_train, u_eval, cfg, DL)
+    dense = fit_hessian(u_train, u_eval, {**cfg, "low_rank": "never"}, DL)
+    assert low.is_low_rank and not dense.is_low_rank
+    for preset in ("trackstar", "trak", "exp_opt_norm_rtrain"):
+        ids_d, sc_d = score_preset(u_train, queries, preset, dense, k=8)
+        ids_l, sc_l = score_preset(u_train, queries, preset, low, k=8)
+        np.testing.assert_array_equal(ids_l, ids_d, err_msg=preset)
+        assert_close(sc_l, sc_d, rtol=0, peak_rtol=1e-4, err_msg=preset)
+    # Rows transformed by the low-rank factors (O(d·r) each), scored with identity transforms.
+    t_m = low.apply("mixed_inv_sqrt", u_train)
+    t_q = low.apply("mixed_inv_sqrt", queries)
+    ids_a, _ = top_k_scores(t_m, t_q, None, None, True, 8)
+    np.testing.assert_array_equal(ids_a, score_preset(u_train, queries, "trackstar", dense, k=8)[0])

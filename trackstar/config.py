@@ -598,6 +598,8 @@ RULES: dict[str, Rule] = {
     "hessian.train_sample": Rule("an int >= 0 (0 = all rows)", Int(0).ok),
     "hessian.eval_source": OneOf("task", "heldout"),
     "hessian.sample_seed": _NONNEG,
+    # trackstar.hessian.LOW_RANK_MODES: R as Q diag(s) Qᵀ + δI when n_t + n_e < d ("auto").
+    "hessian.low_rank": OneOf("auto", "never", "always"),
     # score
     "score.preset": OneOf(*SCORE_PRESETS),
     "score.top_k": _POS,

@@ -13,6 +13,12 @@ run on the host in float64 numpy (``numpy.linalg.eigh`` at d ≤ 16384 is a one-
 featurizing). Vectors arrive as any of: an array ``vectors_NxD``, an iterable of
 ``(ids_N, vectors_NxD)`` chunks, or a store object with ``iter_chunks()``
 (``trackstar.store.VectorStore``); see ``trackstar.rows``.
+
+Low rank: R built from r = n_t + n_e < d rows has rank ≤ r, and R = WᵀW with W the r stacked,
+weighted rows. Then (R + δI)^p = δ^p I + Q diag((s + δ)^p − δ^p) Qᵀ exactly, with s, V from
+the r × r Gram matrix W Wᵀ = V diag(s) Vᵀ and Q = Wᵀ V diag(s)^{-1/2} (d × r, orthonormal).
+``hessian.low_rank`` ("auto": when r < d) fits that form (``LowRankRoot``) without any d × d
+matrix: fit O(d·r² + r³), memory O(d·r), applying it O(d·r) per row.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ from trackstar.files import atomic_write
 from trackstar.sharding import ALL_AXES, default_mesh, mesh_size, row_sharding
 
 SCHEMA_VERSION = 1
+# hessian.low_rank: "auto" = the low-rank form when n_t + n_e < d, "never" = always the d×d
+# eigendecomposition, "always" = the low-rank form whatever r.
+LOW_RANK_MODES = ("auto", "never", "always")
+# Column (dimension) block of the host Gram / basis passes over the rows (float64 copies of
+# rows × this many columns at a time).
+_GRAM_BLOCK = 2048
 # Names of the d×d transforms a fit can carry; score.py picks the one its preset needs.
 TRANSFORM_NAMES = ("train_inv_sqrt", "train_inv", "mixed_inv_sqrt")
 # Store-metadata keys that identify the vector space; a fit is valid only for stores that agree.
@@ -265,19 +277,26 @@ def mix_lambda(
     return b / (a + b)
 
 
-def _damped_eigh(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (eigenvalues ascending clipped, eigenvectors, damped eigenvalues)."""
+def _check_damping(damping: float) -> None:
     if not (math.isfinite(damping) and damping >= 0):
         raise HessianError(f"damping must be a finite number >= 0, got {damping}")
+
+
+_SINGULAR = (
+    "R is singular and damping is 0, so its inverse does not exist; set "
+    "hessian.damping > 0 (default 0.1) or use more rows"
+)
+
+
+def _damped_eigh(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (eigenvalues ascending clipped, eigenvectors, damped eigenvalues)."""
+    _check_damping(damping)
     evals, evecs = np.linalg.eigh(_symmetric(R))
     # R is a mean of outer products (PSD); negatives are round-off.
     evals = np.clip(evals, 0.0, None)
     damped = evals + damping * float(np.mean(evals))
     if np.any(damped <= 0):
-        raise HessianError(
-            "R is singular and damping is 0, so its inverse does not exist; set "
-            "hessian.damping > 0 (default 0.1) or use more rows"
-        )
+        raise HessianError(_SINGULAR)
     return evals, evecs, damped
 
 
@@ -291,6 +310,209 @@ def inverse_sqrt(R: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]
     return (evecs * damped**-0.5) @ evecs.T, evals[::-1].copy()
 
 
+# ----------------------------------------------------------------------------- low rank
+
+
+def low_rank_mode(value: Any) -> str:
+    """``hessian.low_rank`` checked: one of ``LOW_RANK_MODES``."""
+    mode = str(value).strip() if isinstance(value, str) else value
+    if mode not in LOW_RANK_MODES:
+        raise HessianError(
+            f"hessian.low_rank must be one of {', '.join(map(repr, LOW_RANK_MODES))}; got {value!r}"
+        )
+    return mode
+
+
+def use_low_rank(mode: str, dim: int, n_rows: int | None) -> bool:
+    """Whether a fit from ``n_rows`` = n_t + n_e rows takes the low-rank form.
+
+    "auto": when the row count is known and below d (then the d·r basis is smaller than the
+    d×d matrix and the r×r eigendecomposition cheaper than the d×d one); "never" / "always".
+    """
+    mode = low_rank_mode(mode)
+    if mode != "auto":
+        return mode == "always"
+    return n_rows is not None and 0 < n_rows < int(dim)
+
+
+def _descending_padded(s: np.ndarray, dim: int) -> np.ndarray:
+    """Gram eigenvalues as R's spectrum: clipped at 0, descending, zero-padded to ``dim``."""
+    s = np.sort(np.clip(np.asarray(s, np.float64), 0.0, None))[::-1]
+    if len(s) >= dim:
+        return s[:dim].copy()
+    return np.concatenate([s, np.zeros(dim - len(s))])
+
+
+def root_coefficients(s: np.ndarray, delta: float, power: float) -> tuple[np.ndarray, float]:
+    """``(coef, scale)`` with (s + δ)^p = scale + coef, for p = -1/2 or -1, δ > 0.
+
+    coef = (s + δ)^p − δ^p is written without the difference (no cancellation for s ≪ δ).
+    """
+    s = np.asarray(s, np.float64)
+    if power == -0.5:
+        a, b = np.sqrt(s + delta), math.sqrt(delta)
+        return -s / (a * b * (a + b)), 1.0 / b
+    if power == -1.0:
+        return -s / (delta * (s + delta)), 1.0 / delta
+    raise HessianError(f"power must be -0.5 or -1, got {power}")
+
+
+@dataclasses.dataclass
+class LowRankRoot:
+    """(R + δI)^p = ``scale`` · I + Q diag(``coef``) Qᵀ, Q = ``basis`` (d × k, orthonormal).
+
+    ``basis_name`` names the basis it shares with the fit's other roots ("train": R_train's,
+    "mixed": the mixed R's). Q is float32 (like the dense transforms), computed in float64;
+    ``coef`` and ``scale`` are float64.
+    """
+
+    basis_name: str
+    basis: np.ndarray
+    coef: np.ndarray
+    scale: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[0])
+
+    def apply(self, vectors_NxD: Any) -> np.ndarray:
+        """(R + δI)^p applied to each row: O(d·k) per row, no d×d matrix.
+
+        float64 rows are transformed in float64, anything else in float32 (the scorer's
+        precision).
+        """
+        x = np.asarray(vectors_NxD)
+        dt = np.float64 if x.dtype == np.float64 else np.float32
+        x = x.astype(dt, copy=False)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise HessianError(f"expected rows of shape (N, {self.dim}), got {x.shape}")
+        Q = self.basis.astype(dt, copy=False)
+        return self.scale * x + ((x @ Q) * self.coef.astype(dt)) @ Q.T
+
+    def dense(self, block: int = 1024) -> np.ndarray:
+        """The d×d float32 matrix (float64 arithmetic, ``block`` rows at a time)."""
+        d = self.dim
+        Q = self.basis.astype(np.float64)
+        Qc = Q * self.coef
+        out = np.empty((d, d), np.float32)
+        for start in range(0, d, block):
+            stop = min(start + block, d)
+            piece = Qc[start:stop] @ Q.T
+            piece[np.arange(stop - start), np.arange(start, stop)] += self.scale
+            out[start:stop] = piece
+        return out
+
+
+class _DenseView(Mapping):
+    """name → d×d float32 of a low-rank fit, materialized on first access and kept."""
+
+    def __init__(self, roots: Mapping[str, LowRankRoot]):
+        self._roots = roots
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self._roots[name].dense()
+        return self._cache[name]
+
+    def __contains__(self, name: object) -> bool:  # without materializing (Mapping's default)
+        return name in self._roots
+
+    def __iter__(self):
+        return iter(self._roots)
+
+    def __len__(self) -> int:
+        return len(self._roots)
+
+
+def _column_block(parts: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Columns ``start:stop`` of the row-stacked ``parts``, as one contiguous float64 array."""
+    return np.concatenate([np.asarray(p[:, start:stop], np.float64) for p in parts])
+
+
+def _finite(G: np.ndarray) -> np.ndarray:
+    """``G`` (exactly symmetric by construction) after a finiteness check, uncopied."""
+    if not np.all(np.isfinite(G)):
+        raise HessianError("the Gram matrix has non-finite entries; refit from finite vectors")
+    return G
+
+
+def _scale_both_sides(K: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """diag(w) K diag(w), in place (``K`` is not used afterwards)."""
+    K *= w[:, None]
+    K *= w[None, :]
+    return K
+
+
+def _gram(parts: Sequence[np.ndarray], block: int = _GRAM_BLOCK) -> np.ndarray:
+    """U Uᵀ in float64 (N×N) for U = the row-stacked ``parts``, over column blocks."""
+    n, d = sum(len(p) for p in parts), parts[0].shape[1]
+    K = np.zeros((n, n), np.float64)
+    for start in range(0, d, block):
+        Uc = _column_block(parts, start, start + block)
+        K += Uc @ Uc.T  # one operand transposed: numpy takes the symmetric (syrk) product
+    return 0.5 * (K + K.T)
+
+
+def _basis(
+    parts: Sequence[np.ndarray],
+    sqrt_w_N: np.ndarray,
+    V_NxK: np.ndarray,
+    s_K: np.ndarray,
+    block: int,
+) -> np.ndarray:
+    """Q = Wᵀ V diag(s)^{-1/2} (d × k float32, computed in float64), W = diag(sqrt_w) U.
+
+    ``V`` is overwritten (with diag(sqrt_w) V diag(s)^{-1/2}).
+    """
+    V_NxK *= sqrt_w_N[:, None]
+    V_NxK /= np.sqrt(s_K)[None, :]
+    B_NxK = V_NxK
+    d = parts[0].shape[1]
+    Q = np.empty((d, B_NxK.shape[1]), np.float32)
+    for start in range(0, d, block):
+        Q[start : start + block] = _column_block(parts, start, start + block).T @ B_NxK
+    return Q
+
+
+def _low_rank_roots(
+    parts: Sequence[np.ndarray],
+    sqrt_w_N: np.ndarray,
+    G_NxN: np.ndarray,
+    damping: float,
+    dim: int,
+    powers: Mapping[str, float],
+    basis_name: str,
+    block: int = _GRAM_BLOCK,
+) -> tuple[np.ndarray, dict[str, LowRankRoot]]:
+    """R's descending spectrum (length d) and its damped roots from the Gram matrix of W.
+
+    ``G`` = W Wᵀ with W = diag(sqrt_w) U, U the row-stacked ``parts``; δ = damping · tr R / d
+    as in the dense path (the mean of R's d eigenvalues). Gram eigenvalues at or below
+    r · ε · max are left out of the basis (directions R has only to round-off; their
+    coefficients would be ≈ 0 anyway).
+    """
+    _check_damping(damping)
+    if not powers:
+        s = np.linalg.eigvalsh(_finite(G_NxN))
+        return _descending_padded(s, dim), {}
+    s, V = np.linalg.eigh(_finite(G_NxN))
+    s = np.clip(s, 0.0, None)
+    delta = damping * float(np.sum(s)) / dim
+    if delta <= 0:
+        raise HessianError(_SINGULAR + " (the low-rank form needs damping > 0)")
+    tol = float(s.max(initial=0.0)) * max(len(s), 1) * np.finfo(np.float64).eps
+    keep = s > tol
+    s_k, V_k = (s, V) if keep.all() else (s[keep], V[:, keep])
+    del V
+    Q = _basis(parts, sqrt_w_N, V_k, s_k, block)
+    roots = {}
+    for name, power in powers.items():
+        coef, scale = root_coefficients(s_k, delta, power)
+        roots[name] = LowRankRoot(basis_name, Q, coef, scale)
+    return _descending_padded(s, dim), roots
+
+
 # ----------------------------------------------------------------------------- the fit
 
 
@@ -300,6 +522,10 @@ class HessianFit:
 
     ``transforms`` maps names in ``TRANSFORM_NAMES`` to d×d float32 matrices (symmetric, applied
     as ``vectors_NxD @ T``). Spectra are float64, descending.
+
+    A low-rank fit (``low_rank`` non-empty; ``use_low_rank``) holds each transform as a
+    ``LowRankRoot`` instead: ``apply`` uses it at O(d·r) per row, and ``transforms`` /
+    ``transform`` materialize the d×d float32 matrix on first access (for the d×d scorer).
     """
 
     dim: int
@@ -309,18 +535,59 @@ class HessianFit:
     eigenvalues: np.ndarray
     eig_train: np.ndarray
     eig_eval: np.ndarray | None
-    transforms: dict[str, np.ndarray]
+    transforms: Mapping[str, np.ndarray]
     provenance: dict = dataclasses.field(default_factory=dict)
+    low_rank: dict[str, LowRankRoot] = dataclasses.field(default_factory=dict)
 
-    def transform(self, name: str) -> np.ndarray:
-        """The d×d matrix ``name``; a missing one is an error that says how to refit."""
+    def __post_init__(self) -> None:
+        if self.low_rank:
+            if self.transforms and not isinstance(self.transforms, _DenseView):
+                raise HessianError("a fit holds either d×d transforms or low-rank roots, not both")
+            self.transforms = _DenseView(self.low_rank)
+
+    @property
+    def is_low_rank(self) -> bool:
+        """Whether the transforms are held as ``LowRankRoot`` (no d×d matrix stored)."""
+        return bool(self.low_rank)
+
+    def _check_name(self, name: str) -> None:
         if name not in self.transforms:
             raise HessianError(
                 f"this Hessian fit has no {name!r} transform (it has {sorted(self.transforms)}); "
                 f"refit with scripts/fit_hessian.py including {name!r}"
                 + (" and an eval (query) store" if name.startswith("mixed") else "")
             )
+
+    def transform(self, name: str) -> np.ndarray:
+        """The d×d matrix ``name``; a missing one is an error that says how to refit.
+
+        On a low-rank fit this builds the d×d float32 matrix (d²·r work, d² memory); prefer
+        ``apply`` or ``low_rank_factors`` there.
+        """
+        self._check_name(name)
         return self.transforms[name]
+
+    def apply(self, name: str, vectors_NxD: Any) -> np.ndarray:
+        """Transform ``name`` applied to each row (T u; T is symmetric), on the host.
+
+        Low-rank fits: O(d·r) per row without a d×d matrix. float64 rows are transformed in
+        float64, anything else in float32.
+        """
+        self._check_name(name)
+        x = np.asarray(vectors_NxD)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise HessianError(f"expected rows of shape (N, {self.dim}), got {x.shape}")
+        if name in self.low_rank:
+            return self.low_rank[name].apply(x)
+        dt = np.float64 if x.dtype == np.float64 else np.float32
+        return x.astype(dt, copy=False) @ np.asarray(self.transforms[name], dt)
+
+    def low_rank_factors(self, name: str) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """``(scale, Q_DxK float32, coef_K float64)`` with T = scale·I + Q diag(coef) Qᵀ, or
+        None when ``name`` is held as a d×d matrix."""
+        self._check_name(name)
+        root = self.low_rank.get(name)
+        return None if root is None else (root.scale, root.basis, root.coef)
 
     def check_dim(self, dim: int, what: str = "the vectors") -> None:
         """Refuses vectors whose dimension differs from the fit's."""
@@ -372,6 +639,11 @@ class HessianFit:
             "has_eig_eval": self.eig_eval is not None,
             "provenance": self.provenance,
         }
+        if self.low_rank:
+            meta["low_rank"] = {
+                name: {"basis": root.basis_name, "scale": float(root.scale), "rank": len(root.coef)}
+                for name, root in self.low_rank.items()
+            }
         meta_text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
         arrays = {
             "eigenvalues": self.eigenvalues,
@@ -380,8 +652,13 @@ class HessianFit:
         }
         if self.eig_eval is not None:
             arrays["eig_eval"] = self.eig_eval
-        for name, mat in self.transforms.items():
-            arrays[f"transform_{name}"] = np.asarray(mat, np.float32)
+        if self.low_rank:
+            for name, root in self.low_rank.items():
+                arrays[f"basis_{root.basis_name}"] = np.asarray(root.basis, np.float32)
+                arrays[f"coef_{name}"] = np.asarray(root.coef, np.float64)
+        else:
+            for name, mat in self.transforms.items():
+                arrays[f"transform_{name}"] = np.asarray(mat, np.float32)
         atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
         atomic_write(path[: -len(".npz")] + ".json", lambda f: f.write(meta_text + "\n"))
 
@@ -407,7 +684,19 @@ class HessianFit:
                     f"{path!r} has schema version {meta.get('schema_version')}, this code reads "
                     f"{SCHEMA_VERSION}; refit with scripts/fit_hessian.py"
                 )
-            transforms = {name: z[f"transform_{name}"] for name in meta["transforms"]}
+            low_rank: dict[str, LowRankRoot] = {}
+            transforms: dict[str, np.ndarray] = {}
+            if meta.get("low_rank"):
+                bases: dict[str, np.ndarray] = {}
+                for name, info in meta["low_rank"].items():
+                    key = str(info["basis"])
+                    if key not in bases:
+                        bases[key] = z[f"basis_{key}"]
+                    low_rank[name] = LowRankRoot(
+                        key, bases[key], z[f"coef_{name}"], float(info["scale"])
+                    )
+            else:
+                transforms = {name: z[f"transform_{name}"] for name in meta["transforms"]}
             return cls(
                 dim=int(meta["dim"]),
                 lambda_mix=meta["lambda_mix"],
@@ -418,6 +707,7 @@ class HessianFit:
                 eig_eval=z["eig_eval"] if meta["has_eig_eval"] else None,
                 transforms=transforms,
                 provenance=meta["provenance"],
+                low_rank=low_rank,
             )
 
 
@@ -429,19 +719,89 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def _read_eval_rows(source: Any, rows_per_step: int | None) -> np.ndarray:
+    """Every query row of ``source`` (float32, or float64 when given so), checked finite."""
+    chunks = rows.iter_vector_chunks(source, rows_per_step, HessianError)
+    parts = [_as_float(v) for _, v in chunks]
+    if not parts or sum(len(p) for p in parts) == 0:
+        raise HessianError("the eval (query) store is empty; featurize the queries first")
+    U_NxD = np.concatenate(parts)
+    if not np.all(np.isfinite(U_NxD)):
+        raise HessianError("non-finite values in the eval vectors; re-featurize the store")
+    return U_NxD
+
+
+_FLOATS = (np.float32, np.float64)
+
+
+def _as_float(v: Any) -> np.ndarray:
+    v = np.asarray(v)
+    return v if v.dtype in _FLOATS else v.astype(np.float32)
+
+
+def _read_train_rows(
+    source: Any, positions: np.ndarray | None, expected: int | None, rows_per_step: int | None
+) -> np.ndarray:
+    """The train rows at ``positions`` (stream order; None = all), stacked, checked finite.
+
+    Read on the host by every process (the low-rank path: fewer than d rows). ``expected``
+    rows (when known) are written into one preallocated array instead of a list + copy.
+    """
+    if isinstance(source, np.ndarray) and source.ndim == 2 and source.dtype in _FLOATS:
+        # An array is used in place (no copy): checked finite a block of rows at a time.
+        picked = source if positions is None else source[np.asarray(positions, np.int64)]
+        step = max(1, (1 << 24) // max(picked.shape[1], 1))
+        for start in range(0, len(picked), step):
+            if not np.all(np.isfinite(picked[start : start + step])):
+                raise HessianError("non-finite values in the vectors; re-featurize the store")
+        if len(picked) == 0:
+            raise HessianError("no rows selected for the Gauss-Newton matrix")
+        return picked
+    keep = None if positions is None else np.unique(np.asarray(positions, np.int64))
+    parts: list[np.ndarray] = []
+    out = None
+    used = offset = 0
+    dim = None
+    for ids_N, vecs_NxD in rows.iter_vector_chunks(source, rows_per_step, HessianError):
+        n = len(ids_N)
+        vecs_NxD = _as_float(vecs_NxD)
+        if keep is not None:
+            lo, hi = np.searchsorted(keep, [offset, offset + n])
+            vecs_NxD = vecs_NxD[keep[lo:hi] - offset]
+        offset += n
+        if dim is None:
+            dim = int(vecs_NxD.shape[1])
+            if expected:
+                out = np.empty((int(expected), dim), vecs_NxD.dtype)
+        elif vecs_NxD.shape[1] != dim:
+            raise HessianError(f"chunks disagree in dimension: {vecs_NxD.shape[1]} vs {dim}")
+        if not np.all(np.isfinite(vecs_NxD)):
+            raise HessianError("non-finite values in the vectors; re-featurize the store")
+        if out is not None and used + len(vecs_NxD) <= len(out):
+            out[used : used + len(vecs_NxD)] = vecs_NxD
+        else:
+            if out is not None:  # more rows than announced: fall back to a list
+                parts.append(out[:used])
+                out = None
+            parts.append(np.array(vecs_NxD))
+        used += len(vecs_NxD)
+    if dim is None or used == 0:
+        raise HessianError(
+            "no rows selected for the Gauss-Newton matrix; check that the store is not empty "
+            "and that the sample ids exist in it"
+        )
+    if out is not None:
+        return out[:used]
+    return np.concatenate(parts)
+
+
 def _eval_moments(source: Any, rows_per_step: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """R_eval, its descending spectrum and the row count, for a (small) set of query vectors.
 
     With n < d rows, R_eval = UᵀU/n has the same nonzero eigenvalues as the n×n Gram matrix
     UUᵀ/n, so the spectrum costs an n×n decomposition instead of a d×d one.
     """
-    chunks = rows.iter_vector_chunks(source, rows_per_step, HessianError)
-    parts = [np.asarray(v, np.float64) for _, v in chunks]
-    if not parts or sum(len(p) for p in parts) == 0:
-        raise HessianError("the eval (query) store is empty; featurize the queries first")
-    U_NxD = np.concatenate(parts)
-    if not np.all(np.isfinite(U_NxD)):
-        raise HessianError("non-finite values in the eval vectors; re-featurize the store")
+    U_NxD = _read_eval_rows(source, rows_per_step).astype(np.float64)
     n, d = U_NxD.shape
     R_DxD = U_NxD.T @ U_NxD / n
     if n < d:
@@ -504,7 +864,9 @@ def fit_hessian(
       eval_vectors: the query vectors for R_eval (array, chunk iterable or store), or None to
         fit R_train alone (presets with ``hessian="train"``).
       cfg_hessian: the ``hessian`` config section (lambda_mix, crossing_per_65536, damping,
-        train_sample, sample_seed); a dict works too.
+        train_sample, sample_seed, low_rank); a dict works too. ``low_rank`` ("auto" when
+        absent): ``use_low_rank`` on n_t + n_e decides between the low-rank fit
+        (``fit_low_rank``: rows read on the host, no d×d matrix) and the d×d one.
       dim: the expected vector dimension; vectors of another d are refused.
       transforms: names from ``TRANSFORM_NAMES`` to compute; None = every one the inputs allow.
       provenance: extra facts to record (store paths, ...); store metadata is added
@@ -550,6 +912,40 @@ def fit_hessian(
             )
         positions = sample_rows(num_rows, n_sample, seed)
     mesh = default_mesh(mesh)
+    mode = low_rank_mode(cfg_get(cfg_hessian, "low_rank", "auto"))
+    n_train_planned = None
+    if num_rows is not None:
+        n_train_planned = num_rows if positions is None else len(positions)
+    U_eval = None
+    n_eval_planned = 0
+    if eval_vectors is not None:
+        n_eval_planned = rows.source_num_rows(eval_vectors)
+        if n_eval_planned is None and mode == "auto":
+            U_eval = _read_eval_rows(eval_vectors, rows_per_step)
+            n_eval_planned = len(U_eval)
+    n_planned = None
+    if n_train_planned is not None and n_eval_planned is not None:
+        n_planned = n_train_planned + n_eval_planned
+    if use_low_rank(mode, dim, n_planned):
+        U_train = _read_train_rows(train_chunks, positions, n_train_planned, rows_per_step)
+        if eval_vectors is not None and U_eval is None:
+            U_eval = _read_eval_rows(eval_vectors, rows_per_step)
+        for name, U in (("train", U_train), ("eval", U_eval)):
+            if U is not None and U.shape[1] != dim:
+                raise HessianError(
+                    f"{name} vectors have d = {U.shape[1]} but d = {dim} was asked for; refit "
+                    "against the store's projection"
+                )
+        prov.update(
+            train_rows_total=num_rows,
+            train_rows_used=len(U_train),
+            train_sample_seed=seed,
+            mesh_devices=mesh_size(mesh),
+        )
+        if U_eval is not None:
+            prov["eval_rows_used"] = len(U_eval)
+        return fit_low_rank(U_train, U_eval, cfg_hessian, dim, wanted=wanted, provenance=prov)
+
     R_train, n_train = gauss_newton(
         train_chunks, sample_positions=positions, rows_per_step=rows_per_step, mesh=mesh
     )
@@ -563,11 +959,13 @@ def fit_hessian(
         train_rows_used=n_train,
         train_sample_seed=seed,
         mesh_devices=mesh_size(mesh),
+        representation="dense",
     )
 
     R_eval, eig_eval = None, None
     if eval_vectors is not None:
-        R_eval, eig_eval, n_eval = _eval_moments(eval_vectors, rows_per_step)
+        source = eval_vectors if U_eval is None else U_eval
+        R_eval, eig_eval, n_eval = _eval_moments(source, rows_per_step)
         prov["eval_rows_used"] = n_eval
     return fit_from_moments(
         R_train, R_eval, cfg_hessian, dim, wanted=wanted, provenance=prov, eig_eval=eig_eval
@@ -638,4 +1036,94 @@ def fit_from_moments(
         eig_eval=eig_eval,
         transforms=out,
         provenance=dict(provenance or {}),
+    )
+
+
+def fit_low_rank(
+    U_train: np.ndarray,
+    U_eval: np.ndarray | None,
+    cfg_hessian: Any,
+    dim: int,
+    *,
+    wanted: Sequence[str] = TRANSFORM_NAMES,
+    provenance: Mapping | None = None,
+    block: int = _GRAM_BLOCK,
+) -> HessianFit:
+    """The fit of ``fit_from_moments`` from the rows themselves, without a d×d matrix.
+
+    With U_t (n_t × d) and U_e (n_e × d): R_train = U_tᵀU_t / n_t, R_eval = U_eᵀU_e / n_e and
+    R = WᵀW for W = [sqrt(λ/n_e) U_e; sqrt((1 − λ)/n_t) U_t]. One float64 Gram matrix K of the
+    stacked rows (r × r, r = n_e + n_t) gives every spectrum (R_train's from K_tt / n_t,
+    R_eval's from K_ee / n_e, R's from diag(sqrt w) K diag(sqrt w)), so all three λ rules
+    work as in the dense path ("auto" reads e[c] of the zero-padded spectra). Each wanted
+    transform becomes a ``LowRankRoot``; δ = damping · tr R / d, as there.
+
+    Cost: O(d·r²) for K and each basis, O(r³) for the eigendecompositions; memory O(d·r).
+    """
+    prov_in = provenance or {}
+    wanted = list(wanted)
+    if U_eval is not None:
+        check_sources_compatible(prov_in.get("train_meta"), prov_in.get("eval_meta"))
+    elif "mixed_inv_sqrt" in wanted:
+        raise HessianError("the mixed R needs eval (query) vectors; pass an eval store")
+    damping = float(cfg_get(cfg_hessian, "damping", 0.1))
+    _check_damping(damping)
+    rule = cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
+    crossing = float(cfg_get(cfg_hessian, "crossing_per_65536", 1000))
+    U_train = _as_float(U_train)
+    n_t = len(U_train)
+    if n_t == 0 or U_train.ndim != 2:
+        raise HessianError("no train rows for the Gauss-Newton matrix")
+    for name, U in (("train", U_train), ("eval", U_eval)):
+        if U is not None and np.shape(U)[1] != dim:
+            raise HessianError(
+                f"{name} vectors have d = {np.shape(U)[1]} but d = {dim} was asked for; "
+                "featurize both with the same projection"
+            )
+    parts = [U_train]
+    if U_eval is not None:
+        U_eval = _as_float(U_eval)
+        if len(U_eval) == 0:
+            raise HessianError("the eval (query) store is empty; featurize the queries first")
+        parts = [U_eval, U_train]
+    n_e = sum(len(p) for p in parts) - n_t
+    # Rows stay as given (float32 from a store); every product below is float64.
+    K = _gram(parts, block)
+
+    train_powers = {
+        name: power
+        for name, power in (("train_inv_sqrt", -0.5), ("train_inv", -1.0))
+        if name in wanted
+    }
+    sw_t = np.full(n_t, 1.0 / math.sqrt(n_t))
+    eig_train, roots = _low_rank_roots(
+        [U_train], sw_t, K[n_e:, n_e:] / n_t, damping, dim, train_powers, "train", block
+    )
+    lam = None
+    eig_eval = None
+    eigenvalues = eig_train
+    if U_eval is not None:
+        eig_eval = _descending_padded(np.linalg.eigvalsh(_symmetric(K[:n_e, :n_e] / n_e)), dim)
+        lam = mix_lambda(None, None, rule, dim, crossing, eig_eval=eig_eval, eig_train=eig_train)
+        w = np.concatenate([np.full(n_e, lam / n_e), np.full(n_t, (1.0 - lam) / n_t)])
+        sw = np.sqrt(w)
+        mixed_powers = {"mixed_inv_sqrt": -0.5} if "mixed_inv_sqrt" in wanted else {}
+        eigenvalues, mixed = _low_rank_roots(
+            parts, sw, _scale_both_sides(K, sw), damping, dim, mixed_powers, "mixed", block
+        )
+        roots.update(mixed)
+    prov = dict(prov_in)
+    prov["representation"] = "low_rank"
+    prov["low_rank_rows"] = int(n_t + n_e)
+    return HessianFit(
+        dim=int(dim),
+        lambda_mix=lam,
+        damping=damping,
+        rule=str(rule),
+        eigenvalues=eigenvalues,
+        eig_train=eig_train,
+        eig_eval=eig_eval,
+        transforms={},
+        provenance=prov,
+        low_rank=roots,
     )
