@@ -410,17 +410,6 @@ def _chunk_skipped(meta: StoreMeta, chunk: int, ids_N: np.ndarray, reasons: dict
     return [{"id": int(i), "reason": reasons.get(int(i), "skipped")} for i in missing]
 
 
-def _progress(progress: bool | Callable[[int, int | None], None] | None, total: int):
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="row", desc="index", smoothing=0.1)
-        return (lambda done, _total: bar.update(done - bar.n)), bar.close
-    if callable(progress):
-        return progress, lambda: None
-    return None, lambda: None
-
-
 def build_index(
     source: VectorStore,
     fit: HessianFit | None,
@@ -526,7 +515,7 @@ def _write_chunks(
     padded = rows.round_up(step_rows, n_local)
     # Rows to write, from the chunks' commit records (no row is read for it).
     total = sum(int(source._chunk_info(c)["rows"]) for c in chunks)
-    update, close = _progress(progress, total)
+    update, close = score.progress_bar(progress, total, desc="index")
     done = 0
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-write") as writer:

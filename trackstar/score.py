@@ -277,11 +277,13 @@ def raise_if_non_finite(
 # ----------------------------------------------------------------------------- streaming top-k
 
 
-def _progress_bar(progress: Any, total: int | None):
+def progress_bar(progress: Any, total: int | None, desc: str = "score"):
+    """``(update(done, total), close)`` for a row stream: a tqdm bar when ``progress`` is True,
+    the caller's callback when it is callable, no-ops (None, close) otherwise."""
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, unit="row", desc="score", smoothing=0.1)
+        bar = tqdm(total=total, unit="row", desc=desc, smoothing=0.1)
         return (lambda done, _total: bar.update(done - bar.n)), bar.close
     if callable(progress):
         return progress, lambda: None
@@ -356,7 +358,7 @@ def top_k_scores(
 
     blocks, fixed_rows = rows.local_blocks(train_chunks, rows_per_step, mesh, ScoreError)
     total = None if fixed_rows else rows.source_num_rows(train_chunks)
-    update, close = _progress_bar(progress, total)
+    update, close = progress_bar(progress, total)
     step_rows = rows_per_step or fixed_rows or None
     seen = 0
     last_id = -1
