@@ -18,7 +18,7 @@ import os
 import ml_collections
 import numpy as np
 import pytest
-from tolerances import assert_close, assert_near_zero
+from tolerances import assert_close, assert_near_zero, assert_same_top_k
 
 from trackstar import checkpoint_run, cli, stages
 from trackstar.attributor import Attributor
@@ -281,11 +281,14 @@ def test_attributor_gives_the_pipelines_proponents(gpt2_run):
     assert_close(made, stored, rtol=1e-4, peak_rtol=1e-5)  # the same kernel, other batches
     for q, row in zip(QUERIES, rows, strict=True):
         best = att.proponents(q["prompt"], q["target"], k=6)
-        assert best.passage_ids == row["proponent_ids"]
-        assert best.texts == row["texts"]
-        assert best.ids.tolist() == row["rows"]
-        # Cosines (unit scale; see test_scores_are_the_dense_trackstar_formula).
-        assert_near_zero(best.scores - np.asarray(row["scores"]), np.ones(1), rel=1e-5)
+        # Same rows and scores (cosines, unit scale; see
+        # test_scores_are_the_dense_trackstar_formula), except that candidates whose scores tie
+        # to rounding may come in the other order: the query vectors match to rounding only.
+        assert_same_top_k(best.ids, best.scores, np.asarray(row["rows"]), row["scores"])
+        pairs = zip(row["proponent_ids"], row["texts"], strict=True)
+        named = dict(zip(row["rows"], pairs, strict=True))
+        for i, pid, text in zip(best.ids.tolist(), best.passage_ids, best.texts, strict=True):
+            assert named.get(i, (pid, text)) == (pid, text)  # each row keeps its id and text
     assert "unique:0" in att.proponents(UNIQUE, UNIQUE_TARGET, k=3).table()
 
 

@@ -135,13 +135,20 @@ def init_non_finite(n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @functools.cache
-def _score_step(mesh: Mesh, normalize: bool, k: int, has_transform: bool) -> Callable:
-    """The jitted per-device step: score this device's rows, merge them into its top-k."""
+def _score_step(mesh: Mesh, normalize: bool, k: int, transform: str) -> Callable:
+    """The jitted per-device step: score this device's rows, merge them into its top-k.
+
+    ``transform``: "none", "dense" (``t`` a d×d matrix) or "low_rank" (``t`` =
+    ``(scale, Q_DxR, coef_R)``: T u = scale·u + Q diag(coef) Qᵀ u, O(d·r) per row).
+    """
     spec = P(ALL_AXES)
 
-    def local(best_1xQxK, best_ids_1xQxK, bad, ids_N, valid_N, vecs_NxD, t_DxD, q_QxD):
-        if has_transform:
-            vecs_NxD = vecs_NxD @ t_DxD.T
+    def local(best_1xQxK, best_ids_1xQxK, bad, ids_N, valid_N, vecs_NxD, t, q_QxD):
+        if transform == "dense":
+            vecs_NxD = vecs_NxD @ t.T
+        elif transform == "low_rank":
+            scale, q_DxR, coef_R = t
+            vecs_NxD = scale * vecs_NxD + ((vecs_NxD @ q_DxR) * coef_R) @ q_DxR.T
         if normalize:
             vecs_NxD = unit_rows(vecs_NxD)
         s_QxN = q_QxD @ vecs_NxD.T
@@ -309,7 +316,9 @@ def top_k_scores(
         in ascending id order, or a store with ``iter_chunks``. On a mesh spanning several
         processes, a ``VectorStore``: each process reads its own chunks (``trackstar.rows``).
       query_vectors_QxD: the query vectors.
-      train_transform, query_transform: d×d matrices applied as ``T u`` (None = identity).
+      train_transform, query_transform: d×d matrices applied as ``T u`` (None = identity);
+        ``train_transform`` may also be a low-rank ``(scale, Q_DxR, coef_R)``
+        (``HessianFit.low_rank_factors``): T = scale·I + Q diag(coef) Qᵀ, never formed.
       normalize: scale both transformed vectors to unit length.
       k: proponents kept per query (fewer when the store holds fewer rows).
       rows_per_step: rows per jitted step and process (default: the store's chunk size on a
@@ -332,7 +341,19 @@ def top_k_scores(
     if not isinstance(k, int | np.integer) or k <= 0:
         raise ScoreError(f"top_k must be a positive integer, got {k!r}")
     n_q, d = q.shape
-    for name, t in (("train_transform", train_transform), ("query_transform", query_transform)):
+    low_rank = isinstance(train_transform, tuple)
+    if low_rank:
+        scale, q_DxR, coef_R = train_transform
+        if np.ndim(q_DxR) != 2 or np.shape(q_DxR)[0] != d or np.shape(coef_R) != q_DxR.shape[1:]:
+            raise ScoreError(
+                f"the low-rank train transform has basis {np.shape(q_DxR)} and "
+                f"{np.shape(coef_R)} coefficients but the queries have d = {d}; the Hessian fit "
+                "belongs to another projection: refit with scripts/fit_hessian.py"
+            )
+    for name, t in (
+        ("train_transform", None if low_rank else train_transform),
+        ("query_transform", query_transform),
+    ):
         if t is not None and np.shape(t) != (d, d):
             raise ScoreError(
                 f"{name} has shape {np.shape(t)} but the queries have d = {d}; the Hessian fit "
@@ -340,7 +361,12 @@ def top_k_scores(
             )
     k = int(k)
     check_finite_inputs(
-        q, {"train_transform": train_transform, "query_transform": query_transform}, ScoreError
+        q,
+        {
+            "train_transform": train_transform[1] if low_rank else train_transform,
+            "query_transform": query_transform,
+        },
+        ScoreError,
     )
     mesh = default_mesh(mesh)
     rep, rs = replicated(mesh), row_sharding(mesh)
@@ -348,9 +374,18 @@ def top_k_scores(
     t_q = None if query_transform is None else mk(rep, np.asarray(query_transform, np.float32))
     q_QxD = _prepare_queries(mk(rep, q), t_q, normalize)
     check_finite_inputs(rows.fetch_replicated(q_QxD), {}, ScoreError, prepared=True)
-    t_m = np.zeros((1, 1)) if train_transform is None else train_transform
-    t_m = mk(rep, np.asarray(t_m, np.float32))
-    step = _score_step(mesh, bool(normalize), k, train_transform is not None)
+    if low_rank:
+        t_m = (
+            mk(rep, np.asarray(scale, np.float32)),
+            mk(rep, np.asarray(q_DxR, np.float32)),
+            mk(rep, np.asarray(coef_R, np.float32)),
+        )
+        kind = "low_rank"
+    else:
+        t_m = np.zeros((1, 1)) if train_transform is None else train_transform
+        t_m = mk(rep, np.asarray(t_m, np.float32))
+        kind = "none" if train_transform is None else "dense"
+    step = _score_step(mesh, bool(normalize), k, kind)
     n_local = rows.local_mesh_devices(mesh)
     best = mk(rs, np.full((n_local, n_q, k), -np.inf, np.float32))
     best_ids = mk(rs, np.full((n_local, n_q, k), -1, np.int32))
@@ -458,8 +493,14 @@ def score_preset(
         try:
             hessian_fit.check_dim(q.shape[1], "the query vectors")
             hessian_fit.check_compatible(train_meta, "the train store")
-            t_m = None if train_name is None else hessian_fit.transform(train_name)
-            t_q = hessian_fit.transform(query_name)
+            if hessian_fit.is_low_rank:
+                # No d×d matrix: the train rows go through the factors on the devices, the
+                # (few) queries through them on the host.
+                t_m = None if train_name is None else hessian_fit.low_rank_factors(train_name)
+                q = hessian_fit.apply(query_name, q)
+            else:
+                t_m = None if train_name is None else hessian_fit.transform(train_name)
+                t_q = hessian_fit.transform(query_name)
         except HessianError as e:
             raise ScoreError(str(e)) from None
     return top_k_scores(
