@@ -972,6 +972,21 @@ def fit_hessian(
     )
 
 
+def _fit_settings(
+    cfg_hessian: Any, provenance: Mapping | None, has_eval: bool
+) -> tuple[float, Any, float]:
+    """``(damping, lambda rule, crossing_per_65536)`` of the ``hessian`` section; with an eval
+    source, first refuses one featurized unlike the train store (``check_sources_compatible``)."""
+    prov_in = provenance or {}
+    if has_eval:
+        check_sources_compatible(prov_in.get("train_meta"), prov_in.get("eval_meta"))
+    return (
+        float(cfg_get(cfg_hessian, "damping", 0.1)),
+        cfg_get(cfg_hessian, "lambda_mix", "auto_trace"),
+        float(cfg_get(cfg_hessian, "crossing_per_65536", 1000)),
+    )
+
+
 def fit_from_moments(
     R_train: np.ndarray,
     R_eval: np.ndarray | None,
@@ -989,12 +1004,7 @@ def fit_from_moments(
     ``provenance`` (``train_meta`` / ``eval_meta``) must pass ``check_sources_compatible``, so
     every fit refuses an R_eval store featurized unlike the train store.
     """
-    prov_in = provenance or {}
-    if R_eval is not None:
-        check_sources_compatible(prov_in.get("train_meta"), prov_in.get("eval_meta"))
-    damping = float(cfg_get(cfg_hessian, "damping", 0.1))
-    rule = cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
-    crossing = float(cfg_get(cfg_hessian, "crossing_per_65536", 1000))
+    damping, rule, crossing = _fit_settings(cfg_hessian, provenance, R_eval is not None)
     out: dict[str, np.ndarray] = {}
     if "train_inv_sqrt" in wanted or "train_inv" in wanted:
         evals, evecs, damped = _damped_eigh(R_train, damping)
@@ -1062,14 +1072,10 @@ def fit_low_rank(
     """
     prov_in = provenance or {}
     wanted = list(wanted)
-    if U_eval is not None:
-        check_sources_compatible(prov_in.get("train_meta"), prov_in.get("eval_meta"))
-    elif "mixed_inv_sqrt" in wanted:
+    if U_eval is None and "mixed_inv_sqrt" in wanted:
         raise HessianError("the mixed R needs eval (query) vectors; pass an eval store")
-    damping = float(cfg_get(cfg_hessian, "damping", 0.1))
+    damping, rule, crossing = _fit_settings(cfg_hessian, provenance, U_eval is not None)
     _check_damping(damping)
-    rule = cfg_get(cfg_hessian, "lambda_mix", "auto_trace")
-    crossing = float(cfg_get(cfg_hessian, "crossing_per_65536", 1000))
     U_train = _as_float(U_train)
     n_t = len(U_train)
     if n_t == 0 or U_train.ndim != 2:
