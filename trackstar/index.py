@@ -270,7 +270,9 @@ class ScoringIndex:
         """
         path = os.fspath(path)
         try:
-            vs = VectorStore.open(path)
+            # Read many times: each file's CRC-32 is checked on its first read in this process,
+            # and chunks are memory maps the scorer hands to the device without a copy.
+            vs = VectorStore.open(path, verify="once", mapped=True)
         except store.IncompleteStoreError:
             raise ScoringIndexError(
                 f"the index at {path} is incomplete (its build was interrupted); rerun the "

@@ -161,12 +161,31 @@ def global_rows(
     valid = np.zeros(local_rows, bool)
     valid[:n] = True
     ids_p = np.concatenate([np.asarray(ids, np.int32), np.full(pad, -1, np.int32)])
-    vecs_p = np.concatenate(
-        [np.asarray(vecs, np.float32).reshape(n, dim), np.zeros((pad, dim), np.float32)]
-    )
+    vecs = np.asarray(vecs, np.float32).reshape(n, dim)
+    # A full piece goes as it is: padding would copy every row once more on the host.
+    vecs_p = vecs if pad == 0 else np.concatenate([vecs, np.zeros((pad, dim), np.float32)])
     sh = row_sharding(mesh)
     mk = jax.make_array_from_process_local_data
-    return mk(sh, ids_p), mk(sh, valid), mk(sh, vecs_p)
+    return mk(sh, ids_p), mk(sh, valid), _device_rows(mesh, sh, vecs_p)
+
+
+def _device_rows(mesh: Mesh, sharding: Any, vecs_NxD: np.ndarray) -> jax.Array:
+    """``vecs_NxD`` as a global array of ``sharding``: on a one-device CPU mesh without a copy
+    when the buffer allows it (DLPack aliases a C-contiguous, writable, 64-byte-aligned host
+    array, e.g. a store's memory-mapped chunk); else one copy per device."""
+    dev = mesh.devices.flat[0]
+    if (
+        mesh.devices.size == 1
+        and dev.platform == "cpu"
+        and dev.process_index == jax.process_index()
+        and vecs_NxD.flags.c_contiguous
+        and vecs_NxD.flags.writeable
+        and vecs_NxD.ctypes.data % 64 == 0
+    ):
+        # The array keeps the host buffer alive; callers do not write to a piece once handed
+        # over (the store's maps are private copies, and pieces are never reused).
+        return jax.device_put(jax.dlpack.from_dlpack(vecs_NxD), sharding)
+    return jax.make_array_from_process_local_data(sharding, vecs_NxD)
 
 
 def gather_rows(x: jax.Array) -> np.ndarray:

@@ -380,9 +380,20 @@ def _crc32(data: np.ndarray) -> int:
     return zlib.crc32(data.reshape(-1).view(np.uint8))
 
 
-def _read_raw(path: str, dtype: np.dtype) -> np.ndarray:
-    """A whole data file as a flat array (one read, one copy; a short tail is dropped)."""
+def _read_raw(path: str, dtype: np.dtype, mapped: bool = False) -> np.ndarray:
+    """A whole data file as a flat array: one read and one copy, or (``mapped``) a private
+    copy-on-write memory map of the file (no copy; pages load on first touch, writes to the
+    array never reach the file). A short tail is dropped."""
+    if mapped:
+        return np.memmap(path, dtype=dtype, mode="c").view(np.ndarray)
     return np.fromfile(path, dtype=dtype)
+
+
+# CRC-32s verified in this process, by (data file, inode, size, mtime, recorded CRC): a store
+# opened with verify="once" skips the check for a file whose identity and record are unchanged.
+_VERIFIED: set[tuple] = set()
+# VectorStore.open(verify=...): check every read, or each data file once per process.
+VERIFY_MODES = ("always", "once")
 
 
 def _file_record(chunk_dir: str, name: str, data: np.ndarray, chunk: int) -> dict:
@@ -418,6 +429,8 @@ class VectorStore:
         self._meta = meta
         self._complete = complete
         self._context = ts.Context()
+        self._verify_once = False
+        self._mapped = False
 
     # ----- construction -------------------------------------------------------------------
 
@@ -472,17 +485,41 @@ class VectorStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, require_complete: bool = True) -> VectorStore:
+    def open(
+        cls,
+        path: str | os.PathLike,
+        require_complete: bool = True,
+        *,
+        verify: str = "always",
+        mapped: bool = False,
+    ) -> VectorStore:
         """Opens an existing store for reading.
+
+        Args:
+          path: the store directory.
+          require_complete: refuse a store that was never finalized.
+          verify: "always" checks each data file's CRC-32 on every read; "once" checks a file
+            on its first read in this process and skips the check while the file's inode,
+            size and mtime are unchanged (for stores read many times, e.g. a scoring index;
+            damage to the bytes after that first read goes unnoticed until the next process).
+          mapped: chunks are private copy-on-write memory maps of their files instead of
+            copies (no read copy; the OS page cache serves repeated reads). For stores that
+            are never rewritten while open: a file truncated under a live map faults the
+            process.
 
         Raises:
           IncompleteStoreError: ``require_complete`` and the store was never finalized.
           SchemaVersionError: the store uses another on-disk schema version.
+          StoreError: ``verify`` is not one of ``VERIFY_MODES``.
         """
         path = os.fspath(path)
+        if verify not in VERIFY_MODES:
+            raise StoreError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         if not os.path.exists(os.path.join(path, _META)):
             raise StoreError(f"no vector store at {path} (no {_META}); run featurize to make one")
         store = cls._load(path)
+        store._verify_once = verify == "once"
+        store._mapped = bool(mapped)
         if require_complete and store._complete is None:
             missing = store.missing_chunks()
             raise IncompleteStoreError(
@@ -650,8 +687,11 @@ class VectorStore:
         path = os.path.join(self._chunk_dir(chunk), _DATA_FILES[name])
         try:
             # The size first, from the file system: np.fromfile would drop a partial last item.
-            size = os.path.getsize(path)
-            data = _read_raw(path, dtype) if size == expected else None
+            st = os.stat(path)
+            size = st.st_size
+            key = (os.path.abspath(path), st.st_ino, st.st_dev, size, st.st_mtime_ns)
+            key += (record["crc32"],)
+            data = _read_raw(path, dtype, self._mapped) if size == expected else None
         except FileNotFoundError:
             raise self._corrupt(
                 chunk, f"is missing its {name} data file {path} ({rows} rows were committed)"
@@ -662,6 +702,8 @@ class VectorStore:
                 f"has a {name} data file {path} of {size} bytes, but {expected} were "
                 "committed (the file was truncated or overwritten)",
             )
+        if self._verify_once and key in _VERIFIED:
+            return data.reshape(shape)
         crc = _crc32(data)
         if crc != record["crc32"]:
             raise self._corrupt(
@@ -670,6 +712,7 @@ class VectorStore:
                 f"{record['crc32']:#010x} recorded at commit: its bytes were damaged after "
                 "the chunk was written",
             )
+        _VERIFIED.add(key)
         return data.reshape(shape)
 
     # ----- writing ------------------------------------------------------------------------
