@@ -44,7 +44,7 @@ SCHEMA_VERSION = 1
 # hessian.low_rank: "auto" = the low-rank form when n_t + n_e < d, "never" = always the d×d
 # eigendecomposition, "always" = the low-rank form whatever r.
 LOW_RANK_MODES = ("auto", "never", "always")
-# Column (dimension) block of the host Gram / basis passes over the rows (float64 copies of
+# Column (dimension) block of the host Gram / basis passes over the rows (contiguous copies of
 # rows × this many columns at a time).
 _GRAM_BLOCK = 2048
 # Names of the d×d transforms a fit can carry; score.py picks the one its preset needs.
@@ -362,7 +362,7 @@ class LowRankRoot:
     """(R + δI)^p = ``scale`` · I + Q diag(``coef``) Qᵀ, Q = ``basis`` (d × k, orthonormal).
 
     ``basis_name`` names the basis it shares with the fit's other roots ("train": R_train's,
-    "mixed": the mixed R's). Q is float32 (like the dense transforms), computed in float64;
+    "mixed": the mixed R's). Q is float32 (like the dense transforms), computed in the rows' dtype;
     ``coef`` and ``scale`` are float64.
     """
 
@@ -425,9 +425,15 @@ class _DenseView(Mapping):
         return len(self._roots)
 
 
-def _column_block(parts: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
-    """Columns ``start:stop`` of the row-stacked ``parts``, as one contiguous float64 array."""
-    return np.concatenate([np.asarray(p[:, start:stop], np.float64) for p in parts])
+def _product_dtype(parts: Sequence[np.ndarray]) -> type:
+    """The dtype of the Gram and basis products: float32 rows (every store's) multiply in
+    float32 BLAS, twice float64's rate at half the memory; float64 rows stay float64."""
+    return np.float64 if any(p.dtype == np.float64 for p in parts) else np.float32
+
+
+def _column_block(parts: Sequence[np.ndarray], start: int, stop: int, dtype: type) -> np.ndarray:
+    """Columns ``start:stop`` of the row-stacked ``parts``, as one contiguous array."""
+    return np.concatenate([np.asarray(p[:, start:stop], dtype) for p in parts])
 
 
 def _finite(G: np.ndarray) -> np.ndarray:
@@ -445,11 +451,16 @@ def _scale_both_sides(K: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _gram(parts: Sequence[np.ndarray], block: int = _GRAM_BLOCK) -> np.ndarray:
-    """U Uᵀ in float64 (N×N) for U = the row-stacked ``parts``, over column blocks."""
+    """U Uᵀ (N×N, float64) for U = the row-stacked ``parts``, over column blocks.
+
+    Each block's product is in ``_product_dtype`` and the blocks sum in float64, so float32
+    rows lose about sqrt(block) float32 roundings per entry, not sqrt(d).
+    """
     n, d = sum(len(p) for p in parts), parts[0].shape[1]
+    dtype = _product_dtype(parts)
     K = np.zeros((n, n), np.float64)
     for start in range(0, d, block):
-        Uc = _column_block(parts, start, start + block)
+        Uc = _column_block(parts, start, start + block, dtype)
         K += Uc @ Uc.T  # one operand transposed: numpy takes the symmetric (syrk) product
     return 0.5 * (K + K.T)
 
@@ -461,17 +472,19 @@ def _basis(
     s_K: np.ndarray,
     block: int,
 ) -> np.ndarray:
-    """Q = Wᵀ V diag(s)^{-1/2} (d × k float32, computed in float64), W = diag(sqrt_w) U.
+    """Q = Wᵀ V diag(s)^{-1/2} (d × k float32), W = diag(sqrt_w) U, the products in
+    ``_product_dtype`` (float32 rows: float32, about 1e-6 relative to float64's Q).
 
     ``V`` is overwritten (with diag(sqrt_w) V diag(s)^{-1/2}).
     """
     V_NxK *= sqrt_w_N[:, None]
     V_NxK /= np.sqrt(s_K)[None, :]
-    B_NxK = V_NxK
+    dtype = _product_dtype(parts)
+    B_NxK = V_NxK.astype(dtype, copy=False)
     d = parts[0].shape[1]
     Q = np.empty((d, B_NxK.shape[1]), np.float32)
     for start in range(0, d, block):
-        Q[start : start + block] = _column_block(parts, start, start + block).T @ B_NxK
+        Q[start : start + block] = _column_block(parts, start, start + block, dtype).T @ B_NxK
     return Q
 
 
