@@ -178,6 +178,9 @@ def get_config() -> ml_collections.ConfigDict:
     ex.methods = ()  # Methods to compare (presets, "bm25", "random"); () = the runner's default.
     ex.tailpatch_methods = ("trackstar",)  # e3/e5: methods tail-patched at every setting.
     ex.k_values = (8, 16, 32, 64)  # e3: sub-grid sides k (d = k * k, k <= featurize.k_in).
+    # e3: sides k featurized on their own at d = k * k, beyond featurize.k_in (own stores,
+    # tagged k<k>; R in low-rank form when the rows are fewer than d, hessian.low_rank).
+    ex.e3_full_dims_k = (128,)
     ex.output_fns = ("loss", "margin", "logit")  # e5: query output functions compared.
     # e4: name -> config overrides of each model variant ({} = this run); each has its own run_dir.
     ex.variants = ml_collections.ConfigDict({"base": {}})

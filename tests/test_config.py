@@ -144,6 +144,8 @@ def test_shipped_configs_are_valid(spec):
         ("model.n_heads", "3", "model.n_heads"),
         ("tailpatch.lr_multipliers", "(0.5, 2.0)", "tailpatch.lr_multipliers"),
         ("experiment.k_values", "(8, 128)", "experiment.k_values"),
+        ("experiment.e3_full_dims_k", "(0,)", "experiment.e3_full_dims_k"),
+        ("experiment.e3_full_dims_k", "(128, 128)", "experiment.e3_full_dims_k"),
     ],
 )
 def test_each_rule_refuses_bad_values(key, text, field):
@@ -151,6 +153,14 @@ def test_each_rule_refuses_bad_values(key, text, field):
     with pytest.raises(C.ConfigError, match=field.replace(".", r"\.")) as e:
         C.validate(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_e3_full_dims_k_must_lie_beyond_the_stored_grid():
+    cfg = _override("experiment.e3_full_dims_k", "(32, 128)", "e3")
+    with pytest.raises(C.ConfigError, match=r"experiment\.e3_full_dims_k \[32\]"):
+        C.validate(cfg)
+    cfg.experiment.name = "e1"  # only E3 reads the field
+    C.validate(cfg)
 
 
 def test_conditional_rules():

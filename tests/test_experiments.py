@@ -177,12 +177,29 @@ def test_subgrid_is_the_projection_with_truncated_factors():
 def test_e3_dims_and_full_d_equals_e1(e1, run_dir):
     cfg = tiny_config("e3", run_dir)
     cfg.experiment.methods = ("exp_opt_norm", "trackstar")
+    cfg.experiment.e3_full_dims_k = (16,)  # beyond the tiny 8 x 8 grid: featurized at 16 x 16
     res = experiments.run(cfg, progress=False)
-    assert res["d_values"] == [4, 16, 64]
+    assert res["d_values"] == [4, 16, 64, 256]
     full = res["methods"]["trackstar"]["64"]
     assert full["mrr"] == pytest.approx(e1[1]["methods"]["trackstar"]["mrr"])
     assert "tailpatch@3" in full and "tailpatch@3" not in res["methods"]["exp_opt_norm"]["64"]
     assert os.path.exists(os.path.join(experiments.output_dir(cfg), "mrr_vs_d.png"))
+    # d = 256 comes from its own k16-tagged stores (the 8 x 8 ones untouched) and R fit.
+    big = res["methods"]["trackstar"]["256"]
+    assert big["source"] == "featurized" and "tailpatch@3" in big
+
+    def store_dim(tag: str = "") -> int:
+        with open(os.path.join(stages.store_path(cfg, "candidates", True, tag), "meta.json")) as f:
+            return json.load(f)["dim"]
+
+    assert store_dim("k16") == 256 and store_dim() == 64
+    fit = res["featurized_d"]["256"][stages.correction_kind(cfg, True)]
+    assert fit["train_rows_used"] > 0 and fit["eval_rows_used"] == cfg.world.n_queries
+    # hessian.low_rank = "auto": low-rank exactly when the rows are fewer than d.
+    assert fit["low_rank"] == (fit["train_rows_used"] + fit["eval_rows_used"] < 256)
+    cfg.experiment.e3_full_dims_k = (8,)
+    with pytest.raises(experiments.ExperimentError, match="e3_full_dims_k"):
+        experiments.run(cfg, progress=False)
 
 
 def test_e5_output_fns_use_their_own_stores(e1, run_dir):

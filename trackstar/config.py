@@ -622,6 +622,7 @@ RULES: dict[str, Rule] = {
     "experiment.methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
     "experiment.tailpatch_methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
     "experiment.k_values": Seq(_POS, "ints >= 1", min_len=1),
+    "experiment.e3_full_dims_k": Seq(_POS, "ints >= 1", distinct=True),
     "experiment.output_fns": Seq(OneOf(*QUERY_OUTPUT_FNS), "loss, margin or logit"),
     "experiment.store_tag": Text(pattern=r"[A-Za-z0-9_.]+", expects="letters, digits, _ or ."),
     # mesh
@@ -735,6 +736,24 @@ def _check_k_values(cfg) -> str | None:
     return None
 
 
+def _check_e3_full_dims_k(cfg) -> str | None:
+    # Only E3 reads the field; a config with a wider grid (large.py) keeps demo's default.
+    keys = ("experiment.name", "experiment.e3_full_dims_k", "featurize.k_in", "featurize.k_out")
+    if not _has(cfg, *keys) or cfg.experiment.name != "e3":
+        return None
+    f = cfg.featurize
+    if not (_is_int(f.k_in) and _is_int(f.k_out)):
+        return None
+    top = min(f.k_in, f.k_out)
+    small = [k for k in cfg.experiment.e3_full_dims_k if _is_int(k) and k <= top]
+    if small:
+        return (
+            f"experiment.e3_full_dims_k {small} must exceed min(featurize.k_in, featurize.k_out) "
+            f"= {top}; sides up to it are sub-grids of the stored grid (experiment.k_values)"
+        )
+    return None
+
+
 # Relations between fields (each returns a message, or None when it holds).
 CROSS_CHECKS: tuple[Callable[[ml_collections.ConfigDict], str | None], ...] = (
     _check_warmup,
@@ -744,6 +763,7 @@ CROSS_CHECKS: tuple[Callable[[ml_collections.ConfigDict], str | None], ...] = (
     _check_heldout,
     _check_default_step,
     _check_k_values,
+    _check_e3_full_dims_k,
 )
 
 

@@ -1,7 +1,8 @@
 """E3 (paper Fig. 2 left): MRR and tail-patch vs projection dimension d = k·k.
 
 Smaller d are exact ``subgrid``s of the stored global-mode ``featurize.k_in x k_out`` vectors;
-their rankings are cached as ``rank_candidates_<method>-k<k>``.
+their rankings are cached as ``rank_candidates_<method>-k<k>``. Sides beyond the stored grid
+(``experiment.e3_full_dims_k``) are featurized on their own into stores tagged ``k<k>``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from trackstar.experiments.harness import (
     experiment_section,
     make_setup,
     rank,
+    with_overrides,
     write_results,
 )
 
@@ -45,11 +47,24 @@ def subgrid(vectors_NxD: np.ndarray, k_in: int, k_out: int, k: int) -> np.ndarra
     return grid.reshape(n, k * k) * np.float32(math.sqrt(k_in / k) * math.sqrt(k_out / k))
 
 
+def full_dim_config(cfg: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
+    """``cfg`` featurizing at ``k x k`` (d = k²): the side of ``experiment.e3_full_dims_k``
+    beyond the stored grid. Its stores, Hessian fit and rankings go by the tag ``full_dim_tag``."""
+    return with_overrides(cfg, {"featurize": {"k_in": int(k), "k_out": int(k)}})
+
+
+def full_dim_tag(k: int) -> str:
+    return f"k{int(k)}"
+
+
 def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """E3 (paper Fig. 2 left): MRR and tail-patch vs projection dimension d = k·k.
 
     The stores are featurized once at the config's ``k_in x k_out`` (global mode); every
-    smaller d is the ``subgrid`` of those vectors (exact, no re-featurization). Methods in
+    smaller d is the ``subgrid`` of those vectors (exact, no re-featurization). Each side in
+    ``experiment.e3_full_dims_k`` is featurized on its own (``full_dim_config``: candidate,
+    task and R_eval stores tagged ``k<k>``) and ranked through the stages like E1 (its R
+    fitted by ``hessian.fit_hessian``: low-rank when the rows are fewer than d). Methods in
     ``experiment.tailpatch_methods`` are tail-patched at every d.
     """
     t0 = time.perf_counter()
@@ -62,6 +77,13 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     methods = methods_from(cfg, ("grad_cosine", "exp_opt_norm", "trackstar"))
     tp_methods = set(ex.get("tailpatch_methods", ("trackstar",)))
     ks = sorted(int(k) for k in ex.k_values)
+    full_ks = sorted(int(k) for k in ex.get("e3_full_dims_k", ()))
+    too_small = [k for k in full_ks if k <= min(f.k_in, f.k_out)]
+    if too_small:
+        raise ExperimentError(
+            f"experiment.e3_full_dims_k {too_small} are within the stored "
+            f"{f.k_in}x{f.k_out} grid; list them in experiment.k_values (sub-grids)"
+        )
     setup = make_setup(cfg, "candidates")
     vectors: dict[tuple[bool, str], np.ndarray] = {}
 
@@ -115,14 +137,25 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
                 ids = stages.cached_array(cfg, "rank", f"candidates_{method}-k{k}", key, make)
             row, _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
-            rows[method][str(d)] = dict(row, k_in=k, k_out=k)
+            rows[method][str(d)] = dict(row, k_in=k, k_out=k, source="subgrid")
+    full: dict[str, dict] = {}
+    for k in full_ks:
+        t_k, cfg_k, tag = time.perf_counter(), full_dim_config(cfg, k), full_dim_tag(k)
+        for method in methods:
+            ids = rank(setup, method, tag, tag, cfg=cfg_k, progress=progress)
+            row, _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
+            rows[method][str(k * k)] = dict(row, k_in=k, k_out=k, source="featurized")
+        full[str(k * k)] = dict(full_dim_record(cfg_k, tag), wall_s=time.perf_counter() - t_k)
+    ds = [k * k for k in ks + full_ks]
     results = {
         "experiment": ex.name,
-        "d_values": [k * k for k in ks],
+        "d_values": ds,
         "methods": rows,
         "n_queries": setup.n_queries,
         "tailpatch": tailpatch_info(setup),
-        "note": "smaller d = top-left k x k sub-grid of the stored global Kronecker vectors",
+        "note": "smaller d = top-left k x k sub-grid of the stored global Kronecker vectors; "
+        "d of experiment.e3_full_dims_k featurized on their own (stores tagged k<k>)",
+        "featurized_d": full,
         "wall_s": time.perf_counter() - t0,
     }
     at_k, k_max = cutoffs(cfg)
@@ -130,14 +163,15 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         [
             f"## E3: quality vs projection dimension d\n\n{setup.n_queries} queries, "
             f"{setup.n_tailpatch} tail-patched; d = k·k from the stored "
-            f"{f.k_in}x{f.k_out} grid.",
+            f"{f.k_in}x{f.k_out} grid"
+            + "".join(f", d = {k * k} featurized at {k}x{k}" for k in full_ks)
+            + ".",
             report.nested_metric_table(
                 rows, ["method", "d"], at_k, k_max, lambda m, d: f"{m} d={d}"
             ),
         ]
     )
     out = write_results(cfg, results, md)
-    ds = [k * k for k in ks]
     report.line_chart(
         ds,
         {m: ([rows[m][str(d)].get("mrr") for d in ds], None) for m in methods},
@@ -167,3 +201,24 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         )
     results["markdown"] = md
     return results
+
+
+def full_dim_record(cfg_k: ml_collections.ConfigDict, tag: str) -> dict:
+    """The R fits of a featurized d, per correction: low-rank or d×d, rank, rows used (train
+    sample + R_eval) and λ, from the saved fits' metadata (absent: no preset used one)."""
+    out = {}
+    for corrected in (True, False):
+        meta = hessian.HessianFit.read_meta(
+            stages.hessian_path(cfg_k, "candidates", corrected, tag, tag)
+        )
+        if meta is None:
+            continue
+        prov, low_rank = meta.get("provenance", {}), meta.get("low_rank") or {}
+        out[stages.correction_kind(cfg_k, corrected)] = {
+            "low_rank": bool(low_rank),
+            "rank": max((int(v["rank"]) for v in low_rank.values()), default=None),
+            "train_rows_used": prov.get("train_rows_used"),
+            "eval_rows_used": prov.get("eval_rows_used"),
+            "lambda_mix": meta.get("lambda_mix"),
+        }
+    return out
