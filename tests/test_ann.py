@@ -85,6 +85,10 @@ def test_ivf_probing_every_cell_is_exact_and_builds_reproducibly(inputs):
     )
     with pytest.raises(ann.AnnError, match="nprobe must lie"):
         ivf.search(np.zeros((1, D), np.float32), K, nprobe=NLIST + 1)
+    with pytest.raises(ann.AnnError, match="nprobe must lie"):  # refused before the build
+        ann.build_ann(idx, "ivf", nlist=4, nprobe=5, progress=False)
+    with pytest.raises(ann.AnnError, match="kind must be one of"):
+        ann.build_ann(idx, "hnsw", progress=False)
 
 
 @needs_faiss
@@ -155,3 +159,19 @@ def test_missing_faiss_names_the_install(inputs, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     with pytest.raises(ann.AnnError, match=r"pip install 'trackstar\[ann\]'.*faiss-cpu"):
         ann.build_ann(inputs["float32"], "flat", progress=False)
+
+
+@needs_faiss
+def test_benchmark_reports_recall_and_speed(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    from ann_benchmark import run_ann_benchmark
+
+    base = np.random.default_rng(7).normal(size=(300, 48)).astype(np.float32)
+    n, nlist = 6000, ann.default_nlist(6000)
+    out = run_ann_benchmark(base, n_rows=n, dim=32, n_queries=8, nprobe=nlist, nprobes=(1, 2))
+    assert (out["ann_n_rows"], out["ann_dim"], out["ann_nlist"]) == (n, 32, nlist)
+    # Probing every cell is exact: the flat top-10 exactly.
+    assert out["ann_nprobe"] == nlist and out["ann_recall_at_10"] == 1.0
+    assert [r["nprobe"] for r in out["ann_sweep"]] == [1, 2, nlist]
+    assert all(0 < r["recall_at_10"] <= 1 and r["query_s"] > 0 for r in out["ann_sweep"])
+    assert out["ann_speedup"] == out["ann_flat_query_s"] / out["ann_query_s"]

@@ -405,6 +405,14 @@ def build_ann(
     Raises:
       AnnError: faiss missing (names the install), an unknown kind, or nlist out of range.
     """
+    if kind == "ivf":
+        # Checked before the build, which is the slow part.
+        nlist = default_nlist(index.num_rows) if nlist is None else int(nlist)
+        nprobe = default_nprobe(nlist) if nprobe is None else int(nprobe)
+        if not 1 <= nprobe <= nlist:
+            raise AnnError(f"nprobe must lie in [1, nlist = {nlist}], got {nprobe}")
+    else:
+        nlist = nprobe = None
     ann = build_faiss(
         lambda: index.store.iter_chunks(),
         index.num_rows,
@@ -415,14 +423,7 @@ def build_ann(
         seed=seed,
         progress=progress,
     )
-    nlist_used = int(ann.nlist) if kind == "ivf" else None
-    if nlist_used is not None:
-        nprobe = default_nprobe(nlist_used) if nprobe is None else int(nprobe)
-        if not 1 <= nprobe <= nlist_used:
-            raise AnnError(f"nprobe must lie in [1, nlist = {nlist_used}], got {nprobe}")
-    else:
-        nprobe = None
-    return AnnIndex(ann, kind, nlist_used, nprobe, _identity(index), index.path)
+    return AnnIndex(ann, kind, nlist, nprobe, _identity(index), index.path)
 
 
 def score_ann(
