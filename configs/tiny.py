@@ -42,4 +42,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.tailpatch.n_queries = 8
     c.tailpatch.pair_batch = 8
     c.experiment.k_values = (2, 4, 8)  # e3: sub-grids of the 8 x 8 tiny projection.
+    c.experiment.e3_full_dims_k = ()  # e3: no side featurized on its own (tests set one).
     return c
