@@ -55,9 +55,23 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
     c.score_rows_per_step = 512  # Train rows per jitted scoring step.
     c.score_repeats = 3  # Timed scoring passes (best is reported; the CPU is shared).
 
+    c.index_dtype = "float32"  # Row dtype of the scoring index timed against the matmul.
+
     c.hessian_dims = (1024, 4096, 16384)  # d of the R fit + R^-1/2 timings.
-    c.hessian_rows = 2048  # Rows averaged into R for those timings.
+    c.hessian_rows = 2048  # Rows averaged into R for those timings (low rank where < d).
     c.hessian_timeout_s = 900  # Per-d limit (subprocess); a d that runs over is reported as such.
+    c.low_rank_dims = (16384, 65536)  # d of the low-rank R fit + (R + dI)^-1/2 timings.
+    c.low_rank_rows = 8192  # n_t + n_e rows of those fits (random, decaying column scales).
+    c.low_rank_eval_rows = 256  # Of them, the R_eval (query) rows; λ by auto_trace.
+
+    # Approximate top-k (scripts/ann_benchmark.py): ann_rows synthetic rows at d = ann_dim, each
+    # a row of this run's featurized store (mapped to ann_dim by a seeded Gaussian map) plus
+    # Gaussian noise of relative size ann_noise; 0 rows skips the stage.
+    c.ann_rows = 1_000_000
+    c.ann_dim = 1024
+    c.ann_noise = 0.3
+    c.ann_nlist = 1000  # IVF cells (the library default, about 4 sqrt(N), trains ~10x longer).
+    c.ann_timeout_s = 900  # Limit of the ann subprocess.
 
     c.rss_sizes = (512, 2048)  # Corpus sizes N of the peak-RSS runs (one subprocess per stage).
 
@@ -108,9 +122,12 @@ def get_config(mode: str | None = None) -> ml_collections.ConfigDict:
         c.dense_dim, c.dense_examples, c.reference_examples = 8, 16, 16
         c.chunk_size = 32
         c.top_k, c.score_rows_per_step, c.score_repeats = 5, 16, 1
-        c.hessian_dims = (16,)
+        c.hessian_dims = (16, 128)
         c.hessian_rows = 64
         c.hessian_timeout_s = 120
+        c.low_rank_dims = (96,)
+        c.low_rank_rows, c.low_rank_eval_rows = 40, 8
+        c.ann_rows, c.ann_dim, c.ann_nlist, c.ann_timeout_s = 4000, 16, 50, 300
         c.rss_sizes = (32, 64)
         c.hf_batch_size, c.hf_reps, c.hf_seq_len, c.hf_v_steps = 2, 1, 16, 2
         c.hf_own_reps, c.hf_passes = 1, 1

@@ -9,7 +9,15 @@ One process, one run, on the reference workload of configs/benchmark.py:
   score        streaming top-k from the store (R^-1/2 matmul + normalize + dot + top-k), rows/s,
                and its ratio to the same computation on an in-memory device array
   store read   MB/s of iter_chunks vs a raw tensorstore read of the same arrays
-  hessian      R fit + R^-1/2 seconds per d (one subprocess per d, with a time limit)
+  index        the store's scoring index (trackstar.index, preset "trackstar", d x d R fit):
+               index scoring rows/s over an in-memory matmul + top-k of the same shapes and
+               dtype (store read included), and over score_preset's per-call R^-1/2 path
+  hessian      R fit + R^-1/2 seconds per d (one subprocess per d, with a time limit; the
+               library's choice of form: low rank when the rows are fewer than d)
+  low-rank R   the low-rank fit + (R + dI)^-1/2 of 8,192 rows at d = 16,384 and 65,536: seconds
+               and peak RSS (one subprocess per d)
+  ann          approximate top-k (faiss IVF) vs the exact flat index at N = 1M synthetic rows
+               built from this run's featurized rows (scripts/ann_benchmark.py; subprocess)
   rss          peak RSS of featurize and score at two corpus sizes (one subprocess per stage)
   hf rows      (hf_rows; only these with the config's "hf" mode) Hugging Face-shaped models
                (GPT-2 small, a Llama of similar size) and the project's own model at the same
@@ -47,12 +55,14 @@ import optax
 import tensorstore as ts
 
 from trackstar import correction
+from trackstar import index as index_lib
+from trackstar import score as score_lib
 from trackstar import v_estimate as v_estimate_lib
 from trackstar.config import load_config_file
 from trackstar.families import make_model
 from trackstar.featurize import Examples, featurize_into_store
 from trackstar.gradients import make_feature_fn
-from trackstar.hessian import gauss_newton, inverse_sqrt
+from trackstar.hessian import fit_hessian, fit_low_rank, gauss_newton, inverse_sqrt
 from trackstar.model import count_params
 from trackstar.projection import Projector
 from trackstar.score import top_k_scores
@@ -291,6 +301,67 @@ def time_scoring(cfg, store: VectorStore, q_QxD: np.ndarray, t_DxD: np.ndarray) 
     }
 
 
+def best_of(fn, repeats: int) -> tuple[float, Any]:
+    """``(best seconds of repeats timed calls, last result)`` after one untimed (compiling) call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def time_index(cfg, root: str, store: VectorStore, q_QxD: np.ndarray) -> dict:
+    """The store's scoring index against an in-memory matmul and against the per-call path.
+
+    The fit is the d x d one (``low_rank = "never"``) from the store's rows and the queries as
+    R_eval: the form score_preset applied per call before indexes. Index scoring is timed on
+    prepared queries (``prepare_queries``: T_q u_q, unit length, once per query batch, timed
+    on its own); the in-memory reference is one jitted ``top_k(q @ X.T)`` over the index rows
+    already on the device, float32 like the index.
+    """
+    hcfg = {"lambda_mix": "auto_trace", "damping": 0.1, "low_rank": "never"}
+    fit = fit_hessian(store, q_QxD, hcfg, store.dim, transforms=["mixed_inv_sqrt"])
+    kw = dict(rows_per_step=cfg.score_rows_per_step, progress=False)
+    k = min(cfg.top_k, store.num_rows)
+    t0 = time.perf_counter()
+    path = os.path.join(root, "index")
+    shutil.rmtree(path, ignore_errors=True)
+    index = index_lib.build_index(store, fit, "trackstar", path, cfg.index_dtype, progress=False)
+    build_s = time.perf_counter() - t0
+    reps = cfg.score_repeats
+    per_call_s, (ids_p, _) = best_of(
+        lambda: score_lib.score_preset(store, q_QxD, "trackstar", fit, k, **kw), reps
+    )
+    prep_s, q_prep = best_of(lambda: index_lib.prepare_queries(index, q_QxD, fit), reps)
+    stream_s, (ids_i, _) = best_of(
+        lambda: score_lib.top_k_scores(index.store, q_prep, None, None, False, k, **kw), reps
+    )
+    full_s, (ids_f, _) = best_of(lambda: index_lib.score_index(index, q_QxD, k, fit=fit), reps)
+    _, x_NxD = index.store.read_all()
+    x_dev, q_dev = jnp.asarray(x_NxD), jnp.asarray(q_prep)
+    in_memory = jax.jit(lambda x, q: jax.lax.top_k(q @ x.T, k))
+    mem_s, _ = best_of(lambda: jax.block_until_ready(in_memory(x_dev, q_dev)), reps)
+    n = index.num_rows
+    return {
+        "index_rows": n,
+        "index_dtype": cfg.index_dtype,
+        "index_build_s": build_s,
+        "index_rows_per_s": n / stream_s,
+        "index_matmul_rows_per_s": n / mem_s,
+        "index_score_over_matmul": mem_s / stream_s,
+        "index_prepare_queries_s": prep_s,
+        "index_score_index_s": full_s,
+        "index_per_call_transform_s": per_call_s,
+        "index_speedup_over_transform": per_call_s / full_s,
+        "index_top1_agreement": float(np.mean(ids_i[:, 0] == ids_p[:, 0])),
+        "index_top_k_overlap": float(
+            np.mean([len(set(a) & set(b)) / k for a, b in zip(ids_f, ids_p, strict=True)])
+        ),
+    }
+
+
 # ----------------------------------------------------------------------------- hf rows
 
 
@@ -447,17 +518,68 @@ def hf_table(r: dict) -> str:
 # ----------------------------------------------------------------------------- subprocess stages
 
 
-def stage_hessian(cfg, dim: int) -> dict:
-    rng = np.random.default_rng(cfg.seed)
-    # Decaying column scales give R a spread spectrum like real gradient features.
-    u_NxD = rng.standard_normal((cfg.hessian_rows, dim), dtype=np.float32)
+def spread_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    """Gaussian float32 rows with decaying column scales: R gets a spread spectrum like real
+    gradient features."""
+    u_NxD = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
     u_NxD *= (1.0 + np.arange(dim, dtype=np.float32)) ** -0.5
+    return u_NxD
+
+
+def stage_hessian(cfg, dim: int) -> dict:
+    """R_train and its root from ``hessian_rows`` rows in the form the library picks: d x d
+    (Gauss-Newton sum + eigh) when the rows are at least d, else low rank."""
+    u_NxD = spread_rows(cfg.hessian_rows, dim, cfg.seed)
+    if cfg.hessian_rows < dim:
+        t0 = time.perf_counter()
+        fit_low_rank(u_NxD, None, {"damping": 0.1}, dim, wanted=["train_inv_sqrt"])
+        return {"dim": dim, "form": "low_rank", "fit_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     r_DxD, _ = gauss_newton(u_NxD, rows_per_step=512)
     t1 = time.perf_counter()
     inverse_sqrt(r_DxD, 0.1)
     t2 = time.perf_counter()
-    return {"dim": dim, "fit_s": t1 - t0, "inverse_sqrt_s": t2 - t1}
+    return {"dim": dim, "form": "dense", "fit_s": t1 - t0, "inverse_sqrt_s": t2 - t1}
+
+
+def stage_low_rank(cfg, dim: int) -> dict:
+    """The low-rank fit of the mixed R from ``low_rank_rows`` rows (``low_rank_eval_rows`` of
+    them queries: λ by auto_trace) and (R + dI)^-1/2 applied to the queries and to one
+    ``score_rows_per_step`` block of train rows: seconds and this process's peak RSS."""
+    n_e = cfg.low_rank_eval_rows
+    u_NxD = spread_rows(cfg.low_rank_rows, dim, cfg.seed)
+    rows_mb = u_NxD.nbytes / 2**20
+    hcfg = {"lambda_mix": "auto_trace", "damping": 0.1}
+    t0 = time.perf_counter()
+    fit = fit_low_rank(u_NxD[n_e:], u_NxD[:n_e], hcfg, dim, wanted=["mixed_inv_sqrt"])
+    t1 = time.perf_counter()
+    fit.apply("mixed_inv_sqrt", u_NxD[: n_e + cfg.score_rows_per_step])
+    t2 = time.perf_counter()
+    return {
+        "dim": dim,
+        "rows": cfg.low_rank_rows,
+        "eval_rows": n_e,
+        "rank": int(fit.low_rank["mixed_inv_sqrt"].basis.shape[1]),
+        "fit_s": t1 - t0,
+        "apply_s": t2 - t1,
+        "apply_rows": n_e + cfg.score_rows_per_step,
+        "rows_mb": rows_mb,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def stage_ann(cfg, store_path: str) -> dict:
+    """scripts/ann_benchmark.py on rows built from this run's featurized store."""
+    sys.path.insert(0, HERE)
+    from ann_benchmark import run_ann_benchmark
+    from synthetic_rows import base_rows
+
+    base = base_rows(store_path, dim=cfg.ann_dim, seed=cfg.seed)
+    r = run_ann_benchmark(
+        base, n_rows=cfg.ann_rows, dim=cfg.ann_dim, n_queries=cfg.n_queries, k=10,
+        noise=cfg.ann_noise, seed=cfg.seed, nlist=cfg.ann_nlist,
+    )  # fmt: skip
+    return {**r, "peak_rss_mb": peak_rss_mb()}
 
 
 def stage_featurize_rss(cfg, n: int, store_path: str) -> dict:
@@ -501,6 +623,7 @@ def run_stage(args: argparse.Namespace, extra: list[str], timeout: float) -> dic
 def run_meta() -> dict:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_start": list(os.getloadavg()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
         f"({jax.default_backend()}: {jax.devices()[0].device_kind})",
     }
@@ -512,6 +635,7 @@ def run(args: argparse.Namespace, cfg) -> dict:
     if cfg.hf_only:
         r = {"tiny": bool(cfg.tiny), **run_meta(), **run_hf(cfg, root)}
         r["wall_s"] = time.perf_counter() - t_start
+        r["load_average_end"] = list(os.getloadavg())
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
         return r
@@ -566,11 +690,24 @@ def run(args: argparse.Namespace, cfg) -> dict:
     r_train, _ = gauss_newton(store)
     t_DxD, _ = inverse_sqrt(r_train, 0.1)
     r.update(time_scoring(cfg, store, q_QxD, t_DxD.astype(np.float32)))
+    r.update(time_index(cfg, root, store, q_QxD))
 
     r["hessian"] = []
     for d in cfg.hessian_dims:
         res = run_stage(args, ["--stage", "hessian", "--dim", str(d)], cfg.hessian_timeout_s)
         r["hessian"].append(res or {"dim": d, "timed_out_s": cfg.hessian_timeout_s})
+    r["low_rank"] = []
+    for d in cfg.low_rank_dims:
+        res = run_stage(args, ["--stage", "low_rank", "--dim", str(d)], cfg.hessian_timeout_s)
+        r["low_rank"].append(res or {"dim": d, "timed_out_s": cfg.hessian_timeout_s})
+        if res is not None:
+            r[f"r_fit_seconds_d{d}"] = res["fit_s"] + res["apply_s"]
+            r[f"r_apply_rss_mb_d{d}"] = res["peak_rss_mb"]
+    if cfg.ann_rows:
+        ann = run_stage(args, ["--stage", "ann", "--store", store.path], cfg.ann_timeout_s)
+        r["ann"] = ann or {"timed_out_s": cfg.ann_timeout_s}
+        if ann is not None:
+            r["ann_recall_at_10"], r["ann_speedup"] = ann["ann_recall_at_10"], ann["ann_speedup"]
     rss = {"featurize": [], "score": []}
     for n in cfg.rss_sizes:
         path = os.path.join(root, f"rss_{n}")
@@ -586,6 +723,7 @@ def run(args: argparse.Namespace, cfg) -> dict:
         r.update(run_hf(cfg, root))
     r["main_peak_rss_mb"] = peak_rss_mb()
     r["wall_s"] = time.perf_counter() - t_start
+    r["load_average_end"] = list(os.getloadavg())
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
     return r
@@ -617,14 +755,53 @@ def table(r: dict) -> str:
         f"bf16 rows: max row rel. error {r['bf16_row_rel_error_max']:.2e}, max cosine error "
         f"{r['bf16_cosine_abs_error_max']:.2e}, top-10 overlap {r['bf16_top10_overlap']:.3f}",
     ]
+    lines += [
+        f"{'index: stream finished rows, dot, top-k':44s} {r['index_rows_per_s']:8.0f} rows/s "
+        f"{r['index_score_over_matmul']:7.2f}x of in-memory  (target >= 0.8)",
+        f"{'index: same shapes on an in-memory array':44s} "
+        f"{r['index_matmul_rows_per_s']:8.0f} rows/s",
+        f"index: score_index {r['index_score_index_s'] * 1e3:.1f} ms (queries prepared in "
+        f"{r['index_prepare_queries_s'] * 1e3:.1f} ms) vs per-call R^-1/2 "
+        f"{r['index_per_call_transform_s'] * 1e3:.1f} ms: "
+        f"{r['index_speedup_over_transform']:.1f}x (target >= 5); top-k overlap "
+        f"{r['index_top_k_overlap']:.3f}; built in {r['index_build_s']:.1f} s",
+    ]
     for h in r["hessian"]:
-        if "fit_s" in h:
+        if "timed_out_s" in h:
+            lines.append(f"R fit + R^-1/2 at d={h['dim']:<6d} > {h['timed_out_s']} s (stopped)")
+        elif h.get("form") == "low_rank":
+            lines.append(f"R fit + R^-1/2 at d={h['dim']:<6d} low rank {h['fit_s']:8.2f} s")
+        else:
             lines.append(
                 f"R fit + R^-1/2 at d={h['dim']:<6d} fit {h['fit_s']:8.2f} s, "
                 f"R^-1/2 {h['inverse_sqrt_s']:8.2f} s"
             )
+    for h in r["low_rank"]:
+        if "timed_out_s" in h:
+            lines.append(f"low-rank R at d={h['dim']:<6d} > {h['timed_out_s']} s (stopped)")
+            continue
+        lines.append(
+            f"low-rank R at d={h['dim']:<6d} from {h['rows']} rows: fit {h['fit_s']:7.1f} s, "
+            f"apply to {h['apply_rows']} rows {h['apply_s']:6.2f} s, peak RSS "
+            f"{h['peak_rss_mb']:.0f} MB (rows alone {h['rows_mb']:.0f} MB)"
+        )
+    if "ann" in r:
+        a = r["ann"]
+        if "timed_out_s" in a:
+            lines.append(f"ann: > {a['timed_out_s']} s (stopped)")
         else:
-            lines.append(f"R fit + R^-1/2 at d={h['dim']:<6d} > {h['timed_out_s']} s (stopped)")
+            lines.append(
+                f"ann: N={a['ann_n_rows']:,} d={a['ann_dim']} {a['ann_kind']} nlist "
+                f"{a['ann_nlist']} nprobe {a['ann_nprobe']}: recall@10 "
+                f"{a['ann_recall_at_10']:.3f} at {a['ann_speedup']:.1f}x the flat index "
+                "(target >= 0.95 at >= 5x)"
+            )
+    lines.append(
+        "load average (1, 5, 15 min) at start "
+        + ", ".join(f"{x:.2f}" for x in r["load_average_start"])
+        + "; at end "
+        + ", ".join(f"{x:.2f}" for x in r["load_average_end"])
+    )
     for stage in ("featurize", "score"):
         sizes = ", ".join(f"N={x['n']}: {x['peak_rss_mb']:.0f} MB" for x in r["rss"][stage])
         lines.append(f"peak RSS {stage:9s} {sizes}  (growth {r[f'{stage}_rss_growth']:.3f}x)")
@@ -653,6 +830,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.stage:
         stages = {
             "hessian": lambda: stage_hessian(cfg, args.dim),
+            "low_rank": lambda: stage_low_rank(cfg, args.dim),
+            "ann": lambda: stage_ann(cfg, args.store),
             "featurize_rss": lambda: stage_featurize_rss(cfg, args.n, args.store),
             "score_rss": lambda: stage_score_rss(cfg, args.store),
         }

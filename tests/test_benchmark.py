@@ -37,7 +37,14 @@ def test_tiny_benchmark_writes_required_json(tmp_path, capsys):
         assert isinstance(r[key], float) and r[key] > 0, (key, r.get(key))
     assert r["score_top1_agreement"] == 1.0  # streaming and in-memory scoring agree
     assert r["bf16_top10_overlap"] > 0.5 and r["bf16_row_rel_error_max"] < 1e-2
-    assert [h["dim"] for h in r["hessian"]] == [16] and "fit_s" in r["hessian"][0]
+    # d = 16 from 64 rows is the d x d form; d = 128 from 64 rows the low-rank one.
+    assert [(h["dim"], h["form"]) for h in r["hessian"]] == [(16, "dense"), (128, "low_rank")]
+    for key in ("index_score_over_matmul", "index_speedup_over_transform", "r_fit_seconds_d96"):
+        assert isinstance(r[key], float) and r[key] > 0, (key, r.get(key))
+    assert r["index_top_k_overlap"] == 1.0  # the index ranks as the per-call transform path
+    assert r["low_rank"][0]["rank"] <= 40 and r["r_apply_rss_mb_d96"] > 0
+    assert 0 <= r["ann_recall_at_10"] <= 1 and r["ann_speedup"] > 0
+    assert len(r["load_average_start"]) == 3 and len(r["load_average_end"]) == 3
     assert [x["n"] for x in r["rss"]["featurize"]] == [32, 64]
     assert "featurize, exact Adam V" in capsys.readouterr().out  # the table was printed
 
