@@ -204,3 +204,26 @@ def test_attributor_with_an_index_ranks_like_without(inputs, tmp_path):
     for a, b in zip(plain, fast, strict=True):
         assert np.array_equal(a.ids, b.ids)
         assert_close(b.scores, a.scores)
+
+
+def test_fit_is_hashed_and_checked_once_per_fit(inputs, tmp_path, monkeypatch):
+    """Query batches after the first pay no d² fingerprint or finiteness pass; a new fit object
+    (another R) is hashed afresh and a non-finite one refused."""
+    vs, held = inputs["cor"], inputs["held"]
+    fit = fit_hessian(vs, held, HCFG, D)
+    idx = index.build_index(vs, fit, "trackstar", tmp_path / "idx", progress=False)
+    calls = []
+    real = index._hash_transforms
+    monkeypatch.setattr(index, "_hash_transforms", lambda f, n: calls.append(1) or real(f, n))
+    first = index.score_index(idx, inputs["q"], K, fit=fit)
+    for _ in range(3):
+        again = index.score_index(idx, inputs["q"], K, fit=fit)
+        np.testing.assert_array_equal(again[0], first[0])
+    assert calls == []  # hashed by build_index, before the counter
+    refit = fit_hessian(vs, held, HCFG, D)  # equal content, another object: hashed once
+    np.testing.assert_array_equal(index.score_index(idx, inputs["q"], K, fit=refit)[0], first[0])
+    assert len(calls) == 1
+    broken = fit_hessian(vs, held, HCFG, D)
+    broken.transforms["mixed_inv_sqrt"][0, 0] = np.nan
+    with pytest.raises(index.IndexMismatchError, match="Hessian fit"):
+        index.score_index(idx, inputs["q"], K, fit=broken)

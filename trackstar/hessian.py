@@ -551,6 +551,10 @@ class HessianFit:
     transforms: Mapping[str, np.ndarray]
     provenance: dict = dataclasses.field(default_factory=dict)
     low_rank: dict[str, LowRankRoot] = dataclasses.field(default_factory=dict)
+    # Values computed from the fit once and reused by its readers (trackstar.index keeps the
+    # fingerprint and the checked, device-resident query transform here): a fit is not
+    # modified after it is made, so they stay valid. Not saved, not compared.
+    derived: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.low_rank:

@@ -103,6 +103,15 @@ def fit_fingerprint(fit: HessianFit | None, preset: str | score.PresetSpec) -> s
             f"preset {_preset_name(preset)!r} needs a Hessian fit ({spec.hessian} R); fit one "
             "(trackstar hessian) and pass it"
         )
+    # Hashing the transforms reads d² floats (64 MiB at d = 4096): once per fit, not per query.
+    cache = getattr(fit, "derived", {})
+    key = ("index_fingerprint", tuple(names))
+    if key not in cache:
+        cache[key] = _hash_transforms(fit, names)
+    return cache[key]
+
+
+def _hash_transforms(fit: HessianFit, names: Sequence[str]) -> str:
     h = hashlib.sha256(f"dim={fit.dim}".encode())
     for name in names:
         try:
@@ -556,6 +565,20 @@ def _prepare_step(normalize: bool, has_transform: bool) -> Callable:
     return jax.jit(prepare)
 
 
+def _query_transform(
+    fit: HessianFit, name: str
+) -> tuple[jax.Array | None, Callable[[np.ndarray], np.ndarray] | None]:
+    """``_transform_parts`` for the queries, checked finite and (d×d) put on the device once
+    per fit: every query batch after the first pays only its matmul."""
+    cache = getattr(fit, "derived", {})
+    key = ("index_query_transform", name)
+    if key not in cache:
+        t, host = _transform_parts(fit, name)
+        score.check_finite_inputs(np.zeros((1, 1)), {"query_transform": t}, ScoringIndexError)
+        cache[key] = (None if t is None else jax.device_put(t), host)
+    return cache[key]
+
+
 def prepare_queries(
     index: ScoringIndex, query_vectors_QxD: np.ndarray, fit: HessianFit | None
 ) -> np.ndarray:
@@ -578,8 +601,8 @@ def prepare_queries(
                 f"the Hessian fit's {info.query_transform!r}; pass the fit it was built with"
             )
         index.check(fit=fit)
-        t, host = _transform_parts(fit, info.query_transform)
-    score.check_finite_inputs(q, {"query_transform": t}, ScoringIndexError)
+        t, host = _query_transform(fit, info.query_transform)
+    score.check_finite_inputs(q, {}, ScoringIndexError)
     if host is not None:  # A low-rank root, applied on the host (overflow is checked below).
         q = host(q)
     out = np.asarray(
