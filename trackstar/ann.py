@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from trackstar import files, score, store
+from trackstar import files, score
 from trackstar import index as index_lib
 from trackstar.index import ScoringIndex
 
@@ -462,11 +462,5 @@ def score_ann(
             + "\n  ".join(diffs)
             + "\nRebuild it from this index with build_ann"
         )
-    if hasattr(query_vectors, "read_all"):
-        if getattr(query_vectors, "meta", None) is not None:
-            store.check_compatible(index.meta, query_vectors.meta, ("index", "query"))
-        q = query_vectors.read_all()
-        q = q[1] if isinstance(q, tuple) else q
-    else:
-        q = query_vectors
+    q = index_lib.query_rows(index, query_vectors)
     return ann.search(index_lib.prepare_queries(index, q, fit), k, nprobe=nprobe)

@@ -614,6 +614,17 @@ def prepare_queries(
     return out
 
 
+def query_rows(index: ScoringIndex, query_vectors: Any) -> Any:
+    """The ``(Q, D)`` query vectors of ``query_vectors``: an array as given, or a query store
+    read whole after ``store.check_compatible`` with the index's metadata."""
+    if not hasattr(query_vectors, "read_all"):
+        return query_vectors
+    if getattr(query_vectors, "meta", None) is not None:
+        store.check_compatible(index.meta, query_vectors.meta, ("index", "query"))
+    q = query_vectors.read_all()
+    return q[1] if isinstance(q, tuple) else q
+
+
 def score_index(
     index: ScoringIndex | str | os.PathLike,
     query_vectors: Any,
@@ -651,14 +662,7 @@ def score_index(
         index = ScoringIndex.open(index)
     if source is not None:
         index.check(source=source)
-    if hasattr(query_vectors, "read_all"):
-        if getattr(query_vectors, "meta", None) is not None:
-            store.check_compatible(index.meta, query_vectors.meta, ("index", "query"))
-        q = query_vectors.read_all()
-        q = q[1] if isinstance(q, tuple) else q
-    else:
-        q = query_vectors
-    q_prepared = prepare_queries(index, q, fit)
+    q_prepared = prepare_queries(index, query_rows(index, query_vectors), fit)
     return score.top_k_scores(
         index.store,
         q_prepared,
