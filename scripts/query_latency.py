@@ -29,8 +29,10 @@ The synthetic store lives under ``--workdir`` and is reused when one with the sa
 at the same path is deleted and rewritten. Nothing outside ``--workdir`` is written, except the
 demo run's own cached index (``stages.stage_index``).
 
-Run: python scripts/query_latency.py --json results/query_latency.json   (about 15 min, 2 cores)
-     python scripts/query_latency.py --n 20000 --repeats 3                 (smaller synthetic N)
+Run: python scripts/query_latency.py --json results/query_latency.json
+       (2 cores: about 7 min with the synthetic index in place; writing it adds 2-3 min, and
+       the demo's index build on first use about 2 min)
+     python scripts/query_latency.py --n 20000                            (smaller synthetic N)
 """
 
 from __future__ import annotations
