@@ -74,6 +74,13 @@ def test_streaming_top_k_equals_full_sort_with_ties():
     np.testing.assert_array_equal(got_ids, ref_ids)
     assert calls[-1] == (N, N) and len(calls) == 4
 
+    # One query (scored as two rows inside): the same as its row of the batch.
+    for j in (0, Q - 1):
+        one_ids, one_scores = top_k_scores([(ids, train)], queries[j : j + 1], None, None, False, K)
+        assert one_ids.shape == (1, K)
+        np.testing.assert_array_equal(one_ids[0], ref_ids[j])
+        np.testing.assert_array_equal(one_scores[0], ref_scores[j])
+
     # Fewer rows than k: everything, sorted.
     few_ids, few_scores = top_k_scores(train[:3], queries, None, None, False, K)
     assert few_ids.shape == (Q, 3)
@@ -154,6 +161,9 @@ def test_non_finite_train_rows_are_refused_naming_their_ids(tmp_path, monkeypatc
     store = corrupt_store(tmp_path / "huge", monkeypatch, train, {5: huge})
     with pytest.raises(ScoreError, match=r"example ids \[5\].*the queries at indices \[3\]"):
         top_k_scores(store, queries_small, None, None, False, K)
+    # Alone, that query is every query (its internal second copy is never counted).
+    with pytest.raises(ScoreError, match=r"example ids \[5\].*against every query"):
+        top_k_scores(store, queries_small[3:4], None, None, False, K)
     # The same store is fine for queries that do not overflow with it.
     got_ids, got_scores = top_k_scores(store, queries_small[:3], None, None, False, K)
     assert np.isfinite(got_scores).all()

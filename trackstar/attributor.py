@@ -465,7 +465,9 @@ class Attributor:
                 q,
                 k,
                 fit=self.hessian_fit,
-                rows_per_step=self.rows_per_step,
+                # The index's own chunks are the steps: each is handed to the device as it is
+                # mapped, where re-cut blocks would be copied.
+                rows_per_step=None,
                 mesh=self.mesh,
             )
         else:

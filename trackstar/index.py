@@ -605,11 +605,15 @@ def prepare_queries(
     score.check_finite_inputs(q, {}, ScoringIndexError)
     if host is not None:  # A low-rank root, applied on the host (overflow is checked below).
         q = host(q)
+    # One row would be a matrix-vector product, several times slower on XLA's CPU backend than
+    # two rows (see score.top_k_scores): transform it twice, keep one.
+    n = len(q)
+    q = np.concatenate([q, q]) if n == 1 else q
     out = np.asarray(
         _prepare_step(info.normalize, t is not None)(
             q, np.zeros((1, 1), np.float32) if t is None else t
         )
-    )
+    )[:n]
     score.check_finite_inputs(out, {}, ScoringIndexError, prepared=True)
     return out
 

@@ -431,6 +431,9 @@ class VectorStore:
         self._context = ts.Context()
         self._verify_once = False
         self._mapped = False
+        # Mapped reads: (data file, identity) -> its map, kept so that a store scored many
+        # times maps and page-faults each file once per process, not once per pass.
+        self._maps: dict[tuple, np.ndarray] = {}
 
     # ----- construction -------------------------------------------------------------------
 
@@ -503,9 +506,10 @@ class VectorStore:
             size and mtime are unchanged (for stores read many times, e.g. a scoring index;
             damage to the bytes after that first read goes unnoticed until the next process).
           mapped: chunks are private copy-on-write memory maps of their files instead of
-            copies (no read copy; the OS page cache serves repeated reads). For stores that
-            are never rewritten while open: a file truncated under a live map faults the
-            process.
+            copies (no read copy; the OS page cache serves repeated reads), each file mapped
+            once and the same array returned by every later read of it (treat them as
+            read-only). For stores that are never rewritten while open: a file truncated under
+            a live map faults the process.
 
         Raises:
           IncompleteStoreError: ``require_complete`` and the store was never finalized.
@@ -691,7 +695,14 @@ class VectorStore:
             size = st.st_size
             key = (os.path.abspath(path), st.st_ino, st.st_dev, size, st.st_mtime_ns)
             key += (record["crc32"],)
-            data = _read_raw(path, dtype, self._mapped) if size == expected else None
+            if size != expected:
+                data = None
+            elif self._mapped:
+                data = self._maps.get(key)
+                if data is None:
+                    data = self._maps[key] = _read_raw(path, dtype, mapped=True)
+            else:
+                data = _read_raw(path, dtype)
         except FileNotFoundError:
             raise self._corrupt(
                 chunk, f"is missing its {name} data file {path} ({rows} rows were committed)"
