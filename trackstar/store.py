@@ -952,12 +952,14 @@ class VectorStore:
         Args:
           rows_per_step: rows per block (the last may be shorter); None = one store chunk.
           prefetch: blocks read ahead by a background thread, so disk reads overlap the
-            caller's compute; 0 reads synchronously.
+            caller's compute; 0 reads synchronously (as a ``mapped`` store always does).
         """
         self._require_complete("iter_chunks")
         if rows_per_step is not None and rows_per_step <= 0:
             raise StoreError(f"rows_per_step must be positive or None, got {rows_per_step}")
-        if prefetch <= 0:
+        # A mapped store's reads are O(1) after the first (no copy; the CRC once per file):
+        # a reader thread would only add its hand-off to every block.
+        if prefetch <= 0 or self._mapped:
             yield from self._blocks(rows_per_step)
             return
         q: queue.Queue = queue.Queue(maxsize=prefetch)
