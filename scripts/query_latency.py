@@ -8,8 +8,8 @@ best and median are reported), with the load average at start and end:
               the same Attributor with its ``index`` set to None (the R^{-1/2} transform
               streamed over the raw store on every call), answering 1 and 64 of the run's task
               queries. Each call is split into featurize (``query_vectors``), score
-              (``index.score_index`` or ``score.score_preset``, with the Attributor's own fit,
-              rows per step and mesh) and texts; the end-to-end ``proponents_batch`` is timed
+              (``Attributor.score_vectors``: its index, or ``score.score_preset`` with its own
+              fit, rows per step and mesh) and texts; the end-to-end ``proponents_batch`` is timed
               on its own.
   synthetic   an index store of ``--n`` synthetic rows (``scripts/synthetic_rows.py``: replicas
               of the demo index's rows with noise) at the demo's d, written directly in
@@ -61,7 +61,7 @@ sys.path.insert(0, HERE)  # synthetic_rows is a sibling script, not a package mo
 from synthetic_rows import base_rows, synthetic_blocks  # noqa: E402
 
 from trackstar import index as index_lib  # noqa: E402
-from trackstar import score, stages, store  # noqa: E402
+from trackstar import stages, store  # noqa: E402
 from trackstar.attributor import Attributor  # noqa: E402
 from trackstar.store import StoreMeta, VectorStore  # noqa: E402
 
@@ -158,29 +158,6 @@ def texts_for(att: Attributor, ids_QxK: np.ndarray) -> list[list[str]]:
     return [[att.texts[int(j)] for j in row] for row in ids_QxK]
 
 
-def score_attributor(att: Attributor, q_QxD: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-    """The scoring step of ``Attributor.proponents_batch`` alone (the Attributor has no public
-    call for it): its index when it has one, else the streamed preset."""
-    if att.index is not None:
-        return index_lib.score_index(
-            att.index,
-            q_QxD,
-            k,
-            fit=att.hessian_fit,
-            rows_per_step=att.rows_per_step,
-            mesh=att.mesh,
-        )
-    return score.score_preset(
-        att.train_store,
-        q_QxD,
-        att.preset,
-        att.hessian_fit,
-        k,
-        rows_per_step=att.rows_per_step,
-        mesh=att.mesh,
-    )
-
-
 def time_attributor(
     att: Attributor, prompts: list[str], targets: list[str], k: int, repeats: int
 ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
@@ -193,7 +170,7 @@ def time_attributor(
         t0 = time.perf_counter()
         q = att.query_vectors(prompts, targets)
         t1 = time.perf_counter()
-        ids, scores = score_attributor(att, q, k)
+        ids, scores = att.score_vectors(q, k)
         t2 = time.perf_counter()
         texts_for(att, ids)
         t3 = time.perf_counter()
@@ -381,16 +358,15 @@ def synthetic_call(
     last: dict,
 ) -> Callable[[], dict[str, float]]:
     """One timed query call against the synthetic index: featurize with ``att``, score with
-    ``index.score_index`` (the Attributor's fit, rows per step and mesh), look up the texts of
-    the base rows the ids replicate. Leaves ``q``, ``ids`` and ``scores`` in ``last``."""
+    ``index.score_index`` (the Attributor's fit and mesh; the index's chunks as steps), look
+    up the texts of the base rows the ids replicate. Leaves ``q``, ``ids`` and ``scores`` in
+    ``last``."""
 
     def call() -> dict[str, float]:
         t0 = time.perf_counter()
         q = att.query_vectors(prompts, targets)
         t1 = time.perf_counter()
-        ids, scores = index_lib.score_index(
-            idx, q, k, fit=att.hessian_fit, rows_per_step=att.rows_per_step, mesh=att.mesh
-        )
+        ids, scores = index_lib.score_index(idx, q, k, fit=att.hessian_fit, mesh=att.mesh)
         t2 = time.perf_counter()
         [[att.texts[int(base_ids[j % len(base_ids)])] for j in row] for row in ids]
         t3 = time.perf_counter()
@@ -426,7 +402,7 @@ def measure_synthetic(
         "synthetic_bytes": int(nbytes),
         "synthetic_noise": noise,
         "synthetic_chunk_rows": chunk_rows,
-        "synthetic_rows_per_step": att.rows_per_step,
+        "synthetic_rows_per_step": idx.meta.chunk_size,
         **report,
         "timings": {},
     }

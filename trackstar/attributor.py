@@ -454,15 +454,13 @@ class Attributor:
             )
         return v
 
-    def proponents_batch(
-        self, prompts: Sequence[str], targets: Sequence[str], k: int = 10
-    ) -> list[Proponents]:
-        """The top-``k`` proponents of each ``(prompt, target)``, in one pass over the store."""
-        q = self.query_vectors(prompts, targets)
+    def score_vectors(self, query_vectors_QxD: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        """``(ids_QxK, scores_QxK)`` of already featurized queries (``query_vectors``): the
+        index when the Attributor has one, else the preset streamed over the train store."""
         if self.index is not None:
-            ids, scores = index_lib.score_index(
+            return index_lib.score_index(
                 self.index,
-                q,
+                query_vectors_QxD,
                 k,
                 fit=self.hessian_fit,
                 # The index's own chunks are the steps: each is handed to the device as it is
@@ -470,16 +468,21 @@ class Attributor:
                 rows_per_step=None,
                 mesh=self.mesh,
             )
-        else:
-            ids, scores = score.score_preset(
-                self.train_store,
-                q,
-                self.preset,
-                self.hessian_fit,
-                k,
-                rows_per_step=self.rows_per_step,
-                mesh=self.mesh,
-            )
+        return score.score_preset(
+            self.train_store,
+            query_vectors_QxD,
+            self.preset,
+            self.hessian_fit,
+            k,
+            rows_per_step=self.rows_per_step,
+            mesh=self.mesh,
+        )
+
+    def proponents_batch(
+        self, prompts: Sequence[str], targets: Sequence[str], k: int = 10
+    ) -> list[Proponents]:
+        """The top-``k`` proponents of each ``(prompt, target)``, in one pass over the store."""
+        ids, scores = self.score_vectors(self.query_vectors(prompts, targets), k)
         out = []
         for p, t, i, s in zip(prompts, targets, ids, scores, strict=True):
             texts = None if self.texts is None else [self.texts[int(j)] for j in i]
