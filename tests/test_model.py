@@ -131,6 +131,30 @@ def test_greedy_correct_and_target_logprob_match_decoding(lm):
         np.testing.assert_allclose(lp[b], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_greedy_answer_is_the_argmax_at_the_targets_and_its_logprob(lm):
+    apply_fn, params = lm
+    apply_jit = jax.jit(apply_fn)
+    prompt = [1, 5, 9, 4]
+    seq = prompt + _greedy(apply_jit, params, prompt, 3).tolist()
+    tokens = np.array([seq, seq], np.int32)
+    tokens[1, 5] = (tokens[1, 5] + 1) % V  # A teacher-forced prefix off the greedy path.
+    weights = np.zeros(tokens.shape, np.float32)
+    weights[:, 4:] = 1
+    pred, lp = (np.asarray(x) for x in M.greedy_answer(apply_fn, params, tokens, weights))
+    # On the greedy path the answer is the greedy continuation itself.
+    np.testing.assert_array_equal(pred[0, 4:], tokens[0, 4:])
+    logits = np.asarray(apply_jit(params, jnp.asarray(tokens)), np.float64)
+    for b in range(2):
+        ref = 0.0
+        for t in range(4, 7):
+            row = logits[b, t - 1] - np.log(np.sum(np.exp(logits[b, t - 1])))
+            assert pred[b, t] == np.argmax(row)
+            ref += row.max()
+        np.testing.assert_allclose(lp[b], ref, rtol=1e-5, atol=1e-5)
+    # The model's confidence in its own answer is at least its confidence in any target.
+    assert np.all(lp >= np.asarray(M.target_logprob(apply_fn, params, tokens, weights)) - 1e-5)
+
+
 def test_presets_overrides_and_bad_sizes():
     spec = gpt2.resolve(dict(size="small", d_model=0, n_layers=0, n_heads=0, d_ff=0), 700)
     assert (spec.d_model, spec.n_layers, spec.n_heads, spec.d_ff, spec.max_len) == (

@@ -74,3 +74,22 @@ def test_experiment_plots_write_files(tmp_path):
     assert report.sweep_chart({"gt": GT}, (1.0,), 3, "t", str(tmp_path / "none.png")) is None
     for file in files:
         assert os.path.getsize(file) > 0
+
+
+def test_proponents_preview_one_query_per_bucket_with_marks():
+    rows = [
+        {"prompt": f"p{i}", "target": "x", "proponent_ids": [i, 100 + i], "scores": [0.5, 0.25],
+         "texts": [f"a{i}", f"b{i}"]}
+        for i in range(6)
+    ]  # fmt: skip
+    buckets = [1, 1, 2, 2, 16, 16]
+    gt = [{0}, set(), {99}, set(), {104}, set()]
+    answers = [("x", 0.9), ("y", 0.1)] * 3
+    text = report.proponents_preview(rows, k=2, buckets=buckets, ground_truth=gt, answers=answers)
+    queries = [line for line in text.splitlines() if line.startswith("query:")]
+    # The first query of each bucket, rarest first.
+    assert [q.split()[1] for q in queries] == ["p0", "p2", "p4"]
+    assert "fact seen 16x; model says 'x', p = 0.90, right" in queries[2]
+    assert " *1. [0] +0.500  a0" in text and "  2. [100]" in text  # ground truth marked
+    assert " *2. [104]" in text and "(* states the query's fact)" in text
+    assert report.preview_picks([], 2) == [0, 1]  # no buckets: the first queries

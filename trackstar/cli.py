@@ -257,8 +257,16 @@ def _run(argv: list[str], prog: str) -> int:
     res = stages.stage_score(cfg, "trackstar")
     with open(res["path"]) as f:
         rows = [json.loads(line) for line in f]
-    print("\nTrackStar proponents (closed set):")
-    print(report.proponents_preview(rows))
+    queries = list(trained.world.task_queries)
+    print("\nTrackStar proponents (closed set), one query per frequency bucket:")
+    print(
+        report.proponents_preview(
+            rows,
+            buckets=[q.bucket for q in queries],
+            ground_truth=[q.candidate_ids for q in queries],
+            answers=stages.model_answers(cfg, trained, queries),
+        )
+    )
     with cfg.unlocked():
         cfg.experiment.name = "e1"
     e1 = experiments.run(cfg)

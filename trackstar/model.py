@@ -69,6 +69,23 @@ def target_logprob(apply_fn, params: Params, tokens_BxT, weights_BxT) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def greedy_answer(apply_fn, params: Params, tokens_BxT, weights_BxT) -> tuple[jax.Array, jax.Array]:
+    """The model's own answer at the weighted (target) positions, teacher-forced.
+
+    Returns ``(pred_BxT int32, logprob_B float32)``: ``pred[b, t]`` is the argmax token
+    predicted for position t from ``tokens[b, :t]`` (0 at t = 0), and ``logprob`` the sum over
+    weighted positions of log p(pred | prefix), the model's confidence in its answer.
+    """
+    logits_BxTxV = apply_fn(params, tokens_BxT)[:, :-1]
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    pred_BxT = jnp.argmax(logp_BxTxV, axis=-1)
+    best_BxT = jnp.max(logp_BxTxV, axis=-1)
+    w_BxT = weights_BxT[:, 1:].astype(jnp.float32)
+    pred_BxT = jnp.pad(pred_BxT, ((0, 0), (1, 0))).astype(jnp.int32)
+    return pred_BxT, jnp.sum(best_BxT * w_BxT, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def greedy_correct(apply_fn, params: Params, tokens_BxT, weights_BxT) -> jax.Array:
     """Whether greedy decoding after the prompt reproduces every target token: bool[B].
 

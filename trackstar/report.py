@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from trackstar.files import write_text
@@ -34,15 +34,56 @@ def accuracy_table(acc: Mapping[str, Any]) -> str:
     return markdown_table(["facts seen", "greedy accuracy", "queries"], rows)
 
 
-def proponents_preview(rows: Sequence[Mapping[str, Any]], n_queries: int = 3, k: int = 3) -> str:
-    """The top-k proponents of the first queries, as readable text."""
+def preview_picks(buckets: Sequence[int], n_queries: int = 3) -> list[int]:
+    """Row indices of a preview: the first query of each bucket (ascending), or the first
+    ``n_queries`` rows when there are no buckets."""
+    if not len(buckets):
+        return list(range(n_queries))
+    first: dict[int, int] = {}
+    for i, b in enumerate(buckets):
+        first.setdefault(int(b), i)
+    return [first[b] for b in sorted(first)]
+
+
+def proponents_preview(
+    rows: Sequence[Mapping[str, Any]],
+    n_queries: int = 3,
+    k: int = 3,
+    *,
+    buckets: Sequence[int] = (),
+    ground_truth: Sequence[Collection[int]] = (),
+    answers: Sequence[tuple[str, float]] = (),
+) -> str:
+    """The top-k proponents of a sample of queries, as readable text.
+
+    With ``buckets`` (one per row), one query per frequency bucket, rarest first (a reader
+    sees where attribution works and where it does not); else the first ``n_queries``.
+    ``ground_truth`` (the candidate ids stating each row's fact) marks proponents that state
+    it with ``*``; ``answers`` (the model's answer and its probability) shows what the model
+    says.
+    """
     out = []
-    for r in rows[:n_queries]:
-        out.append(f"query: {r['prompt']} -> {r['target']}")
+    for i in preview_picks(buckets, n_queries):
+        if i >= len(rows):
+            continue
+        r = rows[i]
+        head = f"query: {r['prompt']} -> {r['target']}"
+        if len(buckets):
+            head += f"   (fact seen {buckets[i]}x"
+            if len(answers):
+                answer, p = answers[i]
+                mark = "right" if answer.strip() == str(r["target"]).strip() else "wrong"
+                head += f"; model says {answer!r}, p = {p:.2f}, {mark}"
+            head += ")"
+        out.append(head)
+        gt = set(ground_truth[i]) if len(ground_truth) else set()
         for rank, (pid, s, text) in enumerate(
             zip(r["proponent_ids"][:k], r["scores"][:k], r["texts"][:k], strict=False), 1
         ):
-            out.append(f"  {rank}. [{pid}] {s:+.3f}  {text}")
+            mark = "*" if pid in gt else " "
+            out.append(f" {mark}{rank}. [{pid}] {s:+.3f}  {text}")
+    if len(ground_truth):
+        out.append("(* states the query's fact)")
     return "\n".join(out)
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -283,6 +283,21 @@ def query_examples(cfg, tok, queries) -> Examples:
         tok, [q.prompt for q in queries], [q.target for q in queries], cfg.model.max_len
     )
     return Examples(tokens, weights)
+
+
+def model_answers(cfg, trained: Trained, queries: Sequence) -> list[tuple[str, float]]:
+    """``(answer text, probability)`` of the model for each query: its greedy (teacher-forced)
+    tokens at the target positions, decoded, and exp of their summed log-probability."""
+    ex = query_examples(cfg, trained.tok, queries)
+    pred_BxT, logp_B = model_lib.greedy_answer(
+        trained.apply_fn, trained.params, ex.tokens_NxT, ex.weights_NxT
+    )
+    pred_BxT, logp_B, w_BxT = np.asarray(pred_BxT), np.asarray(logp_B), np.asarray(ex.weights_NxT)
+    answers = []
+    for i in range(len(queries)):
+        text = tokenizer.decode(trained.tok, pred_BxT[i][w_BxT[i] > 0].tolist())
+        answers.append((text, float(np.exp(logp_B[i]))))
+    return answers
 
 
 def accuracy_report(cfg, apply_fn, params, tok, w: world.World) -> dict:
