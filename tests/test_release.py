@@ -236,7 +236,7 @@ def test_writer_refuses_a_bad_record_and_keeps_the_previous_file(tmp_path):
         write_results(path, [good[0], bad])
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]  # no temporary file left behind
-    with pytest.raises(ReleaseError, match="clash"):
+    with pytest.raises(ReleaseError, match=r"record 0 .*clash"):
         write_results(path, [dataclasses.replace(good[0], extra={"relation": "x"})])
 
 

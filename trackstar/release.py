@@ -29,7 +29,8 @@ reads them).
 ``release_task`` turns query files and shards into the project's own records
 (``trackstar.world.Query`` / ``Candidate``) plus the ground truth ``fact_id -> sentence ids``.
 ``score_with_opponents`` gives proponents and opponents in one pass over the train store, and
-``results_from_run`` builds result records from what ``stages.stage_score`` has for a run.
+``results_from_run`` builds result records from what ``stages.stage_score`` has for a run (the
+model's own answers from ``stages.model_answers`` and ``model.greedy_correct``).
 
 Every bad line raises ``ReleaseError`` naming ``path:line``, the field and what to change.
 """
@@ -132,11 +133,13 @@ class ResultRecord:
     frequency_bucket: int | None = None
     """The fact's corpus-frequency bucket (this project: its number of corpus statements)."""
     model_prediction: str | None = None
-    """The model's own greedy continuation of the prompt, when decoded."""
+    """The model's own greedy answer at the target positions, decoded
+    (``stages.model_answers``)."""
     model_correct: bool | None = None
     """Whether greedy decoding reproduces the target (``model.greedy_correct``)."""
     model_confidence: float | None = None
-    """p(target | prompt) under the model, exp of ``model.target_logprob``."""
+    """The model's probability of its own prediction (``stages.model_answers``: exp of the
+    summed log-probability of its greedy tokens)."""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Fields this module does not know, kept so that a file round-trips."""
 
@@ -289,8 +292,12 @@ def write_results(path: str | os.PathLike, records: Iterable[ResultRecord]) -> i
         for i, rec in enumerate(recs):
             if not isinstance(rec, ResultRecord):
                 raise ReleaseError(f"record {i}: expected a ResultRecord, got {_type_name(rec)}")
-            row = rec.to_json()
-            record_from_json(row, f"record {i} (example_id {rec.example_id!r})")
+            where = f"record {i} (example_id {rec.example_id!r})"
+            try:
+                row = rec.to_json()
+            except ReleaseError as e:
+                raise ReleaseError(f"{where}: {e}") from None
+            record_from_json(row, where)
             out.write(enc(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"))
             count += 1
 
@@ -367,8 +374,9 @@ def results_from_run(
         ground truth); gives ``proponent_correct``.
       example_names: per example id the name written as its id (e.g. each candidate's
         ``source_id``, the T-REx ``sentence_id``); default: the integer id.
-      model_correct, model_confidence, model_prediction: per query, the model's greedy
-        correctness, p(target | prompt) and decoded continuation, if computed.
+      model_correct, model_confidence, model_prediction: per query, whether greedy decoding
+        gives the target (``model.greedy_correct``), and the model's own answer and its
+        probability (``stages.model_answers``), if computed.
 
     Returns:
       One ``ResultRecord`` per query, in order.
