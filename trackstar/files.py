@@ -6,6 +6,7 @@ file, even if the writer is killed (rename is atomic on local POSIX filesystems)
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import uuid
@@ -49,9 +50,10 @@ def iter_jsonl(path: str, error: type[Exception]) -> Iterator[tuple[int, dict[st
 
     Lines are decoded one by one (a UTF-8 byte-order mark is allowed on the first), so a bad line
     raises ``error("path:line: ...")`` naming its line: a non-UTF-8 byte, bad JSON, or a row that
-    is not a JSON object. Blank lines are skipped.
+    is not a JSON object. Blank lines are skipped. A path ending in ``.gz`` is read through gzip.
     """
-    with open(path, "rb") as fh:
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
         for i, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8-sig" if i == 1 else "utf-8")

@@ -46,7 +46,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from trackstar.files import atomic_write
+from trackstar.files import atomic_write, iter_jsonl
 from trackstar.score import PresetSpec, score_preset
 from trackstar.world.records import Candidate, Fact, Query
 
@@ -307,28 +307,10 @@ def write_results(path: str | os.PathLike, records: Iterable[ResultRecord]) -> i
 
 def _iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line, object)`` per non-blank line of a jsonl(.gz) file; a bad line names
-    ``path:line`` (mirrors ``trackstar.files.iter_jsonl``, with gzip)."""
+    ``path:line`` (``trackstar.files.iter_jsonl``)."""
     if not os.path.isfile(path):
         raise ReleaseError(f"{what} file {path!r} does not exist")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for i, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ReleaseError(
-                    f"{path}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ReleaseError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ReleaseError(f"{path}:{i}: expected a JSON object, got {_type_name(row)}")
-            yield i, row
+    yield from iter_jsonl(path, ReleaseError)
 
 
 def read_results(path: str | os.PathLike) -> Iterator[ResultRecord]:
