@@ -152,10 +152,20 @@ def pieces(
 
 
 def global_rows(
-    mesh: Mesh, local_rows: int, ids: np.ndarray, vecs: np.ndarray, dim: int
+    mesh: Mesh,
+    local_rows: int,
+    ids: np.ndarray,
+    vecs: np.ndarray,
+    dim: int,
+    alias: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(ids, valid, vectors)`` row-sharded over ``mesh``: this process's rows padded to
-    ``local_rows`` (a multiple of its mesh devices) with id -1, ``valid`` False, zero rows."""
+    ``local_rows`` (a multiple of its mesh devices) with id -1, ``valid`` False, zero rows.
+
+    ``alias``: the rows may be handed to a one-device CPU mesh without a copy (``_device_rows``);
+    only for host buffers that outlive the step (a mapped store's chunks), and the caller
+    deletes the returned vectors once its steps are done (``release_rows``).
+    """
     n = len(ids)
     pad = local_rows - n
     valid = np.zeros(local_rows, bool)
@@ -166,7 +176,28 @@ def global_rows(
     vecs_p = vecs if pad == 0 else np.concatenate([vecs, np.zeros((pad, dim), np.float32)])
     sh = row_sharding(mesh)
     mk = jax.make_array_from_process_local_data
-    return mk(sh, ids_p), mk(sh, valid), _device_rows(mesh, sh, vecs_p)
+    vec_arr = _device_rows(mesh, sh, vecs_p) if alias else mk(sh, vecs_p)
+    return mk(sh, ids_p), mk(sh, valid), vec_arr
+
+
+def release_rows(arrays: list[jax.Array], after: Any) -> None:
+    """Deletes the device arrays ``arrays`` once ``after`` (the output of the last step that
+    read them) is ready.
+
+    An array aliasing a host buffer through DLPack hands that buffer back through a Python
+    callback when it is freed; freeing it here, in the caller's thread with no step still
+    reading it, keeps that callback from running late on a runtime thread (at interpreter exit
+    it would abort the process).
+    """
+    if not arrays:
+        return
+    try:
+        jax.block_until_ready(after)
+    except RuntimeError:  # A step failed (its error is already raised): nothing runs.
+        pass
+    for a in arrays:
+        a.delete()
+    arrays.clear()
 
 
 def _device_rows(mesh: Mesh, sharding: Any, vecs_NxD: np.ndarray) -> jax.Array:

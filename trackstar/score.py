@@ -404,6 +404,10 @@ def top_k_scores(
     seen = 0
     last_id = -1
     limit = rows.DispatchLimit()
+    # A mapped store's chunks outlive the loop: they go to the device without a copy, and the
+    # aliases are released before returning (rows.release_rows).
+    alias = bool(getattr(train_chunks, "is_mapped", False))
+    aliased: list[jax.Array] = []
     try:
         for ids, vecs in blocks:
             if np.shape(vecs)[1] != d:
@@ -425,14 +429,21 @@ def top_k_scores(
             step_rows = step_rows or len(ids)
             padded = rows.round_up(step_rows, n_local)
             for piece_ids, piece in rows.pieces(ids, vecs, step_rows, fixed_rows):
-                g_ids, g_valid, g_vecs = rows.global_rows(mesh, padded, piece_ids, piece, d)
+                g_ids, g_valid, g_vecs = rows.global_rows(
+                    mesh, padded, piece_ids, piece, d, alias=alias
+                )
                 best, best_ids, bad = step(best, best_ids, bad, g_ids, g_valid, g_vecs, t_m, q_QxD)
+                if alias:
+                    aliased.append(g_vecs)
                 limit.wait(best)
+                if len(aliased) > 2 * limit.every:
+                    rows.release_rows(aliased, best)
             seen += len(ids)
             if update is not None:
                 update(seen, total)
     finally:
         close()
+        rows.release_rows(aliased, best)
     seen = rows.sum_over_processes(seen, mesh)
     if seen == 0:
         raise ScoreError("the train store is empty; featurize the training examples first")

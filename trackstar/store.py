@@ -916,6 +916,11 @@ class VectorStore:
         vectors_NxD = self._read_verified(chunk, info, "vectors")
         return ids_N, vectors_NxD.astype(np.float32, copy=False)
 
+    @property
+    def is_mapped(self) -> bool:
+        """Whether chunks are memory maps kept for the store's life (``open(mapped=True)``)."""
+        return self._mapped
+
     def _require_complete(self, what: str) -> None:
         if self._complete is None:
             raise IncompleteStoreError(
