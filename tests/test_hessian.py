@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from store_fixtures import ArrayStore
 from tolerances import assert_close
 
 from trackstar.hessian import (
@@ -153,27 +154,11 @@ def _cfg(**kw):
     return cfg
 
 
-class _FakeStore:
-    """The parts of VectorStore that the Hessian stage reads."""
-
-    def __init__(self, vectors, meta, chunk=8):
-        self.vectors, self.meta, self.chunk = vectors, meta, chunk
-
-    @property
-    def num_rows(self):
-        return len(self.vectors)
-
-    def iter_chunks(self, rows_per_step=None, prefetch=2):
-        step = rows_per_step or self.chunk
-        for s in range(0, len(self.vectors), step):
-            yield np.arange(s, min(s + step, len(self.vectors))), self.vectors[s : s + step]
-
-
 def test_fit_hessian_dense_reference_save_load_and_mismatch(tmp_path):
     u_train = _vectors(40, seed=5)
     u_eval = _vectors(9, seed=6, scale=np.linspace(3, 0.1, D))
     meta = {"dim": D, "model_fingerprint": "abc", "projection": {"seed": 0}, "correction": "adam"}
-    store = _FakeStore(u_train, meta)
+    store = ArrayStore(u_train, meta)
     fit = fit_hessian(store, u_eval, _cfg(train_sample=25), D, provenance={"train_path": "x"})
 
     pos = sample_rows(40, 25, 0)
@@ -391,7 +376,7 @@ def test_low_rank_fit_save_load_keeps_factors_and_provenance(tmp_path):
     u_train, u_eval = _low_rank_rows(seed=3)
     pool = np.concatenate([u_train, _vectors(15, DL, seed=9)])  # 35 rows, 20 sampled
     meta = {"dim": DL, "model_fingerprint": "abc", "projection": {"seed": 0}, "correction": "adam"}
-    store = _FakeStore(pool, meta)
+    store = ArrayStore(pool, meta)
     cfg = _cfg(lambda_mix="auto_trace", train_sample=NT)
     fit = fit_hessian(store, u_eval, cfg, DL, provenance={"train_path": "x"})
     assert fit.is_low_rank and fit.provenance["train_rows_used"] == NT

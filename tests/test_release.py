@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from release_fixtures import QUERIES, SHARDS, write_jsonl, write_release
+from store_fixtures import ArrayStore
 from tolerances import assert_same_top_k
 
 from trackstar.hessian import fit_hessian
@@ -26,23 +27,6 @@ from trackstar.score import get_preset
 from trackstar.world.records import Fact, Query
 
 D, N, Q, K = 8, 40, 4, 5
-
-
-class _Store:
-    """A re-readable chunked train store with metadata (what score_preset reads)."""
-
-    def __init__(self, vectors, correction, chunk=16):
-        self.vectors, self.chunk = vectors, chunk
-        self.meta = {"dim": vectors.shape[1], "correction": correction}
-
-    @property
-    def num_rows(self):
-        return len(self.vectors)
-
-    def iter_chunks(self, rows_per_step=None, prefetch=2):
-        step = rows_per_step or self.chunk
-        for s in range(0, len(self.vectors), step):
-            yield np.arange(s, min(s + step, len(self.vectors))), self.vectors[s : s + step]
 
 
 def _dense_top(scores_QxN, k, lowest):
@@ -67,7 +51,11 @@ def test_opponents_equal_dense_bottom_k_with_ties(n_queries):
     q[0] = np.abs(q[0]) + 1  # a query with a strictly positive direction
     dense = q.astype(np.float64) @ train.T.astype(np.float64)
     p_ids, p_scores, o_ids, o_scores = score_with_opponents(
-        _Store(train, "none"), q, "grad_dot", None, K
+        ArrayStore(train, {"dim": train.shape[1], "correction": "none"}, chunk=16),
+        q,
+        "grad_dot",
+        None,
+        K,
     )
     ref_p, ref_ps = _dense_top(dense, K, lowest=False)
     ref_o, ref_os = _dense_top(dense, K, lowest=True)
@@ -87,7 +75,9 @@ def test_opponents_of_every_kind_of_preset_equal_the_dense_formula(preset):
     q = (rng.normal(size=(Q, D)) * scale[::-1]).astype(np.float32)
     held = (rng.normal(size=(12, D)) * scale).astype(np.float32)
     spec = get_preset(preset)
-    store = _Store(train, "adam" if spec.corrected else "none")
+    store = ArrayStore(
+        train, {"dim": D, "correction": "adam" if spec.corrected else "none"}, chunk=16
+    )
     cfg = dict(lambda_mix="auto_trace", crossing_per_65536=1000, damping=0.1, train_sample=0)
     fit = fit_hessian(store, held if spec.hessian == "mixed" else None, cfg, D)
     # Explicit scores from the fit's own matrices: (T_q u_q) · (T_m u_m), unit when normalized.

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from store_fixtures import store_meta
+from store_fixtures import ArrayStore, store_meta
 from tolerances import assert_close, assert_same_top_k
 
 from trackstar.hessian import HessianError, fit_hessian
@@ -31,22 +31,6 @@ def _full_sort(scores_QxN, ids_N, k):
     return np.array(out_ids), np.array(out_scores)
 
 
-class _FakeStore:
-    """The parts of VectorStore the scorer reads: iter_chunks, num_rows, meta."""
-
-    def __init__(self, ids, vectors, meta, chunk):
-        self.ids, self.vectors, self.meta, self.chunk = ids, vectors, meta, chunk
-
-    @property
-    def num_rows(self):
-        return len(self.ids)
-
-    def iter_chunks(self, rows_per_step=None, prefetch=2):
-        step = rows_per_step or self.chunk
-        for s in range(0, len(self.ids), step):
-            yield self.ids[s : s + step], self.vectors[s : s + step]
-
-
 def test_streaming_top_k_equals_full_sort_with_ties():
     rng = np.random.default_rng(0)
     # Small integers: exact float32 dot products with many exact ties.
@@ -67,7 +51,7 @@ def test_streaming_top_k_equals_full_sort_with_ties():
 
     # A fixed step size that splits the store's chunks and pads the last piece.
     calls = []
-    store = _FakeStore(ids, train, None, chunk=20)
+    store = ArrayStore(train, None, chunk=20, ids=ids)
     got_ids, _ = top_k_scores(
         store, queries, None, None, False, K, rows_per_step=16, progress=lambda *a: calls.append(a)
     )
@@ -208,8 +192,8 @@ def test_presets_match_dense_formulas():
     q_cor = (rng.normal(size=(Q, D)) * scale).astype(np.float32)
     held = (rng.normal(size=(12, D)) * scale).astype(np.float32)  # R_eval source
     cfg = dict(lambda_mix="auto_trace", crossing_per_65536=1000, damping=0.1, train_sample=0)
-    raw_store = _FakeStore(np.arange(N), raw, {"dim": D, "correction": "none"}, chunk=16)
-    cor_store = _FakeStore(np.arange(N), cor, {"dim": D, "correction": "adam"}, chunk=16)
+    raw_store = ArrayStore(raw, {"dim": D, "correction": "none"}, chunk=16)
+    cor_store = ArrayStore(cor, {"dim": D, "correction": "adam"}, chunk=16)
     fit_raw = fit_hessian(raw_store, None, cfg, D)
     fit_cor = fit_hessian(cor_store, held, cfg, D)
 
