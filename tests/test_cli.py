@@ -39,6 +39,20 @@ def test_stage_commands_write_the_run(run, capsys):
     path = stages.proponents_path(cfg, "candidates", "trackstar") + ".jsonl"
     assert os.path.exists(path)
     assert os.path.exists(stages.hessian_path(cfg, "candidates", True))
+    # Each stage logged what it measured to the run's metrics file.
+    from trackstar.runlog import read_metrics
+
+    log = read_metrics(cfg.run_dir)
+    stages_logged = {r["stage"] for r in log}
+    assert {"train", "train_accuracy", "featurize", "hessian", "score"} <= stages_logged
+    train = read_metrics(cfg.run_dir, "train")
+    assert train[-1]["step"] == cfg.train.steps and train[-1]["loss"] > 0
+    feats = {r["store"]: r for r in read_metrics(cfg.run_dir, "featurize")}
+    assert len(feats) == 3 and all(r["store_mb"] > 0 for r in feats.values())
+    (h,) = read_metrics(cfg.run_dir, "hessian")
+    assert 0 < h["lambda_mix"] < 1 and 0 < h["effective_rank"] <= h["rank"]
+    (sc,) = read_metrics(cfg.run_dir, "score")
+    assert sc["preset"] == "trackstar" and sc["rows"] > 0 and sc["rows_per_s"] > 0
     # Rerunning a finished stage is a no-op that prints where its output is.
     capsys.readouterr()
     assert cli.main(["score", *_args(cfg.run_dir)]) == 0

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ from trackstar.files import atomic_write, write_json
 from trackstar.losses import TRAIN_OUTPUT_FN
 from trackstar.multihost import barrier, is_main_process
 from trackstar.projection import Projector
+from trackstar.runlog import log_metrics
 from trackstar.tree import tree_fingerprint
 
 # Example sets a store can be made of: the closed candidate set, the corpus passages (open
@@ -235,9 +237,16 @@ def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         path(cfg, "checkpoints"),
         progress=progress,
         meta={"data_fingerprint": stream.fingerprint},
+        on_log=lambda rec: log_metrics(cfg.run_dir, "train", **rec),
     )
     acc = accuracy_report(cfg, apply_fn, params, tok, w)
     write_json(path(cfg, "results", "accuracy.json"), acc, default=str)
+    log_metrics(
+        cfg.run_dir,
+        "train_accuracy",
+        accuracy=acc["accuracy"],
+        per_bucket={b: v["accuracy"] for b, v in acc["per_bucket"].items()},
+    )
     return acc
 
 
@@ -771,7 +780,8 @@ def stage_featurize(
     trained = trained or load_trained(cfg)
     job = prepare_featurize(cfg, which, corrected, trained, tag)
     if not job.store.is_complete:
-        featurize_into_store(
+        t0 = time.perf_counter()
+        written = featurize_into_store(
             job.feature_fn,
             sharding.place(trained.params, job.feature_fn.shardings),
             job.examples,
@@ -782,7 +792,26 @@ def stage_featurize(
             desc=f"featurize {which}",
             finalize=True,
         )
+        seconds = time.perf_counter() - t0
+        log_metrics(
+            cfg.run_dir,
+            "featurize",
+            store=os.path.basename(job.store.path),
+            examples_written=int(written),  # by this process
+            seconds=seconds,
+            examples_per_s=written / max(seconds, 1e-9),
+            dim=job.store.dim,
+            store_mb=_dir_mb(job.store.path),
+        )
     return job.store.path
+
+
+def _dir_mb(directory: str) -> float:
+    """Bytes under ``directory`` in MB (10^6)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total / 1e6
 
 
 # ----- Hessian + scoring ----------------------------------------------------------------------
@@ -854,6 +883,7 @@ def stage_hessian(
     if saved.get("provenance", {}).get("config_key") == key:
         return out
     CACHE_MISSES["hessian"] += 1
+    t0 = time.perf_counter()
     fit = hessian.fit_hessian(
         train_store,
         eval_store,
@@ -869,6 +899,23 @@ def stage_hessian(
     if is_main_process():
         os.makedirs(os.path.dirname(out), exist_ok=True)
         fit.save(out)
+    ev = np.asarray(fit.eigenvalues, np.float64)
+    log_metrics(
+        cfg.run_dir,
+        "hessian",
+        fit=os.path.basename(out),
+        seconds=time.perf_counter() - t0,
+        representation=fit.provenance.get("representation", "dense"),
+        lambda_mix=fit.lambda_mix,
+        damping=fit.damping,
+        rule=fit.rule,
+        # Spectrum summary: largest eigenvalue, trace, rank above round-off, and the
+        # participation ratio (tr R)^2 / tr R^2, an effective number of directions.
+        eig_max=float(ev.max(initial=0.0)),
+        trace=float(ev.sum()),
+        rank=int(np.sum(ev > ev.max(initial=0.0) * len(ev) * np.finfo(np.float64).eps)),
+        effective_rank=float(ev.sum() ** 2 / max(float(np.sum(ev**2)), 1e-300)),
+    )
     barrier("trackstar-hessian-saved")
     return out
 
@@ -963,6 +1010,7 @@ def stage_score(
     """
     preset = preset or cfg.score.preset
     inputs = score_inputs(cfg, preset, candidates, train_tag, query_tag)
+    t0 = time.perf_counter()
     ids, scores = score.score_preset(
         inputs.train_store,
         inputs.query_store,
@@ -972,6 +1020,17 @@ def stage_score(
         rows_per_step=cfg.score.chunk_rows,
         progress=progress and is_main_process(),
         mesh=sharding.mesh_from_config(cfg.mesh),
+    )
+    seconds = time.perf_counter() - t0
+    log_metrics(
+        cfg.run_dir,
+        "score",
+        preset=preset,
+        store=os.path.basename(inputs.train_store.path),
+        rows=inputs.train_store.num_rows,
+        queries=int(ids.shape[0]),
+        seconds=seconds,
+        rows_per_s=inputs.train_store.num_rows / max(seconds, 1e-9),
     )
     if is_main_process():
         result = write_score_results(cfg, candidates, preset, ids, scores, train_tag, query_tag)

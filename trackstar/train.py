@@ -165,6 +165,7 @@ def train_loop(
     progress: bool = True,
     stop_after: int | None = None,
     meta: dict | None = None,
+    on_log: Callable[[dict], Any] | None = None,
 ) -> tuple[PyTree, PyTree, list[dict]]:
     """Trains ``cfg_train.steps`` steps with checkpoints; returns ``(params, opt_state, history)``.
 
@@ -181,6 +182,7 @@ def train_loop(
       progress: show a tqdm bar with loss and tokens/s.
       stop_after: stop (with a checkpoint) once this many steps are done, e.g. to split a run.
       meta: extra JSON-serializable fields stored in every checkpoint's meta.
+      on_log: called with each ``log_every`` window's record (e.g. ``runlog.log_metrics``).
 
     History: one dict per ``log_every`` window (``step``, ``loss`` = window mean, ``lr``,
     ``tokens_per_s``) for the steps run in this call.
@@ -248,6 +250,8 @@ def train_loop(
                     tokens_per_s=window_tokens / max(elapsed, 1e-9),
                 )
                 history.append(rec)
+                if on_log is not None:
+                    on_log(rec)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
