@@ -810,7 +810,11 @@ def _dir_mb(directory: str) -> float:
     """Bytes under ``directory`` in MB (10^6)."""
     total = 0
     for root, _, files in os.walk(directory):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except FileNotFoundError:  # A temporary file renamed away while walking.
+                pass
     return total / 1e6
 
 
