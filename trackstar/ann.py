@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -118,24 +118,33 @@ def _sample_rows(
     rng = np.random.default_rng([seed, num_rows])
     picks = np.sort(rng.choice(num_rows, size=n, replace=False)) if n < num_rows else None
     out = np.empty((n, dim), np.float32)
+    for pos, _, x in _counted(blocks, num_rows, "ann sample", progress):
+        m = len(x)
+        if picks is None:
+            out[pos : pos + m] = x
+        else:
+            lo, hi = np.searchsorted(picks, [pos, pos + m])
+            out[lo:hi] = x[picks[lo:hi] - pos]
+    return out
+
+
+def _counted(
+    blocks: Blocks, num_rows: int, desc: str, progress: Any
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(rows before this block, ids, rows)`` of a fresh ``blocks()`` pass, with a progress
+    bar; a stream that does not hold ``num_rows`` rows raises ``AnnError`` at its end."""
     pos = 0
-    update, close = score.progress_bar(progress, num_rows, desc="ann sample")
+    update, close = score.progress_bar(progress, num_rows, desc=desc)
     try:
-        for _, x in blocks():
-            m = len(x)
-            if picks is None:
-                out[pos : pos + m] = x
-            else:
-                lo, hi = np.searchsorted(picks, [pos, pos + m])
-                out[lo:hi] = x[picks[lo:hi] - pos]
-            pos += m
+        for ids, x in blocks():
+            yield pos, ids, x
+            pos += len(x)
             if update is not None:
                 update(pos, num_rows)
     finally:
         close()
     if pos != num_rows:
         raise AnnError(f"the rows stream held {pos} rows, expected {num_rows}")
-    return out
 
 
 def build_faiss(
@@ -187,21 +196,11 @@ def build_faiss(
         ann.cp.spherical = True
         ann.train(sample)
         del sample
-    added = 0
-    update, close = score.progress_bar(progress, num_rows, desc="ann add")
-    try:
-        for ids, x in blocks():
-            x = np.ascontiguousarray(x, dtype=np.float32)  # bfloat16 rows, if any, as float32
-            if x.ndim != 2 or x.shape[1] != dim:
-                raise AnnError(f"rows must have shape (N, {dim}), got {x.shape}")
-            ann.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
-            added += len(x)
-            if update is not None:
-                update(added, num_rows)
-    finally:
-        close()
-    if added != num_rows:
-        raise AnnError(f"the rows stream held {added} rows, expected {num_rows}")
+    for _, ids, x in _counted(blocks, num_rows, "ann add", progress):
+        x = np.ascontiguousarray(x, dtype=np.float32)  # bfloat16 rows, if any, as float32
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise AnnError(f"rows must have shape (N, {dim}), got {x.shape}")
+        ann.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
     return ann
 
 

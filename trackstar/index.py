@@ -621,12 +621,9 @@ def prepare_queries(
 def query_rows(index: ScoringIndex, query_vectors: Any) -> Any:
     """The ``(Q, D)`` query vectors of ``query_vectors``: an array as given, or a query store
     read whole after ``store.check_compatible`` with the index's metadata."""
-    if not hasattr(query_vectors, "read_all"):
-        return query_vectors
-    if getattr(query_vectors, "meta", None) is not None:
+    if getattr(query_vectors, "meta", None) is not None and hasattr(query_vectors, "read_all"):
         store.check_compatible(index.meta, query_vectors.meta, ("index", "query"))
-    q = query_vectors.read_all()
-    return q[1] if isinstance(q, tuple) else q
+    return score.query_array(query_vectors)
 
 
 def score_index(

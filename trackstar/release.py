@@ -47,7 +47,7 @@ from typing import IO, Any
 import numpy as np
 
 from trackstar.files import atomic_write, iter_jsonl
-from trackstar.score import PresetSpec, score_preset
+from trackstar.score import PresetSpec, query_array, score_preset
 from trackstar.world.records import Candidate, Fact, Query
 
 
@@ -84,12 +84,7 @@ def score_with_opponents(
       ``(prop_ids_QxK, prop_scores_QxK, opp_ids_QxK, opp_scores_QxK)``: proponents best first;
       opponents most negative first, with their (negative) scores.
     """
-    if hasattr(query_vectors_QxD, "read_all"):
-        q = query_vectors_QxD.read_all()
-        q = q[1] if isinstance(q, tuple) else q
-    else:
-        q = query_vectors_QxD
-    q = np.asarray(q, np.float32)
+    q = query_array(query_vectors_QxD)
     if q.ndim != 2 or q.shape[0] == 0:
         raise ReleaseError(f"query vectors must have shape (Q, D) with Q > 0, got {q.shape}")
     n = q.shape[0]

@@ -460,6 +460,15 @@ def top_k_scores(
     return merge_top_k(best_QxK, ids_QxK, min(k, seen))
 
 
+def query_array(query_vectors: Any) -> np.ndarray:
+    """``(Q, D)`` float32 query vectors from an array, or from a store read whole (``read_all``;
+    Q is small)."""
+    if hasattr(query_vectors, "read_all"):
+        q = query_vectors.read_all()
+        query_vectors = q[1] if isinstance(q, tuple) else q
+    return np.asarray(query_vectors, np.float32)
+
+
 def score_preset(
     train_chunks: Any,
     query_vectors: Any,
@@ -498,12 +507,7 @@ def score_preset(
                 f"store has correction = {train_meta['correction']!r}; featurize a store {want} "
                 "it for this preset"
             )
-    if hasattr(query_vectors, "read_all"):
-        q = query_vectors.read_all()
-        q = q[1] if isinstance(q, tuple) else q
-    else:
-        q = query_vectors
-    q = np.asarray(q, np.float32)
+    q = query_array(query_vectors)
     train_name, query_name = spec.transform_names()
     t_m = t_q = None
     if spec.hessian != "none":
