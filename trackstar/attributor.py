@@ -44,6 +44,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from trackstar import breakdown as breakdown_lib
 from trackstar import correction, data, score, sharding, stages, store
 from trackstar import index as index_lib
 from trackstar import projection as projection_lib
@@ -493,6 +494,58 @@ class Attributor:
     def proponents(self, prompt: str, target: str, k: int = 10) -> Proponents:
         """The top-``k`` training examples for the model predicting ``target`` after ``prompt``."""
         return self.proponents_batch([prompt], [target], k)[0]
+
+    def breakdown(self, prompt: str, target: str, train_id: int) -> breakdown_lib.Breakdown:
+        """The score of train example ``train_id`` for ``(prompt, target)``, split by parameter
+        tensor and by the example's tokens (``trackstar.breakdown``, docs/method.md, Score
+        breakdowns).
+
+        The query vector is made as ``proponents`` makes it; the example's gradient is
+        recomputed from its text (``texts[train_id]`` encoded as featurize encodes training
+        examples) with this Attributor's projector, correction and Hessian fit, so ``score``
+        equals its score in ``proponents`` to float32 rounding.
+
+        Raises:
+          AttributionError: ``train_id`` out of range, no texts, or an Attributor with its own
+            query encoder (``from_checkpoint``), whose training tokens are not re-encoded here.
+        """
+        n = self.train_store.meta.num_examples
+        if not 0 <= int(train_id) < n:
+            raise AttributionError(
+                f"train id {train_id} is out of range: the store holds {n} examples "
+                f"(ids 0..{n - 1})"
+            )
+        if self.texts is None or self._encode != self._encode_with_tokenizer:
+            raise AttributionError(
+                "a breakdown re-encodes the train example's text with the run's tokenizer, "
+                "which this Attributor does not have (no texts, or its own query encoder); "
+                "build it with Attributor.from_run, or call trackstar.breakdown.score_parts "
+                "with the example's tokens"
+            )
+        tokens, weights = data.encode_texts(
+            self.tokenizer,
+            [self.texts[int(train_id)]],
+            self.query.max_len,
+            max_unk_frac=self.query.max_unk_frac,
+            unk_error=self.query.unk_error,
+        )
+        spec = score.get_preset(self.preset)
+        t_m, t_q = breakdown_lib.preset_transforms(self.preset, self.hessian_fit)
+        parts = breakdown_lib.score_parts(
+            self.apply_fn,
+            self.params,
+            self.query.projector,
+            self.query.preconditioner,
+            self.query_vectors([prompt], [target])[0],
+            tokens[0],
+            weights[0],
+            train_transform=t_m,
+            query_transform=t_q,
+            normalize=spec.normalize,
+            output_fn=self.train_store.meta.output_fn,
+        )
+        texts = breakdown_lib.token_texts(self.tokenizer, tokens[0], parts.positions)
+        return breakdown_lib.to_breakdown(parts, texts)
 
 
 # ----- helpers ----------------------------------------------------------------------------------
