@@ -322,6 +322,13 @@ def run_breakdowns(
         projector = projection_lib.from_meta(trained.params, meta.projection)
     except ValueError as e:
         raise BreakdownError(str(e)) from e
+    if projector.config().get("factors_hash") != meta.projection.get("factors_hash"):
+        # The same settings regenerate other factors (another generator): the parts would not
+        # belong to the stored vectors.
+        raise BreakdownError(
+            f"the projection factors rebuilt from the store at {inputs.train_store.path} differ "
+            "from the ones it was featurized with; refeaturize the stores with this version"
+        )
     precond = None
     if spec.corrected:
         settings = correction.CorrectionSettings(**meta.correction_settings)
