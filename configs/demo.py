@@ -154,6 +154,17 @@ def get_config() -> ml_collections.ConfigDict:
     #                          exp_opt_norm_rtrain, trackstar.
     s.top_k = 100  # Proponents kept per query.
     s.chunk_rows = 4096  # Train-store rows per scoring step.
+    # Also keep each query's top_k most negative scores (opponents), found in the same pass
+    # (the queries and their negations scored together); written beside the proponents.
+    s.opponents = True
+
+    # --- Viewer (trackstar view; docs/viewer.md) ---
+    v = c.viewer = ml_collections.ConfigDict()
+    v.write = True  # E1/E2 write per-method proponents files; `trackstar run` writes the viewer.
+    v.top_k = 10  # Proponents and opponents shown per query and method.
+    v.methods = ("trackstar", "bm25", "grad_cosine")  # Methods shown side by side at first.
+    v.breakdown_preset = "trackstar"  # Whose top proponent gets a per-layer/per-token split.
+    v.breakdown_queries = 12  # Queries (spread over the buckets) with a breakdown (0 = none).
 
     # --- Evaluation: fact-tracing metrics and baselines (docs/method.md, Evaluation) ---
     e = c.eval = ml_collections.ConfigDict()
@@ -187,6 +198,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Tag of the stores this experiment featurizes (stores/<set>-<correction>-<tag>), so they
     # never mix with stores another featurizer version wrote into the same run dir.
     ex.store_tag = ""
+
+    # --- Run log (trackstar.runlog: <run_dir>/logs/metrics.jsonl) ---
+    lg = c.logging = ml_collections.ConfigDict()
+    # Also write each record as TensorBoard scalars to <run_dir>/logs/tensorboard/ (needs
+    # tensorboardX: pip install 'trackstar[tensorboard]').
+    lg.tensorboard = False
 
     # --- Mesh and multi-host (trackstar.sharding; docs/scaling.md) ---
     mh = c.mesh = ml_collections.ConfigDict()

@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.hessian.train_sample = 0
     c.score.top_k = 10
     c.score.chunk_rows = 64
+    c.viewer.breakdown_queries = 2  # Two breakdowns keep the tiny E1 quick.
     c.tailpatch.n_queries = 8
     c.tailpatch.pair_batch = 8
     c.experiment.k_values = (2, 4, 8)  # e3: sub-grids of the 8 x 8 tiny projection.

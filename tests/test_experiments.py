@@ -280,3 +280,61 @@ def test_config_errors_and_cache_keys(e1, run_dir):
     # ... while asking again for the same fit reuses it.
     stages.stage_hessian(cfg)
     assert stages.CACHE_MISSES["hessian"] == hmisses
+
+
+def test_e1_writes_release_files_and_the_viewer_shows_them(e1, tmp_path):
+    """E1's proponents/<method>.jsonl.gz: release records whose per-query metrics average to
+    results.json, scores that belong to the ranking, opponents for presets; the viewer of the
+    run in Chromium shows every query and results.json's metrics."""
+    from browser import open_page
+
+    from trackstar import release, viewer
+
+    cfg, res = e1
+    out = experiments.output_dir(cfg)
+    files = sorted(os.listdir(os.path.join(out, "proponents")))
+    # random has no scores: it stays a results.json row only.
+    assert files == sorted(f"{m}.jsonl.gz" for m in cfg.experiment.methods if m != "random")
+    setup = harness.make_setup(cfg)
+    for method in ("bm25", "trackstar"):
+        recs = list(release.read_results(os.path.join(out, "proponents", f"{method}.jsonl.gz")))
+        assert [r.example_id for r in recs] == [
+            q.query_id for q in setup.trained.world.task_queries
+        ]
+        ids = harness.rank(setup, method, progress=False)
+        for q, rec in enumerate(recs):
+            assert rec.proponent_ids == [int(i) for i in ids[q] if i >= 0]
+            assert rec.proponent_scores == sorted(rec.proponent_scores, reverse=True)
+            truth = setup.ground_truth[q]
+            assert rec.proponent_correct == [int(i) in truth for i in rec.proponent_ids]
+            assert rec.model_correct == bool(setup.correct_Q[q])
+        for key in ("mrr", "recall@10", "tailpatch@1"):
+            values = [r.extra["metrics"][key] for r in recs if r.extra["metrics"][key] is not None]
+            assert np.mean(values) == pytest.approx(res["methods"][method][key], rel=1e-12)
+    # Presets carry opponents (most negative first) and the configured breakdowns.
+    recs = list(release.read_results(os.path.join(out, "proponents", "trackstar.jsonl.gz")))
+    assert all(r.opponent_scores == sorted(r.opponent_scores) for r in recs)
+    assert all(r.opponent_scores[0] <= r.proponent_scores[-1] for r in recs)
+    split = [r for r in recs if "breakdown" in r.extra]
+    assert len(split) == cfg.viewer.breakdown_queries
+    for r in split:
+        b = r.extra["breakdown"]
+        assert b["proponent_id"] == r.proponent_ids[0]
+        assert b["score"] == pytest.approx(r.proponent_scores[0], rel=1e-3, abs=1e-5)
+        assert sum(p["score"] for p in b["layers"]) == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+        assert sum(p["score"] for p in b["tokens"]) == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+    # A results file in the release schema round-trips through the reader and writer.
+    copy = str(tmp_path / "copy.jsonl.gz")
+    release.write_results(copy, recs)
+    assert list(release.read_results(copy)) == recs
+
+    page_file = viewer.write_viewer(cfg.run_dir, experiment="e1")
+    with open_page(page_file) as page:
+        assert page.errors == []
+        assert page.locator(".query").count() == cfg.world.n_queries
+        for method in ("bm25", "exp_opt_norm", "trackstar"):
+            for key in ("mrr", "recall@10", "tailpatch@3"):
+                cell = page.locator(f'#metrics tr[data-method="{method}"] td[data-metric="{key}"]')
+                want = res["methods"][method][key]
+                assert float(cell.get_attribute("data-value")) == pytest.approx(want, rel=1e-12)
+        assert page.locator("details.breakdown").count() == cfg.viewer.breakdown_queries

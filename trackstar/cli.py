@@ -274,6 +274,11 @@ def _run(argv: list[str], prog: str) -> int:
     report.save_text(e1["markdown"], stages.path(cfg, "results", "summary.md"))
     save_resolved(cfg, stages.path(cfg, "results"))  # Beside summary.md.
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; results in {stages.path(cfg, 'results')}")
+    if cfg.get("viewer") is None or cfg.viewer.write:
+        from trackstar.viewer import write_viewer
+
+        # Last, so the path is the line a reader sees: open it in any browser.
+        print(f"viewer: {write_viewer(cfg.run_dir, experiment='e1')}")
     return 0
 
 
@@ -386,6 +391,47 @@ def _export(argv: list[str], prog: str) -> int:
     return 0
 
 
+def _view(argv: list[str], prog: str) -> int:
+    """Writes the static HTML viewer of a run's proponents (one self-contained file: no
+    server, no network) and prints its path.
+
+    RUN_DIR is a run directory (its experiments/<--experiment> must hold proponents/ files,
+    written by `trackstar run` or `trackstar experiment`) or an experiment directory. Results
+    files in the release schema (--release NAME=PATH or PATH, repeatable) are shown as more
+    methods beside the run's, joined by example_id; without RUN_DIR only they are shown.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=inspect.cleandoc(_view.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", nargs="?", help="run or experiment directory")
+    parser.add_argument("--experiment", default="e1", help="experiment to show (default e1)")
+    parser.add_argument(
+        "--release", action="append", default=[], metavar="[NAME=]PATH", help="results file"
+    )
+    parser.add_argument("--out", help="HTML file (default <experiment dir>/viewer.html)")
+    parser.add_argument("--top-k", type=int, help="proponents shown per method")
+    parser.add_argument(
+        "--methods", help="comma-separated methods shown at first (default viewer.methods)"
+    )
+    args = parser.parse_args(argv)
+    if args.run_dir is None and not args.release:
+        parser.error("pass RUN_DIR, --release FILE, or both")
+    from trackstar.viewer import write_viewer
+
+    out = write_viewer(
+        args.run_dir,
+        out=args.out,
+        experiment=args.experiment,
+        release_files=args.release,
+        top_k=args.top_k,
+        shown=args.methods.split(",") if args.methods else None,
+    )
+    print(f"viewer: {out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "world": Command("build the fact world and tokenizer (stage 1)", _world),
     "train": Command("train the model, report fact accuracy (stage 2)", _train),
@@ -398,6 +444,7 @@ COMMANDS: dict[str, Command] = {
     "proponents": Command("proponents of new prompt/target pairs (Attributor)", _proponents),
     "attribute": Command("proponents of a Hugging Face checkpoint over a corpus file", _attribute),
     "export": Command("write a trained run's model as a Hugging Face GPT-2 checkpoint", _export),
+    "view": Command("write the static HTML viewer of a run's proponents", _view),
 }
 
 

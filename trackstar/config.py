@@ -12,8 +12,8 @@ Configs are Python files in ``configs/`` with a ``get_config()`` returning an
   (``BUILT_SECTIONS``: seed, world, tokenizer, model, train) come from the run's saved config,
   not from the config file; an override contradicting them is refused
   (``resolve_for_run_dir``). The rest (featurize, hessian, score, eval, tailpatch,
-  experiment, mesh) comes from the command. Stores are not pinned here: each records the
-  featurize settings that made it and refuses another (``store.VectorStore.create``).
+  experiment, mesh, logging) comes from the command. Stores are not pinned here: each records
+  the featurize settings that made it and refuses another (``store.VectorStore.create``).
 
 ``config.json`` in a run directory is written once, when the run directory's world is first
 built (``stages.stage_world``); world fields the world source ignores
@@ -305,7 +305,7 @@ SCORE_PRESETS = (
 )  # trackstar.score.PRESETS
 METHODS = ("bm25", "random", *SCORE_PRESETS)  # trackstar.experiments.ALL_METHODS
 # Modules of trackstar/experiments/ that are not experiments (the shared harness).
-EXPERIMENT_SUPPORT_MODULES = ("harness", "evaluation")
+EXPERIMENT_SUPPORT_MODULES = ("harness", "evaluation", "records")
 
 
 def experiment_names(folder: str | None = None) -> tuple[str, ...]:
@@ -604,6 +604,13 @@ RULES: dict[str, Rule] = {
     "score.preset": OneOf(*SCORE_PRESETS),
     "score.top_k": _POS,
     "score.chunk_rows": _POS,
+    "score.opponents": Bool(),
+    # viewer
+    "viewer.write": Bool(),
+    "viewer.top_k": _POS,
+    "viewer.methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
+    "viewer.breakdown_preset": OneOf(*SCORE_PRESETS),
+    "viewer.breakdown_queries": _NONNEG,
     # eval
     "eval.mrr_k": _POS,
     "eval.at_k": _POS,
@@ -637,6 +644,8 @@ RULES: dict[str, Rule] = {
     "mesh.process_id": Rule("-1 (auto-detect) or an int >= 0", lambda v: _is_int(v) and v >= -1),
     "mesh.cpu_collectives": Text(),
     "mesh.memory_vocab_size": _POS,
+    # logging (trackstar.runlog)
+    "logging.tensorboard": Bool(),
 }
 
 

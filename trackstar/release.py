@@ -398,23 +398,28 @@ def results_from_run(
     def name(i: int) -> str | int:
         return i if example_names is None else example_names[i]
 
+    def filled(ids_K: np.ndarray, scores_K: np.ndarray) -> tuple[list[int], list[float]]:
+        # A pool smaller than k leaves empty slots (id -1, score -inf): they are not examples.
+        keep = ids_K >= 0
+        return ids_K[keep].tolist(), [float(s) for s in scores_K[keep]]
+
     out = []
     for row, q in enumerate(queries):
         where = f"query {q.query_id!r}"
-        ids = prop_ids[row].tolist()
+        ids, scores = filled(prop_ids[row], prop_scores[row])
         rec = ResultRecord(
             example_id=q.query_id,
             inputs_plaintext=q.prompt,
             targets_plaintext=q.target,
             proponents=[text(i, where) for i in ids],
             proponent_ids=[name(i) for i in ids],
-            proponent_scores=[float(s) for s in prop_scores[row]],
+            proponent_scores=scores,
         )
         if opp_ids is not None:
-            o_ids = opp_ids[row].tolist()
+            o_ids, o_scores = filled(opp_ids[row], opp_scores[row])
             rec.opponents = [text(i, where) for i in o_ids]
             rec.opponent_ids = [name(i) for i in o_ids]
-            rec.opponent_scores = [float(s) for s in opp_scores[row]]
+            rec.opponent_scores = o_scores
         fact_id = getattr(q, "fact_id", None)
         if fact_id is not None:
             rec.fact_id = int(fact_id)

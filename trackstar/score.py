@@ -552,13 +552,19 @@ def write_proponents(
     ids: np.ndarray,
     scores: np.ndarray,
     texts_by_id: Mapping[int, str] | Sequence[str] | None,
+    extra_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Writes proponents as jsonl rows and as arrays, each file atomically.
 
     jsonl rows: ``{query_id, prompt, target, proponent_ids, scores, texts}``; the npz holds
     ``query_ids`` (int64 when every id is an int, else str), ``ids`` (int64 Q×K) and
-    ``scores`` (float32 Q×K).
+    ``scores`` (float32 Q×K), plus ``extra_arrays`` (e.g. ``stages.stage_score``'s
+    ``opponent_ids`` / ``opponent_scores``) under their own names.
     """
+    extra = dict(extra_arrays or {})
+    clash = sorted(set(extra) & {"query_ids", "ids", "scores"})
+    if clash:
+        raise ScoreError(f"extra_arrays {clash} clash with the npz's own arrays; rename them")
     ids = np.asarray(ids, np.int64)
     scores = np.asarray(scores, np.float32)
     if ids.shape != scores.shape or ids.ndim != 2 or len(queries) != ids.shape[0]:
@@ -596,7 +602,7 @@ def write_proponents(
     query_ids = np.array(raw_ids, np.int64) if is_int else np.array([str(i) for i in raw_ids])
     atomic_write(
         path_npz,
-        lambda f: np.savez(f, query_ids=query_ids, ids=ids, scores=scores),
+        lambda f: np.savez(f, query_ids=query_ids, ids=ids, scores=scores, **extra),
         binary=True,
     )
     atomic_write(path_jsonl, lambda f: f.write(text))

@@ -28,6 +28,7 @@ from trackstar import (
     data,
     families,
     hessian,
+    release,
     score,
     sharding,
     store,
@@ -50,7 +51,7 @@ from trackstar.files import atomic_write, write_json
 from trackstar.losses import TRAIN_OUTPUT_FN
 from trackstar.multihost import barrier, is_main_process
 from trackstar.projection import Projector
-from trackstar.runlog import log_metrics
+from trackstar.runlog import configure_from_config, log_metrics
 from trackstar.tree import tree_fingerprint
 
 # Example sets a store can be made of: the closed candidate set, the corpus passages (open
@@ -214,6 +215,7 @@ def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     A run with its final checkpoint is used as it is (its ``results/accuracy.json`` when
     present), so a config field that does not change training never forces a retrain.
     """
+    configure_from_config(cfg)  # logging.tensorboard, before any record (each stage that logs).
     step = checkpoint.latest_step(path(cfg, "checkpoints"))
     if step is not None and step >= int(cfg.train.steps):
         file = path(cfg, "results", "accuracy.json")
@@ -777,6 +779,7 @@ def stage_featurize(
     Runs on the mesh of ``cfg.mesh`` (``mesh.featurize_scope``); with several processes each
     writes its own chunks and process 0 finalizes the store (``featurize_into_store``).
     """
+    configure_from_config(cfg)
     trained = trained or load_trained(cfg)
     job = prepare_featurize(cfg, which, corrected, trained, tag)
     if not job.store.is_complete:
@@ -878,6 +881,7 @@ def stage_hessian(
     provenance carries the key (``config_key`` of both and of the stores' metadata). R_train
     is reduced over the mesh of ``cfg.mesh``; process 0 writes the fit.
     """
+    configure_from_config(cfg)
     train_store, eval_store = hessian_stores(cfg, candidates, corrected, train_tag, query_tag)
     out = hessian_path(cfg, candidates, corrected, train_tag, query_tag)
     key = config_key(
@@ -984,17 +988,39 @@ def write_score_results(
     scores: np.ndarray,
     train_tag: str = "",
     query_tag: str = "",
+    opponents: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Writes the task queries' top-k proponents (``proponents_path`` + ``.jsonl`` / ``.npz``,
-    with the candidate texts) and returns ``{"ids", "scores", "path"}`` (path: the jsonl).
-
+    with the candidate texts, and ``.release.jsonl.gz`` in the release's results schema,
+    ``trackstar.release``) and returns ``{"ids", "scores", "path", "release_path"}`` (path:
+    the jsonl). ``opponents``: ``(ids, scores)`` of the most negative scores, kept in the npz
+    (``opponent_ids`` / ``opponent_scores``) and the release file.
     """
     w, tok = load_world_and_tokenizer(cfg)
-    texts, _ = candidate_pool(cfg, w, tok, candidates)
+    texts, gt = candidate_pool(cfg, w, tok, candidates)
     queries = [dataclasses.asdict(q) for q in w.task_queries]
     out = proponents_path(cfg, candidates, preset, train_tag, query_tag)
-    score.write_proponents(out + ".jsonl", out + ".npz", queries, ids, scores, texts)
-    return {"ids": ids, "scores": scores, "path": out + ".jsonl"}
+    extra = {}
+    if opponents is not None:
+        extra = {"opponent_ids": opponents[0], "opponent_scores": opponents[1]}
+    score.write_proponents(out + ".jsonl", out + ".npz", queries, ids, scores, texts, extra)
+    records = release.results_from_run(
+        w.task_queries,
+        ids,
+        scores,
+        texts,
+        opp_ids_QxK=None if opponents is None else opponents[0],
+        opp_scores_QxK=None if opponents is None else opponents[1],
+        facts=w.facts,
+        ground_truth=gt,
+    )
+    release.write_results(out + ".release.jsonl.gz", records)
+    return {
+        "ids": ids,
+        "scores": scores,
+        "path": out + ".jsonl",
+        "release_path": out + ".release.jsonl.gz",
+    }
 
 
 def stage_score(
@@ -1012,19 +1038,21 @@ def stage_score(
     mesh of ``cfg.mesh``; process 0 writes the proponents files, and every process returns
     ``{"ids", "scores", "path"}`` (the same on each).
     """
+    configure_from_config(cfg)
     preset = preset or cfg.score.preset
     inputs = score_inputs(cfg, preset, candidates, train_tag, query_tag)
     t0 = time.perf_counter()
-    ids, scores = score.score_preset(
-        inputs.train_store,
-        inputs.query_store,
-        preset,
-        inputs.fit,
-        cfg.score.top_k,
+    run_kwargs = dict(
         rows_per_step=cfg.score.chunk_rows,
         progress=progress and is_main_process(),
         mesh=sharding.mesh_from_config(cfg.mesh),
     )
+    args = (inputs.train_store, inputs.query_store, preset, inputs.fit, cfg.score.top_k)
+    opponents = None
+    if cfg.score.get("opponents", True):
+        ids, scores, *opponents = release.score_with_opponents(*args, **run_kwargs)
+    else:
+        ids, scores = score.score_preset(*args, **run_kwargs)
     seconds = time.perf_counter() - t0
     log_metrics(
         cfg.run_dir,
@@ -1037,10 +1065,17 @@ def stage_score(
         rows_per_s=inputs.train_store.num_rows / max(seconds, 1e-9),
     )
     if is_main_process():
-        result = write_score_results(cfg, candidates, preset, ids, scores, train_tag, query_tag)
+        result = write_score_results(
+            cfg, candidates, preset, ids, scores, train_tag, query_tag, opponents
+        )
     else:
         out = proponents_path(cfg, candidates, preset, train_tag, query_tag)
-        result = {"ids": ids, "scores": scores, "path": out + ".jsonl"}
+        result = {
+            "ids": ids,
+            "scores": scores,
+            "path": out + ".jsonl",
+            "release_path": out + ".release.jsonl.gz",
+        }
     barrier("trackstar-proponents-saved")
     return result
 

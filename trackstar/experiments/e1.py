@@ -1,7 +1,9 @@
 """E1 (paper Table 1): every scoring preset + bm25 + random on the closed candidate set.
 
 Writes ``results.json``, ``table.md`` (MRR, Recall@k, tail-patch@1 and @max k, the lr sweep),
-``methods.png`` and ``sweep.png``. ``run_retrieval`` is also E2's runner (another pool).
+``methods.png``, ``sweep.png`` and, with ``viewer.write``, ``proponents/<method>.jsonl.gz``
+(``experiments.records``: what ``trackstar view`` shows). ``run_retrieval`` is also E2's
+runner (another pool).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from trackstar.experiments.harness import (
     experiment_section,
     write_results,
 )
+from trackstar.experiments.records import viewer_settings, write_method_records
 
 
 def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
@@ -36,7 +39,7 @@ def run_retrieval(
 ) -> dict:
     """Ranks, evaluates and tail-patches the methods on one pool; writes the table and plots."""
     methods = methods_from(cfg, default_methods)
-    results, _, setup = retrieval_results(cfg, candidates, methods, progress=progress)
+    results, per_query, setup = retrieval_results(cfg, candidates, methods, progress=progress)
     results["experiment"] = experiment_section(cfg).name
     at_k, k_max = cutoffs(cfg)
     rows, gt = results["methods"], {GROUND_TRUTH: results["ground_truth"]}
@@ -49,6 +52,10 @@ def run_retrieval(
         ]
     )
     out = write_results(cfg, results, md)
+    if viewer_settings(cfg)["write"]:  # proponents/<method>.jsonl.gz: what the viewer shows
+        write_method_records(
+            setup, methods, per_query, out, tag=results["store_tag"], progress=progress
+        )
     report.method_bars(rows, gt, k_max, title, os.path.join(out, "methods.png"))
     report.sweep_chart(
         {**rows, **gt},
