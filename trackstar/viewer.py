@@ -264,7 +264,7 @@ def write_viewer(
     shown = list(shown or settings.get("methods", ("trackstar", "bm25", "grad_cosine")))
     shown += [n for n, _ in map(parse_release_arg, release_files) if n not in shown]
     if exp is not None:
-        title = f"trackstar · {os.path.basename(exp)} · {os.path.abspath(exp)}"
+        title = f"trackstar · {os.path.basename(exp)} · {exp}"
     else:
         title = "trackstar · results files"
     data = view_data(
