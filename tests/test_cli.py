@@ -39,6 +39,17 @@ def test_stage_commands_write_the_run(run, capsys):
     path = stages.proponents_path(cfg, "candidates", "trackstar") + ".jsonl"
     assert os.path.exists(path)
     assert os.path.exists(stages.hessian_path(cfg, "candidates", True))
+    # The score stage also wrote the opponents (npz) and a results file in the release schema.
+    from trackstar.release import read_results
+
+    base = stages.proponents_path(cfg, "candidates", "trackstar")
+    with np.load(base + ".npz") as z:
+        ids, opp_ids, opp_scores = z["ids"], z["opponent_ids"], z["opponent_scores"]
+        assert (np.diff(opp_scores, axis=1) >= 0).all() and opp_scores.max() <= z["scores"].min()
+    recs = list(read_results(base + ".release.jsonl.gz"))
+    assert len(recs) == ids.shape[0] == cfg.world.n_queries
+    assert recs[0].proponent_ids == ids[0].tolist() and recs[0].opponent_ids == opp_ids[0].tolist()
+    assert recs[0].fact_id is not None and recs[0].proponent_correct is not None
     # Each stage logged what it measured to the run's metrics file.
     from trackstar.runlog import read_metrics
 

@@ -153,6 +153,21 @@ def test_results_from_run_fills_every_field_from_the_arrays_and_world():
     assert "opponents" not in plain[0].to_json() and plain[0].relation is None
 
 
+def test_results_from_run_leaves_out_empty_slots_of_a_small_pool():
+    # A pool smaller than k: score.top_k_scores pads with id -1 and score -inf; those slots
+    # are not examples (id -1 would otherwise read the last text).
+    facts, queries, texts = _world_bits()
+    ids = np.array([[2, 0, -1], [1, -1, -1]])
+    scores = np.array([[0.5, 0.25, -np.inf], [0.75, -np.inf, -np.inf]])
+    a, b = results_from_run(
+        queries, ids, scores, texts, opp_ids_QxK=ids, opp_scores_QxK=-scores, facts=facts
+    )
+    assert a.proponent_ids == [2, 0] and a.proponents == ["curie again", "curie warsaw"]
+    assert b.proponent_ids == [1] and b.proponent_scores == [0.75]
+    assert b.opponent_ids == [1] and b.opponent_scores == [-0.75]
+    assert json.loads(json.dumps(a.to_json(), allow_nan=False))["proponent_scores"] == [0.5, 0.25]
+
+
 def test_results_from_run_refuses_arrays_that_do_not_line_up():
     facts, queries, texts = _world_bits()
     with pytest.raises(ReleaseError, match="do not line up"):
