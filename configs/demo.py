@@ -198,6 +198,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Tag of the stores this experiment featurizes (stores/<set>-<correction>-<tag>), so they
     # never mix with stores another featurizer version wrote into the same run dir.
     ex.store_tag = ""
+    # e8 (linear datamodeling score): models retrained on lds_subsets random subsets of the
+    # training documents, each holding lds_fraction of them, drawn under lds_seed.
+    ex.lds_subsets = 32  # K: subsets (one retrained model each); >= 32 for a stable LDS.
+    ex.lds_fraction = 0.5  # Share of the training documents in each subset (TRAK's 1/2).
+    ex.lds_seed = 0  # Seed of the subset draws (subset k draws from its own stream [seed, k]).
 
     # --- Run log (trackstar.runlog: <run_dir>/logs/metrics.jsonl) ---
     lg = c.logging = ml_collections.ConfigDict()
