@@ -46,6 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
     # --- The queries: what to attribute (jsonl rows, one query each) ---
     q = c.queries = ml_collections.ConfigDict()
     q.path = ""  # Rows {"prompt", "target"} or {"inputs_plaintext", "targets_plaintext"}.
+    # "prompt_target" (the rows above), "release" (the release's query files, a file or a
+    # directory: fact_id, entity0, relation, entity1, prompt0..2, trex_sentences; the query is
+    # prompt{prompt_index} -> entity1, its id the fact_id) or "auto" (release when the first
+    # row has fact_id, entity1 and prompt0). Release queries are also evaluated against their
+    # ground truth (trex_sentences, and the fact_triples of corpus shards read with
+    # corpus.id_field = "sentence_id"): results/<preset>.release.jsonl.gz with opponents and
+    # results/<preset>.release_metrics.json (MRR, Recall@10); docs/release_format.md.
+    q.format = "auto"
+    q.prompt_index = 0  # Release queries: which of prompt0, prompt1, prompt2 is asked.
     q.prompt_field = ""  # "" = "prompt", else "inputs_plaintext".
     q.target_field = ""  # "" = "target", else "targets_plaintext".
     q.id_field = "id"  # A row's id field (absent: its position from 0).

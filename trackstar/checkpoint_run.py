@@ -20,10 +20,17 @@ in a run directory, each step cached and resumable like ``trackstar.stages``:
 5. R: ``stages.stage_hessian`` on those stores (reused while its provenance key holds);
 6. ``stage_score``: the ``score.preset`` scores written to ``results/proponents.jsonl`` (one row
    per query: passage ids, store rows, scores, texts), ``results/proponents.npz``, a readable
-   ``results/proponents.md`` and the run's ``results/config.json``.
+   ``results/proponents.md`` and the run's ``results/config.json``;
+7. for the release's query files (``queries.format``, docs/release_format.md) ``stage_release``:
+   the release's task evaluated against its ground truth (``trex_sentences`` and the corpus
+   shards' ``fact_triples``): ``results/<preset>.release.jsonl.gz`` in the release's results
+   schema with opponents (scored with the proponents, one store pass), ``proponent_correct``,
+   each query's MRR / Recall@10 and the model's own answer, and
+   ``results/<preset>.release_metrics.json`` with their means.
 
 Each computed step counts in ``stages.CACHE_MISSES`` (``passages``, ``v_estimate``,
-``featurize``, ``hessian``, ``score``), so a rerun that recomputes nothing is visible.
+``featurize``, ``hessian``, ``score``, ``release``), so a rerun that recomputes nothing is
+visible.
 ``attributor_parts`` gives ``trackstar.Attributor.from_checkpoint`` the same pieces, so its
 proponents equal the pipeline's.
 
@@ -40,11 +47,13 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from trackstar import correction, data, hessian, score, sharding, stages
+from trackstar import correction, data, hessian, metrics, release, score, sharding, stages
+from trackstar import model as model_lib
 from trackstar import projection as projection_lib
 from trackstar import store as store_lib
 from trackstar import v_estimate as v_estimate_lib
@@ -54,6 +63,9 @@ from trackstar.corpus_files import (
     CorpusSource,
     FileQuery,
     PassageFile,
+    detect_format,
+    detect_query_format,
+    passage_doc_id,
     read_queries,
     write_passages,
 )
@@ -71,6 +83,12 @@ PASSAGES_VERSION = 1
 # The example sets of this pipeline's stores (names of stages.EXAMPLE_SETS: the corpus
 # passages are the train side, the file queries the scored "task" queries and R_eval source).
 CORPUS, QUERIES = "corpus", "task"
+# queries.format: "auto" detects the release's query files by their first row.
+QUERY_FORMATS = ("auto", "prompt_target", "release")
+# Bumped when the release results or metrics files change, so older ones are written again.
+RELEASE_VERSION = 1
+# The cut-off of the release task's Recall (the paper's Recall@10).
+RECALL_AT = 10
 
 
 class CheckpointRunError(ValueError):
@@ -297,7 +315,8 @@ def _pack(cfg, ckpt: Checkpoint, source: CorpusSource, out: str, progress: bool)
         raise CheckpointRunError(
             f"{e} (corpus.path = {c.path!r}, corpus.id_field = {c.id_field!r}, corpus.text_field "
             f"= {c.text_field!r}: fix the row, or set the fields to the corpus's names; "
-            "corpus.id_field = '' numbers the documents)"
+            "corpus.id_field = '' numbers the documents; the release's corpus shards need "
+            "corpus.id_field = 'sentence_id')"
         ) from None
     if n == 0:
         raise CheckpointRunError(f"corpus.path = {c.path!r} holds no documents with text")
@@ -373,14 +392,85 @@ def query_encoder(cfg: ml_collections.ConfigDict, ckpt: Checkpoint) -> Callable[
     return encode
 
 
+@dataclasses.dataclass(frozen=True)
+class ReleaseFileQuery(FileQuery):
+    """A fact of the release's query files as a query: ``query_id`` is its ``fact_id``,
+    ``prompt`` its ``prompt{queries.prompt_index}``, ``target`` its ``entity1``; ``fact`` keeps
+    the rest (subject, relation, ``trex_sentences``) for the ground truth and the results."""
+
+    fact: release.ReleaseQuery
+
+
+def query_format(cfg: ml_collections.ConfigDict) -> str:
+    """``queries.format`` resolved: "release" or "prompt_target" ("auto" looks at the first
+    row of ``queries.path``; configs saved before the field existed read prompt/target rows)."""
+    value = str(cfg.queries.get("format", "prompt_target"))
+    if value not in QUERY_FORMATS:
+        raise CheckpointRunError(
+            f"queries.format = {value!r}; use one of {', '.join(map(repr, QUERY_FORMATS))}"
+        )
+    if value != "auto":
+        return value
+    try:
+        return detect_query_format(str(cfg.queries.path))
+    except CorpusFileError as e:
+        raise CheckpointRunError(f"{e} (queries.path)") from None
+
+
+def load_release_queries(cfg: ml_collections.ConfigDict) -> list[ReleaseFileQuery]:
+    """The facts of the release query files at ``queries.path`` (a file or a directory of
+    ``*.jsonl(.gz)`` files) as queries; read line by line, held as one list like the
+    prompt/target queries.
+
+    Raises:
+      CheckpointRunError: a bad line (``path:line``, the field and the fix), a fact without
+        ``prompt{queries.prompt_index}``, a repeated ``fact_id``, or no facts at all.
+    """
+    q = cfg.queries
+    if not os.path.exists(str(q.path)):
+        raise CheckpointRunError(f"queries.path = {q.path!r} does not exist")
+    index = int(q.get("prompt_index", 0))
+    out: list[ReleaseFileQuery] = []
+    seen: dict[str, str] = {}
+    fix = (
+        "; every line of a release query file needs fact_id, entity0, relation, entity1 and "
+        "prompt0 (docs/release_format.md): fix that line, or set queries.format = "
+        "'prompt_target' for rows with prompt and target"
+    )
+    try:
+        for fact in release.read_release_queries(str(q.path)):
+            if fact.fact_id in seen:
+                raise CheckpointRunError(
+                    f"{fact.where}: fact_id {fact.fact_id!r} already used at "
+                    f"{seen[fact.fact_id]}; give each fact its own id"
+                )
+            seen[fact.fact_id] = fact.where
+            if index >= len(fact.prompts):
+                raise CheckpointRunError(
+                    f"{fact.where}: no field 'prompt{index}' for queries.prompt_index = {index};"
+                    f" the line has {len(fact.prompts)} prompt(s): lower queries.prompt_index"
+                )
+            out.append(
+                ReleaseFileQuery(fact.fact_id, fact.prompts[index], fact.entity1, fact.where, fact)
+            )
+    except release.ReleaseError as e:
+        raise CheckpointRunError(f"{e}{fix}") from None
+    if not out:
+        raise CheckpointRunError(f"queries.path = {q.path!r} holds no facts{fix}")
+    return out
+
+
 def load_queries(cfg: ml_collections.ConfigDict) -> list[FileQuery]:
-    """The queries of ``queries.path`` (``corpus_files.read_queries`` with the section's fields)."""
+    """The queries of ``queries.path``: release facts (``load_release_queries``) when
+    ``query_format`` says so, else ``corpus_files.read_queries`` with the section's fields."""
     q = cfg.queries
     if not q.path:
         raise CheckpointRunError(
             "queries.path is empty; pass --config.queries.path=FILE (jsonl rows with prompt and "
-            "target, or inputs_plaintext and targets_plaintext)"
+            "target, or inputs_plaintext and targets_plaintext, or the release's query files)"
         )
+    if query_format(cfg) == "release":
+        return list(load_release_queries(cfg))
     try:
         return read_queries(
             str(q.path), str(q.prompt_field) or None, str(q.target_field) or None, str(q.id_field)
@@ -559,8 +649,19 @@ def queries_tag(cfg: ml_collections.ConfigDict) -> str:
     """The store tag of the queries file: a hash of its path, size, modification time and the
     ``queries`` section, so another queries file gets its own query store (and R)."""
     path = str(cfg.queries.path)
-    key = stages.config_key(os.path.abspath(path), _stamp(path), cfg.queries.to_dict())
+    section = {
+        k: v
+        for k, v in cfg.queries.to_dict().items()
+        # Fields added after runs were made count only when set, so those runs' stores and
+        # fits keep their tags (Attributor.from_checkpoint finds them).
+        if _ADDED_QUERY_FIELDS.get(k, object()) != v
+    }
+    key = stages.config_key(os.path.abspath(path), _stamp(path), section)
     return f"q{key[:8]}"
+
+
+# queries fields -> their defaults (configs/hf_gpt2.py), left out of queries_tag when unset.
+_ADDED_QUERY_FIELDS = {"format": "auto", "prompt_index": 0}
 
 
 def featurize(
@@ -616,22 +717,30 @@ def results_path(cfg: ml_collections.ConfigDict, name: str) -> str:
 
 
 def _rows(
-    queries: Sequence[FileQuery], ids: np.ndarray, scores: np.ndarray, passages: Passages
+    queries: Sequence[FileQuery],
+    ids: np.ndarray,
+    scores: np.ndarray,
+    passages: Passages,
+    opponents: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict]:
     rows = []
-    for q, r, s in zip(queries, ids, scores, strict=True):
+    for i, (q, r, s) in enumerate(zip(queries, ids, scores, strict=True)):
         found = passages.texts.rows(r)
-        rows.append(
-            {
-                "query_id": q.query_id,
-                "prompt": q.prompt,
-                "target": q.target,
-                "proponent_ids": [pid for pid, _ in found],
-                "rows": [int(i) for i in r],
-                "scores": [float(x) for x in s],
-                "texts": [text for _, text in found],
-            }
-        )
+        row = {
+            "query_id": q.query_id,
+            "prompt": q.prompt,
+            "target": q.target,
+            "proponent_ids": [pid for pid, _ in found],
+            "rows": [int(x) for x in r],
+            "scores": [float(x) for x in s],
+            "texts": [text for _, text in found],
+        }
+        if opponents is not None:
+            o_rows, o_scores = opponents[0][i], opponents[1][i]
+            row["opponent_ids"] = [pid for pid, _ in passages.texts.rows(o_rows)]
+            row["opponent_rows"] = [int(x) for x in o_rows]
+            row["opponent_scores"] = [float(x) for x in o_scores]
+        rows.append(row)
     return rows
 
 
@@ -662,16 +771,24 @@ def stage_score(
     progress: bool = True,
 ) -> list[dict]:
     """Scores the queries with ``score.preset`` and writes the results (module docstring);
-    reuses them while the stores, the fit and the score section are the same."""
+    reuses them while the stores, the fit and the score section are the same.
+
+    Release queries (``query_format``) get their opponents too, the k most negative scores
+    (``release.score_with_opponents``: the same store pass as the proponents), in the rows
+    (``opponent_ids`` / ``opponent_rows`` / ``opponent_scores``) and ``proponents.npz``.
+    """
     preset = str(cfg.score.preset)
     inputs = stages.score_inputs(cfg, preset, CORPUS, query_tag=queries_tag(cfg))
     fit_key = inputs.fit.provenance.get("config_key") if inputs.fit is not None else None
+    opponents = query_format(cfg) == "release"
     key = stages.config_key(
         stages.config_section(cfg, "score"),
         inputs.train_store.meta.to_dict(),
         inputs.query_store.meta.to_dict(),
         fit_key,
         passages.key,
+        # Only named when on, so runs of prompt/target queries keep their keys (and results).
+        *(["opponents", queries_tag(cfg)] if opponents else []),
     )
     out = results_path(cfg, "proponents.jsonl")
     record = results_path(cfg, "proponents.key")
@@ -682,17 +799,24 @@ def stage_score(
                     return [json.loads(line) for line in g]
     stages.CACHE_MISSES["score"] += 1
     k = min(int(cfg.score.top_k), inputs.train_store.meta.num_examples)
-    ids, scores = score.score_preset(
-        inputs.train_store,
-        inputs.query_store,
-        preset,
-        inputs.fit,
-        k,
-        rows_per_step=int(cfg.score.chunk_rows),
-        progress=progress,
-        mesh=sharding.mesh_from_config(cfg.mesh),
-    )
-    rows = _rows(queries, ids, scores, passages)
+    kwargs = {
+        "rows_per_step": int(cfg.score.chunk_rows),
+        "progress": progress,
+        "mesh": sharding.mesh_from_config(cfg.mesh),
+    }
+    arrays: dict[str, np.ndarray] = {}
+    opp = None
+    if opponents:
+        ids, scores, *opp = release.score_with_opponents(
+            inputs.train_store, inputs.query_store, preset, inputs.fit, k, **kwargs
+        )
+        arrays["opponent_rows"] = np.asarray(opp[0], np.int64)
+        arrays["opponent_scores"] = np.asarray(opp[1], np.float32)
+    else:
+        ids, scores = score.score_preset(
+            inputs.train_store, inputs.query_store, preset, inputs.fit, k, **kwargs
+        )
+    rows = _rows(queries, ids, scores, passages, None if opp is None else (opp[0], opp[1]))
     atomic_write(
         results_path(cfg, "proponents.npz"),
         lambda f: np.savez(
@@ -700,6 +824,7 @@ def stage_score(
             query_ids=np.array([q.query_id for q in queries]),
             rows=np.asarray(ids, np.int64),
             scores=np.asarray(scores, np.float32),
+            **arrays,
         ),
         binary=True,
     )
@@ -710,6 +835,213 @@ def stage_score(
     return rows
 
 
+# ----- the release's task -----------------------------------------------------------------------
+
+
+def release_results_path(cfg: ml_collections.ConfigDict, suffix: str = ".release.jsonl.gz") -> str:
+    """``results/<score.preset><suffix>``: the release results file, or (``suffix``
+    ``".release_metrics.json"``) its metrics, beside it."""
+    return results_path(cfg, f"{cfg.score.preset}{suffix}")
+
+
+def _triples_readable(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the corpus is the release's shards (jsonl rows keyed ``sentence_id``), whose
+    ``fact_triples`` then add to the ground truth; another corpus has ``trex_sentences`` only."""
+    c = cfg.corpus
+    fmt = detect_format(str(c.path)) if str(c.format) == "auto" else str(c.format)
+    return fmt == "jsonl" and str(c.id_field) == "sentence_id"
+
+
+def release_ground_truth(
+    cfg: ml_collections.ConfigDict, facts: Sequence[release.ReleaseQuery]
+) -> tuple[list[set[str]], str]:
+    """``(sentence ids per fact, source)``: each fact's ``trex_sentences``, plus, for the
+    release's corpus shards (``_triples_readable``), the sentences whose ``fact_triples`` state
+    it (as ``release.release_task`` counts them). The shards are streamed; only matches are
+    kept. ``source`` names what was used."""
+    truth = [set(f.trex_sentences) for f in facts]
+    if not _triples_readable(cfg):
+        return truth, "trex_sentences"
+    index: dict[tuple[str, str, str], list[int]] = {}
+    for i, f in enumerate(facts):
+        index.setdefault((f.entity0, f.relation, f.entity1), []).append(i)
+    try:
+        for sentence in release.read_corpus_shards(str(cfg.corpus.path)):
+            for triple in sentence.fact_triples:
+                for i in index.get(triple, ()):
+                    truth[i].add(sentence.sentence_id)
+    except release.ReleaseError as e:
+        raise CheckpointRunError(
+            f"{e} (corpus.path = {cfg.corpus.path!r} read as the release's corpus shards for "
+            "the ground truth: fix that line)"
+        ) from None
+    return truth, "trex_sentences+fact_triples"
+
+
+def truth_rows(passages: Passages, truth: Sequence[set[str]]) -> list[set[int]]:
+    """Per query the store rows of the passages of its ground-truth sentences (a sentence
+    longer than a row is several passages ``"<sentence_id>:<k>"``, every one of them counted);
+    the passage ids are streamed, only the asked-for rows kept."""
+    wanted = set().union(*truth) if truth else set()
+    rows_of: dict[str, list[int]] = {}
+    for row, pid in passages.texts.iter_ids():
+        doc = passage_doc_id(pid)
+        if doc in wanted:
+            rows_of.setdefault(doc, []).append(row)
+    return [{r for s in t for r in rows_of.get(s, ())} for t in truth]
+
+
+def model_answers(
+    ckpt: Checkpoint, examples: Examples, batch_size: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(answers, confidences, correct)`` per query: the checkpoint's own greedy answer at
+    the target positions (``model.greedy_answer``, teacher-forced, so it is greedy decoding
+    while the answer agrees with the target), decoded; exp of its summed log-probability; and
+    whether it is the target. One forward pass per batch, on the columns queries use."""
+    tokens, weights = np.asarray(examples.tokens_NxT), np.asarray(examples.weights_NxT)
+    used = np.flatnonzero(weights.any(axis=0))
+    width = int(used[-1]) + 1 if used.size else tokens.shape[1]  # causal: padding after is moot
+    tokens, weights = tokens[:, :width], weights[:, :width]
+    if "fn" not in _GREEDY:
+        _GREEDY["fn"] = jax.jit(model_lib.greedy_answer, static_argnums=0)
+    fn = _GREEDY["fn"]
+    n, b = len(tokens), max(1, min(int(batch_size), len(tokens)))
+    preds, logps = [], []
+    for a in range(0, n, b):
+        t, w = tokens[a : a + b], weights[a : a + b]
+        pad = b - len(t)  # The last batch padded to the others' shape: one compilation.
+        if pad:
+            t = np.concatenate([t, np.repeat(t[-1:], pad, axis=0)])
+            w = np.concatenate([w, np.zeros((pad, width), w.dtype)])
+        pred, logp = fn(ckpt.apply_fn, ckpt.params, t, w)
+        preds.append(np.asarray(pred)[: b - pad])
+        logps.append(np.asarray(logp)[: b - pad])
+    pred_NxT, logp_N = np.concatenate(preds), np.concatenate(logps)
+    mask = weights > 0
+    answers = [ckpt.tokenizer.decode(pred_NxT[i][mask[i]].tolist()).strip() for i in range(n)]
+    correct = np.array([np.array_equal(pred_NxT[i][mask[i]], tokens[i][mask[i]]) for i in range(n)])
+    return answers, np.exp(logp_N.astype(np.float64)), correct
+
+
+# The jitted greedy_answer (built once per process: the apply function is a static argument).
+_GREEDY: dict[str, Any] = {}
+
+
+def _mean(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """``metrics.mean_se`` of the defined values (None: a query without ground truth)."""
+    stats = metrics.mean_se(np.array([np.nan if v is None else v for v in values], np.float64))
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in stats.items()}
+
+
+def release_table(summary: dict) -> str:
+    """The release task's metrics as a small Markdown table (printed by ``run``)."""
+    lines = [
+        f"release task: {summary['n_queries']} queries, {summary['n_with_ground_truth']} with "
+        f"ground truth in the corpus ({summary['ground_truth']}); preset {summary['preset']}",
+        "",
+        "| metric | mean | se | n |",
+        "|---|---|---|---|",
+    ]
+    for name, label in (("mrr", "MRR"), (f"recall@{RECALL_AT}", f"Recall@{RECALL_AT}")):
+        m = summary[name]
+        cell = [("-" if m[k] is None else f"{m[k]:.4f}") for k in ("mean", "se")]
+        lines.append(f"| {label} | {cell[0]} | {cell[1]} | {m['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_release(
+    cfg: ml_collections.ConfigDict,
+    queries: Sequence[ReleaseFileQuery],
+    passages: Passages,
+    ckpt: Checkpoint,
+    query_examples: Examples,
+) -> dict:
+    """The release's task evaluated: ``release_results_path`` (release results schema) and
+    its ``.release_metrics.json``, from ``stage_score``'s proponents and opponents; reused
+    while the scores, the queries and the corpus are the same.
+
+    Each record has the fact's ``fact_id`` and ``relation``, ``proponent_correct`` (the
+    proponent's sentence is in the fact's ground truth, ``release_ground_truth``), the
+    model's own answer, and in ``extra`` (as E1's files) ``entity0`` / ``entity1`` and
+    ``metrics`` = the query's ``mrr`` (within the top ``score.top_k``) and ``recall@10``
+    (None without ground truth in the corpus: left out of the means). Proponent and opponent
+    ids are the passages' ``sentence_id`` values (``corpus_files.passage_doc_id``).
+
+    Returns the metrics summary (the JSON file's content).
+    """
+    with open(results_path(cfg, "proponents.key"), encoding="utf-8") as f:
+        score_key = f.read().strip()
+    key = stages.config_key(
+        "release", RELEASE_VERSION, score_key, queries_tag(cfg), passages.key, RECALL_AT
+    )
+    out = release_results_path(cfg)
+    summary_file = release_results_path(cfg, ".release_metrics.json")
+    record = release_results_path(cfg, ".release.key")
+    if all(os.path.isfile(p) for p in (out, summary_file, record)):
+        with open(record, encoding="utf-8") as f:
+            if f.read().strip() == key:
+                with open(summary_file, encoding="utf-8") as g:
+                    return json.load(g)
+    stages.CACHE_MISSES["release"] += 1
+    with np.load(results_path(cfg, "proponents.npz")) as z:
+        ids, scores = z["rows"], z["scores"]
+        opp_ids, opp_scores = z["opponent_rows"], z["opponent_scores"]
+    facts = [q.fact for q in queries]
+    truth, source = release_ground_truth(cfg, facts)
+    gt_rows = truth_rows(passages, truth)
+    # Texts and sentence ids of the rows the records name, read from the passage file.
+    named = np.unique(np.concatenate([ids.ravel(), opp_ids.ravel()]))
+    named = named[named >= 0]
+    found = passages.texts.rows(named)
+    texts = {int(r): text for r, (_, text) in zip(named, found, strict=True)}
+    names = {int(r): passage_doc_id(pid) for r, (pid, _) in zip(named, found, strict=True)}
+    k = ids.shape[1]
+    per = metrics.fact_tracing_metrics(ids, gt_rows, mrr_k=k, at_k=RECALL_AT)
+    has = [bool(g) for g in gt_rows]
+    per_query = [
+        {name: (float(per[name][i]) if has[i] else None) for name in ("mrr", f"recall@{RECALL_AT}")}
+        for i in range(len(queries))
+    ]
+    answers, confidence, correct = model_answers(
+        ckpt, query_examples, int(cfg.featurize.batch_size)
+    )
+    records = release.results_from_run(
+        queries,
+        ids,
+        scores,
+        texts,
+        opp_ids_QxK=opp_ids,
+        opp_scores_QxK=opp_scores,
+        ground_truth=gt_rows,
+        example_names=names,
+        model_correct=correct,
+        model_confidence=confidence,
+        model_prediction=answers,
+    )
+    for q, rec, m in zip(queries, records, per_query, strict=True):
+        rec.fact_id, rec.relation = q.fact.fact_id, q.fact.relation
+        rec.extra["entity0"], rec.extra["entity1"] = q.fact.entity0, q.fact.entity1
+        rec.extra["metrics"] = m
+    release.write_results(out, records)
+    summary = {
+        "preset": str(cfg.score.preset),
+        "results": os.path.basename(out),
+        "ground_truth": source,
+        "n_queries": len(queries),
+        "n_with_ground_truth": int(sum(has)),
+        "top_k": int(k),
+        "model_accuracy": float(np.mean(correct)),
+        **{name: _mean([m[name] for m in per_query]) for name in per_query[0]},
+        "per_query": [
+            {"fact_id": q.query_id, **m, "ground_truth_sentences": sorted(t)}
+            for q, m, t in zip(queries, per_query, truth, strict=True)
+        ],
+    }
+    write_json(summary_file, summary)
+    write_text(record, key + "\n")
+    return summary
+
+
 # ----- the pipeline -----------------------------------------------------------------------------
 
 
@@ -717,7 +1049,8 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """The whole pipeline (module docstring) on ``cfg``; every step resumes or is reused.
 
     Returns ``{"rows": proponents rows, "path": proponents.jsonl, "stores": {set: path},
-    "hessian": fit path or None, "passages": N}``.
+    "hessian": fit path or None, "passages": N}``, and for release queries ``"release"`` (the
+    metrics summary of ``stage_release``) and ``"release_path"`` (its results file).
     """
     check_config(cfg)
     ckpt = load(cfg)
@@ -746,13 +1079,20 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
             cfg, CORPUS, featurizer.corrected, query_tag=queries_tag(cfg)
         )
     rows = stage_score(cfg, queries, passages, progress)
-    return {
+    out = {
         "rows": rows,
         "path": results_path(cfg, "proponents.jsonl"),
         "stores": {k: v.path for k, v in stores.items()},
         "hessian": fit_path,
         "passages": len(passages.examples),
     }
+    if query_format(cfg) == "release":
+        out["release"] = stage_release(cfg, queries, passages, ckpt, q_examples)
+        out["release_path"] = release_results_path(cfg)
+        if progress:  # What `trackstar attribute` shows of the evaluation.
+            print(release_table(out["release"]))
+            print(f"release results -> {out['release_path']}")
+    return out
 
 
 @dataclasses.dataclass

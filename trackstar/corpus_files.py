@@ -22,7 +22,12 @@ A corpus too large for a world file is read from disk in batches and never held 
   passages is known before featurizing and ``PassageFile.iter_chunks(start=c)`` resumes the
   packed stream at any chunk; ``PassageFile.rows`` reads given rows back for display.
 - ``read_queries`` reads queries from jsonl rows with a prompt and a target: ``prompt`` /
-  ``target``, or the TrackStar release's ``inputs_plaintext`` / ``targets_plaintext``.
+  ``target``, or the TrackStar release's ``inputs_plaintext`` / ``targets_plaintext``;
+  ``detect_query_format`` tells those from the release's query files (``fact_id``, ``entity1``,
+  ``prompt0``: ``trackstar.release.read_release_queries`` reads them).
+
+jsonl files may be gzipped (``.jsonl.gz``, as the release's corpus shards are): a directory's
+``*.jsonl.gz`` files are read with its ``*.jsonl`` ones.
 
 Every bad input row raises ``CorpusFileError`` naming ``path:line`` (jsonl) or ``path:row N``
 (parquet / arrow rows, counted from 1).
@@ -48,6 +53,10 @@ FORMATS = ("jsonl", "parquet", "datasets")
 # Field names accepted for a query's prompt and target, in order of preference.
 PROMPT_FIELDS = ("prompt", "inputs_plaintext")
 TARGET_FIELDS = ("target", "targets_plaintext")
+# The fields that mark a row of the release's query files (docs/release_format.md).
+RELEASE_QUERY_FIELDS = ("fact_id", "entity1", "prompt0")
+# Names of jsonl files in a directory (gzipped ones are read through gzip by iter_jsonl).
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz")
 
 _OFFSETS_SUFFIX = ".offsets"
 # A sentence ends at a run of . ! ? (closing quotes and brackets included) followed by
@@ -101,9 +110,9 @@ def detect_format(path: str) -> str:
         names = os.listdir(path)
         if any(n.endswith(".parquet") for n in names):
             return "parquet"
-        if any(n.endswith((".jsonl", ".json")) for n in names):
+        if any(n.endswith(JSONL_SUFFIXES) for n in names):
             return "jsonl"
-        raise CorpusFileError(f"{path} holds no state.json, *.parquet or *.jsonl files")
+        raise CorpusFileError(f"{path} holds no state.json, *.parquet, *.jsonl or *.jsonl.gz files")
     if not os.path.isfile(path):
         raise CorpusFileError(f"corpus file {path!r} does not exist")
     return "parquet" if path.endswith(".parquet") else "jsonl"
@@ -129,7 +138,7 @@ def _files(path: str, fmt: str) -> list[str]:
         if not os.path.isfile(path):
             raise CorpusFileError(f"corpus file {path!r} does not exist")
         return [path]
-    ends = (".parquet",) if fmt == "parquet" else (".jsonl", ".json")
+    ends = (".parquet",) if fmt == "parquet" else JSONL_SUFFIXES
     files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(ends))
     if not files:
         raise CorpusFileError(f"{path} holds no {' or '.join(ends)} files")
@@ -625,6 +634,13 @@ class PassageFile:
                 out.append((row["id"], row["text"]))
         return out
 
+    def iter_ids(self) -> Iterator[tuple[int, str]]:
+        """``(row, passage id)`` of every row in order, read line by line (a corpus's ids are
+        never held whole: ground truth keeps only the rows it asks for)."""
+        with open(self.path, "rb") as fh:
+            for row in range(len(self)):
+                yield row, json.loads(fh.readline())["id"]
+
     def iter_chunks(
         self, tok: Tokenizer, max_len: int, chunk_size: int = 1024, start_chunk: int = 0
     ) -> Iterator[PackedChunk]:
@@ -648,6 +664,14 @@ class PassageFile:
                     passages.append(Passage(r["id"], doc_id, int(k), r["text"], tuple(e.ids)))
                 yield pack(passages, max_len, row)
                 row += n
+
+
+def passage_doc_id(passage_id: str) -> str:
+    """The document id of passage ``"<doc id>:<k>"`` (a doc id may itself hold ``:``)."""
+    doc_id, sep, k = passage_id.rpartition(":")
+    if not sep or not k.isdigit():
+        raise CorpusFileError(f"{passage_id!r} is not a passage id '<doc id>:<k>'")
+    return doc_id
 
 
 # ----- queries --------------------------------------------------------------------------------
@@ -705,6 +729,22 @@ def read_queries(
     if not out:
         raise CorpusFileError(f"query file {path!r} is empty (no JSON rows)")
     return out
+
+
+def detect_query_format(path: str) -> str:
+    """``"release"`` when the first row of ``path`` (a file, or the first ``*.jsonl(.gz)`` file
+    of a directory, as the release's query files are read) has ``RELEASE_QUERY_FIELDS``, else
+    ``"prompt_target"`` (``read_queries``' rows). Only that one row is read."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith((".jsonl", ".jsonl.gz")))
+        if not names:
+            raise CorpusFileError(f"query directory {path!r} holds no *.jsonl or *.jsonl.gz files")
+        path = os.path.join(path, names[0])
+    if not os.path.isfile(path):
+        raise CorpusFileError(f"query file {path!r} does not exist")
+    for _, row in iter_jsonl(path, CorpusFileError):
+        return "release" if all(f in row for f in RELEASE_QUERY_FIELDS) else "prompt_target"
+    raise CorpusFileError(f"query file {path!r} is empty (no JSON rows)")
 
 
 def query_arrays(queries: Sequence[FileQuery], tok: Tokenizer, max_len: int, **kwargs: Any):
