@@ -212,13 +212,13 @@ def test_presets_match_dense_formulas():
         "exp_opt_norm_rtrain": _unit(qc @ _inv_root(R_tr, -0.5))
         @ _unit(cor @ _inv_root(R_tr, -0.5)).T,
         "trackstar": _unit(qc @ _inv_root(R_mix, -0.5)) @ _unit(cor @ _inv_root(R_mix, -0.5)).T,
+        "step_influence": qr @ cor.T,  # raw query against corrected candidates
     }
     assert set(expected) == set(PRESETS)
     for name, dense in expected.items():
         spec = get_preset(name)
-        store, q, fit = (
-            (cor_store, q_cor, fit_cor) if spec.corrected else (raw_store, q_raw, fit_raw)
-        )
+        store, fit = (cor_store, fit_cor) if spec.corrected else (raw_store, fit_raw)
+        q = q_cor if spec.query_side_corrected else q_raw
         ids, scores = score_preset(store, q, name, fit, K)
         ref_ids, ref_scores = _full_sort(dense, np.arange(N), K)
         tol = 1e-4 * np.abs(dense).max()

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from trackstar import breakdown as breakdown_lib
-from trackstar import correction, data, score, sharding, stages, store
+from trackstar import correction, data, score, sharding, stages
 from trackstar import index as index_lib
 from trackstar import projection as projection_lib
 from trackstar.featurize import Examples, compute_vectors, make_mesh_feature_fn
@@ -74,7 +74,9 @@ class QueryFeaturizer:
     store (``projector_from_meta``, ``correction.preconditioner_for`` of the store's
     ``correction_settings``); ``correction``, ``correction_settings`` and
     ``optimizer_fingerprint`` are what the train store records of them, so the Attributor can
-    check the pair with ``store.check_compatible`` before any query is scored.
+    check the pair with ``score.check_query_meta`` before any query is scored. For a preset
+    whose query side is uncorrected while its train side is corrected (``step_influence``) they
+    are the uncorrected ones (``query_correction``).
     """
 
     output_fn: str  # Query output function: "loss", "margin" or "logit" (trackstar.losses).
@@ -187,6 +189,9 @@ class Attributor:
         ``ScoringIndex`` or its path), or None. With one, queries are scored against the
         index's finished rows (one matmul per step, the same ranking); it is checked against
         the store, the fit and the preset here (``IndexMismatchError`` otherwise).
+      train_preconditioner: the train store's correction factors, for ``breakdown`` of a preset
+        whose query side is uncorrected (``step_influence``); None: ``query.preconditioner``
+        (the same correction on both sides).
 
     Raises:
       AttributionError / StoreMismatchError / ScoreError: the pieces do not belong together
@@ -209,6 +214,7 @@ class Attributor:
         rows_per_step: int | None = None,
         labels: Sequence[str] | None = None,
         index: index_lib.ScoringIndex | str | os.PathLike | None = None,
+        train_preconditioner: Any = None,
     ):
         spec = score.get_preset(preset)
         meta = train_store.meta
@@ -220,8 +226,8 @@ class Attributor:
                 f"featurized {want} it"
             )
         # The queries' vectors must belong with the train rows: same model, projection and
-        # correction (the check every store pair passes before scoring).
-        store.check_compatible(meta, query.meta(params), ("train", "query"))
+        # correction (the query side's, for a preset whose sides differ).
+        score.check_query_meta(preset, meta, query.meta(params))
         if spec.hessian != "none":
             if hessian_fit is None:
                 raise AttributionError(
@@ -249,6 +255,10 @@ class Attributor:
         self.labels = labels
         self.mesh = mesh
         self.rows_per_step = rows_per_step
+        same_sides = spec.query_side_corrected == spec.corrected
+        if train_preconditioner is None and same_sides:
+            train_preconditioner = query.preconditioner
+        self.train_preconditioner = train_preconditioner
         if index is not None and not isinstance(index, index_lib.ScoringIndex):
             index = index_lib.ScoringIndex.open(index)
         if index is not None:
@@ -313,9 +323,9 @@ class Attributor:
                 )
             fit = stages.preset_fit(cfg, preset, candidates, train_store, train_tag, query_tag)
         meta = train_store.meta
-        reference = _query_reference(cfg, spec.corrected, query_tag)
+        reference = _query_reference(cfg, spec.query_side_corrected, query_tag)
         if reference is not None:
-            store.check_compatible(meta, reference.meta, ("train", "query"))
+            score.check_query_meta(preset, meta, reference.meta)
         settings = None
         if meta.correction != "none":
             settings = correction.CorrectionSettings(**meta.correction_settings)
@@ -326,12 +336,9 @@ class Attributor:
                 reference.meta.output_fn if reference else str(cfg.featurize.query_output_fn)
             ),
             projector=projector_from_meta(trained.params, meta.projection),
-            preconditioner=precond,
             max_len=int(cfg.model.max_len),
-            correction=meta.correction,
-            correction_settings=dict(meta.correction_settings),
-            optimizer_fingerprint=_optimizer_fingerprint(trained, meta),
             batch_size=int(cfg.featurize.batch_size),
+            **query_correction(spec, precond, meta, _optimizer_fingerprint(trained, meta)),
             dtype=reference.meta.dtype if reference else str(cfg.featurize.dtype),
             mesh=feat_mesh,
             shardings=shardings,
@@ -349,6 +356,7 @@ class Attributor:
             texts=texts,
             mesh=sharding.mesh_from_config(cfg.mesh),
             rows_per_step=int(cfg.score.chunk_rows),
+            train_preconditioner=precond,
             index=(
                 stages.stage_index(cfg, preset, candidates, "float32", False, train_tag, query_tag)
                 if index
@@ -385,15 +393,13 @@ class Attributor:
         parts = checkpoint_run.attributor_parts(cfg, preset)
         ckpt, feat = parts.checkpoint, parts.featurizer
         meta = parts.train_store.meta
+        spec = score.get_preset(preset)
         query = QueryFeaturizer(
             output_fn=parts.output_fn,
             projector=feat.projector,
-            preconditioner=feat.preconditioner,
             max_len=ckpt.max_len,
-            correction=meta.correction,
-            correction_settings=dict(meta.correction_settings),
-            optimizer_fingerprint=feat.optimizer_fingerprint,
             batch_size=int(cfg.featurize.batch_size),
+            **query_correction(spec, feat.preconditioner, meta, feat.optimizer_fingerprint),
             dtype=parts.query_dtype,
             mesh=feat.mesh,
             shardings=feat.shardings,
@@ -412,6 +418,7 @@ class Attributor:
             mesh=sharding.mesh_from_config(cfg.mesh),
             rows_per_step=int(cfg.score.chunk_rows),
             labels=parts.passage_ids,
+            train_preconditioner=feat.preconditioner,
         )
 
     # ----- queries ----------------------------------------------------------------------------
@@ -495,6 +502,16 @@ class Attributor:
         """The top-``k`` training examples for the model predicting ``target`` after ``prompt``."""
         return self.proponents_batch([prompt], [target], k)[0]
 
+    def _breakdown_preconditioner(self) -> Any:
+        """The train side's correction factors (None: uncorrected train rows)."""
+        if self.train_preconditioner is None and score.get_preset(self.preset).corrected:
+            raise AttributionError(
+                f"preset {self.preset!r} corrects the train side but not the queries, and this "
+                "Attributor was given no train_preconditioner for the breakdown; pass one (or "
+                "build it with Attributor.from_run)"
+            )
+        return self.train_preconditioner
+
     def breakdown(self, prompt: str, target: str, train_id: int) -> breakdown_lib.Breakdown:
         """The score of train example ``train_id`` for ``(prompt, target)``, split by parameter
         tensor and by the example's tokens (``trackstar.breakdown``, docs/method.md, Score
@@ -535,7 +552,7 @@ class Attributor:
             self.apply_fn,
             self.params,
             self.query.projector,
-            self.query.preconditioner,
+            self._breakdown_preconditioner(),
             self.query_vectors([prompt], [target])[0],
             tokens[0],
             weights[0],
@@ -549,6 +566,27 @@ class Attributor:
 
 
 # ----- helpers ----------------------------------------------------------------------------------
+
+
+def query_correction(
+    spec: score.PresetSpec, preconditioner: Any, train_meta: StoreMeta, optimizer_fingerprint: str
+) -> dict:
+    """The ``QueryFeaturizer`` correction fields of ``spec``'s query side: the train store's
+    correction (``preconditioner`` and its recorded settings) when the query side is corrected,
+    none otherwise (``step_influence``'s raw query gradients)."""
+    if spec.query_side_corrected:
+        return {
+            "preconditioner": preconditioner,
+            "correction": train_meta.correction,
+            "correction_settings": dict(train_meta.correction_settings),
+            "optimizer_fingerprint": optimizer_fingerprint,
+        }
+    return {
+        "preconditioner": None,
+        "correction": "none",
+        "correction_settings": {},
+        "optimizer_fingerprint": optimizer_fingerprint,
+    }
 
 
 def _finished_store(cfg, which: str, corrected: bool, tag: str) -> VectorStore:

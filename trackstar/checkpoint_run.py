@@ -1059,8 +1059,14 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         [q.prompt for q in queries], [q.target for q in queries], [q.where for q in queries]
     )
     passages = stage_passages(cfg, ckpt, progress)
-    corrected = score.get_preset(str(cfg.score.preset)).corrected
-    featurizer = make_featurizer(cfg, ckpt, passages, corrected, progress=progress)
+    spec = score.get_preset(str(cfg.score.preset))
+    featurizer = make_featurizer(cfg, ckpt, passages, spec.corrected, progress=progress)
+    # step_influence scores raw query gradients against corrected passages.
+    query_featurizer = featurizer
+    if spec.query_side_corrected != featurizer.corrected:
+        query_featurizer = dataclasses.replace(
+            featurizer, settings=None, preconditioner=None, optimizer_fingerprint="none"
+        )
     source = {"checkpoint_dir": os.path.abspath(str(cfg.model.checkpoint_dir))}
     stores = {
         CORPUS: featurize(
@@ -1068,7 +1074,7 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
             {**source, "passages_key": passages.key}, progress,
         ),
         QUERIES: featurize(
-            cfg, ckpt, featurizer, QUERIES, q_examples,
+            cfg, ckpt, query_featurizer, QUERIES, q_examples,
             {**source, "queries": os.path.abspath(str(cfg.queries.path))},
             progress, queries_tag(cfg),
         ),
@@ -1161,7 +1167,7 @@ def attributor_parts(cfg: ml_collections.ConfigDict, preset: str | None = None) 
                 f"preset {preset!r} needs the Hessian fit {fit_path}; run trackstar attribute"
             )
         fit = stages.preset_fit(cfg, preset, CORPUS, train_store, "", queries_tag(cfg))
-    query_meta = _query_meta(cfg, spec.corrected)
+    query_meta = _query_meta(cfg, spec.query_side_corrected)
     return AttributorParts(
         checkpoint=ckpt,
         train_store=train_store,

@@ -198,7 +198,7 @@ class IndexInfo:
         train_name, query_name = spec.transform_names()
         return cls(
             preset=_preset_name(preset),
-            spec=dataclasses.asdict(spec),
+            spec=spec.record(),
             train_transform=train_name,
             query_transform=query_name,
             normalize=bool(spec.normalize),
@@ -341,10 +341,10 @@ class ScoringIndex:
         diffs = []
         if preset is not None:
             spec = score.get_preset(preset)
-            if _preset_name(preset) != info.preset or dataclasses.asdict(spec) != info.spec:
+            if _preset_name(preset) != info.preset or spec.record() != info.spec:
                 diffs.append(
                     f"preset: the index is for {info.preset!r} {info.spec}, asked for "
-                    f"{_preset_name(preset)!r} {dataclasses.asdict(spec)}"
+                    f"{_preset_name(preset)!r} {spec.record()}"
                 )
         if source is not None:
             got = store_fingerprint(source)
@@ -620,9 +620,12 @@ def prepare_queries(
 
 def query_rows(index: ScoringIndex, query_vectors: Any) -> Any:
     """The ``(Q, D)`` query vectors of ``query_vectors``: an array as given, or a query store
-    read whole after ``store.check_compatible`` with the index's metadata."""
+    read whole after ``score.check_query_meta`` with the index's metadata (the source store's)
+    for the index's preset."""
     if getattr(query_vectors, "meta", None) is not None and hasattr(query_vectors, "read_all"):
-        store.check_compatible(index.meta, query_vectors.meta, ("index", "query"))
+        score.check_query_meta(
+            index.info.preset_spec, index.meta, query_vectors.meta, ("index", "query")
+        )
     return score.query_array(query_vectors)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from trackstar import rows
+from trackstar import rows, store
 from trackstar.files import atomic_write
 from trackstar.hessian import HessianError, HessianFit
 from trackstar.sharding import ALL_AXES, default_mesh, replicated, row_sharding
@@ -46,16 +46,36 @@ class ScoreError(ValueError):
 class PresetSpec:
     """One row of the presets table (docs/method.md, Scoring).
 
-    corrected: score the store built with the optimizer correction (True) or without it.
+    corrected: score train (candidate) vectors built with the optimizer correction (True) or
+      without it; also the query side's unless ``query_corrected`` says otherwise.
     hessian: "none", "train" (R_train) or "mixed" (λ R_eval + (1 − λ) R_train).
     normalize: scale both transformed vectors to unit length (cosine).
     one_sided: T_q = R^{-1}, T_m = I (TRAK) instead of R^{-1/2} on both sides.
+    query_corrected: the query side's correction when it differs from the train side's (None:
+      the same as ``corrected``). ``step_influence`` scores raw query gradients against
+      corrected candidates: g_qᵀ (g_m ⊙ c) is the first-order effect of one optimizer step on
+      m on q's loss, and one factor c of the preconditioner belongs to the step, not to q.
     """
 
     corrected: bool
     hessian: str
     normalize: bool
     one_sided: bool = False
+    query_corrected: bool | None = None
+
+    def __post_init__(self):
+        if self.query_corrected not in (None, self.corrected) and self.hessian != "none":
+            # R is fitted from one kind of vector (both of its stores share the train side's
+            # correction), so it cannot whiten two differently corrected sides.
+            raise ScoreError(
+                "a preset whose query and train sides differ in optimizer correction cannot "
+                f"use a Hessian (hessian = {self.hessian!r}); set hessian = 'none'"
+            )
+
+    @property
+    def query_side_corrected(self) -> bool:
+        """Whether the query vectors carry the optimizer correction."""
+        return self.corrected if self.query_corrected is None else self.query_corrected
 
     def transform_names(self) -> tuple[str | None, str | None]:
         """The ``HessianFit`` transform names for (train side, query side); None = identity."""
@@ -66,6 +86,14 @@ class PresetSpec:
         name = f"{self.hessian}_inv_sqrt"
         return name, name
 
+    def record(self) -> dict:
+        """The fields as a dict, leaving out ``query_corrected`` when unset, so records of
+        presets made before the field existed (scoring indexes) still compare equal."""
+        out = dataclasses.asdict(self)
+        if out["query_corrected"] is None:
+            del out["query_corrected"]
+        return out
+
 
 PRESETS: dict[str, PresetSpec] = {
     "grad_dot": PresetSpec(corrected=False, hessian="none", normalize=False),
@@ -75,7 +103,54 @@ PRESETS: dict[str, PresetSpec] = {
     "exp_opt_norm": PresetSpec(corrected=True, hessian="none", normalize=True),
     "exp_opt_norm_rtrain": PresetSpec(corrected=True, hessian="train", normalize=True),
     "trackstar": PresetSpec(corrected=True, hessian="mixed", normalize=True),
+    # The tail-patch predictor: <P g_q, P (g_m ⊙ c)> ≈ g_qᵀ (g_m ⊙ c), so η·s·score is the
+    # first-order Δlog p of a tail-patch step on m (docs/method.md, step_influence).
+    "step_influence": PresetSpec(
+        corrected=True, hessian="none", normalize=False, query_corrected=False
+    ),
 }
+
+
+def _correction_of(meta: Any) -> str | None:
+    """A store's ``correction`` from its ``StoreMeta`` or its metadata dict."""
+    return meta.get("correction") if isinstance(meta, Mapping) else meta.correction
+
+
+def check_query_meta(
+    preset: str | PresetSpec,
+    train_meta: Any,
+    query_meta: Any,
+    names: tuple[str, str] = ("train", "query"),
+) -> None:
+    """``store.check_compatible`` for a preset's query store against its train store.
+
+    Every field must match, except that for a preset whose sides differ in correction
+    (``query_corrected``) the query store must instead carry the query side's correction: its
+    correction settings (and the optimizer fingerprint they pin) are then its own.
+
+    Raises:
+      StoreMismatchError: the stores do not belong together (or the query store has the
+        wrong correction for the preset).
+    """
+    spec = get_preset(preset)
+    if spec.query_side_corrected == spec.corrected:
+        store.check_compatible(train_meta, query_meta, names)
+        return
+    has_correction = _correction_of(query_meta) not in (None, "none")
+    if has_correction != spec.query_side_corrected:
+        want = "with" if spec.query_side_corrected else "without"
+        raise store.StoreMismatchError(
+            f"preset {preset if isinstance(preset, str) else 'custom'!r} scores {names[1]} "
+            f"vectors {want} the optimizer correction, but the {names[1]} store has correction "
+            f"= {_correction_of(query_meta)!r}; featurize the {names[1]} set {want} it"
+        )
+    reference = dataclasses.replace(
+        train_meta,
+        correction=query_meta.correction,
+        correction_settings=dict(query_meta.correction_settings),
+        optimizer_fingerprint=query_meta.optimizer_fingerprint,
+    )
+    store.check_compatible(reference, query_meta, names)
 
 
 def get_preset(name: str | PresetSpec) -> PresetSpec:
@@ -498,13 +573,18 @@ def score_preset(
             "score it with trackstar.index.score_index, or pass the candidate store it was built "
             "from"
         )
-    if train_meta is not None and "correction" in train_meta:
-        has_correction = train_meta["correction"] not in (None, "none")
-        if has_correction != spec.corrected:
-            want = "with" if spec.corrected else "without"
+    # Each side's store must carry that side's correction (they differ for step_influence).
+    query_meta = getattr(query_vectors, "meta", None)
+    for side, meta, want_correction in (
+        ("train", train_meta, spec.corrected),
+        ("query", query_meta, spec.query_side_corrected),
+    ):
+        correction = None if meta is None else _correction_of(meta)
+        if correction is not None and (correction != "none") != want_correction:
+            want = "with" if want_correction else "without"
             raise ScoreError(
-                f"preset {name!r} scores vectors {want} the optimizer correction, but the train "
-                f"store has correction = {train_meta['correction']!r}; featurize a store {want} "
+                f"preset {name!r} scores {side} vectors {want} the optimizer correction, but the "
+                f"{side} store has correction = {correction!r}; featurize a {side} store {want} "
                 "it for this preset"
             )
     q = query_array(query_vectors)

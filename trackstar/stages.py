@@ -943,14 +943,14 @@ def score_inputs(
 ) -> ScoreInputs:
     """Opens and checks the stores (and Hessian fit) ``preset`` scores the task queries with.
 
-    The query store must match the train store (``store.check_compatible``) and the fit must
-    have been made from vectors like the train store's (a ``ScoreError`` otherwise).
+    The query store is the one of the preset's query-side correction and must match the train
+    store (``score.check_query_meta``); the fit must have been made from vectors like the train
+    store's (a ``ScoreError`` otherwise).
     """
     spec = score.get_preset(preset)
     train_store = open_store(store_path(cfg, candidates, spec.corrected, train_tag))
-    query_store = open_store(
-        store_path(cfg, "task", spec.corrected, query_tag), train_store.meta, ("train", "query")
-    )
+    query_store = open_store(store_path(cfg, "task", spec.query_side_corrected, query_tag))
+    score.check_query_meta(preset, train_store.meta, query_store.meta)
     fit = preset_fit(cfg, preset, candidates, train_store, train_tag, query_tag)
     return ScoreInputs(train_store, query_store, fit)
 

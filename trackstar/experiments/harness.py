@@ -187,11 +187,23 @@ def make_setup(
 
 
 def ensure_stores(
-    cfg, trained, candidates: str, corrected: bool, train_tag: str = "", query_tag: str = ""
+    cfg,
+    trained,
+    candidates: str,
+    corrected: bool,
+    train_tag: str = "",
+    query_tag: str = "",
+    query_corrected: bool | None = None,
 ) -> None:
-    """Featurizes (or finds complete) the candidate, task and R_eval stores of one variant."""
+    """Featurizes (or finds complete) the candidate, task and R_eval stores of one variant.
+
+    ``query_corrected``: the task store's correction when it differs from the candidates'
+    (``PresetSpec.query_side_corrected``; None: ``corrected``). The R_eval store keeps the
+    candidates' correction: R is fitted from vectors like the train side's.
+    """
+    task_corrected = corrected if query_corrected is None else query_corrected
     stages.stage_featurize(cfg, candidates, corrected, trained, tag=train_tag)
-    stages.stage_featurize(cfg, "task", corrected, trained, tag=query_tag)
+    stages.stage_featurize(cfg, "task", task_corrected, trained, tag=query_tag)
     stages.stage_featurize(cfg, cfg.hessian.eval_source, corrected, trained, tag=query_tag)
 
 
@@ -237,7 +249,15 @@ def rank(
                 f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}"
             )
         spec = score.get_preset(method)
-        ensure_stores(cfg, setup.trained, setup.candidates, spec.corrected, train_tag, query_tag)
+        ensure_stores(
+            cfg,
+            setup.trained,
+            setup.candidates,
+            spec.corrected,
+            train_tag,
+            query_tag,
+            query_corrected=spec.query_side_corrected,
+        )
         if spec.hessian != "none":
             stages.stage_hessian(cfg, setup.candidates, spec.corrected, train_tag, query_tag)
         res = stages.stage_score(
