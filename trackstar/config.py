@@ -302,6 +302,7 @@ SCORE_PRESETS = (
     "exp_opt_norm",
     "exp_opt_norm_rtrain",
     "trackstar",
+    "step_influence",
 )  # trackstar.score.PRESETS
 METHODS = ("bm25", "random", *SCORE_PRESETS)  # trackstar.experiments.ALL_METHODS
 # Modules of trackstar/experiments/ that are not experiments (the shared harness).
@@ -600,6 +601,9 @@ RULES: dict[str, Rule] = {
     "hessian.sample_seed": _NONNEG,
     # trackstar.hessian.LOW_RANK_MODES: R as Q diag(s) Qᵀ + δI when n_t + n_e < d ("auto").
     "hessian.low_rank": OneOf("auto", "never", "always"),
+    # queries of trackstar attribute (trackstar.checkpoint_run.QUERY_FORMATS)
+    "queries.format": OneOf("auto", "prompt_target", "release"),
+    "queries.prompt_index": Int(0, 2),  # prompt0 .. prompt2 of a release query file
     # score
     "score.preset": OneOf(*SCORE_PRESETS),
     "score.top_k": _POS,
@@ -632,6 +636,9 @@ RULES: dict[str, Rule] = {
     "experiment.e3_full_dims_k": Seq(_POS, "ints >= 1", distinct=True),
     "experiment.output_fns": Seq(OneOf(*QUERY_OUTPUT_FNS), "loss, margin or logit"),
     "experiment.store_tag": Text(pattern=r"[A-Za-z0-9_.]+", expects="letters, digits, _ or ."),
+    "experiment.lds_subsets": Int(2),  # Spearman over K subsets needs at least two.
+    "experiment.lds_fraction": Num(0.0, 1.0, lo_open=True, hi_open=True),
+    "experiment.lds_seed": _NONNEG,
     # mesh
     "mesh.data": Rule("-1 (all devices) or an int >= 1", lambda v: v == -1 or _POS.ok(v)),
     "mesh.model": _POS,
