@@ -261,6 +261,20 @@ def test_new_queries_reuse_the_corpus_store(gpt2_run, files, tmp_path):
     checkpoint_run.run(gpt2_run[2], progress=False)  # the run's own results back in place
 
 
+def test_a_queries_file_edited_in_place_is_scored_again(gpt2_run, files, tmp_path):
+    # Same row count, same model: the new query store's metadata equals the old one's, so
+    # only the file's own stamp (queries_tag) tells the results apart.
+    run_dir, checkpoint, _ = gpt2_run
+    path = _write_jsonl(str(tmp_path / "edited.jsonl"), [QUERIES[0]])
+    cfg = _config(HF_GPT2, run_dir, checkpoint, files, **{"queries.path": path})
+    assert checkpoint_run.run(cfg, progress=False)["rows"][0]["prompt"] == QUERIES[0]["prompt"]
+    _write_jsonl(path, [QUERIES[1]])
+    stamp = os.stat(path).st_mtime_ns + 10**9  # a later mtime even on a coarse clock
+    os.utime(path, ns=(stamp, stamp))
+    assert checkpoint_run.run(cfg, progress=False)["rows"][0]["prompt"] == QUERIES[1]["prompt"]
+    checkpoint_run.run(gpt2_run[2], progress=False)  # the run's own results back in place
+
+
 def test_stores_of_another_checkpoint_or_projection_are_refused(gpt2_run, files):
     run_dir, checkpoint, _ = gpt2_run
     other_seed = _config(HF_GPT2, run_dir, checkpoint, files, **{"featurize.projection_seed": "7"})

@@ -787,8 +787,11 @@ def stage_score(
         inputs.query_store.meta.to_dict(),
         fit_key,
         passages.key,
-        # Only named when on, so runs of prompt/target queries keep their keys (and results).
-        *(["opponents", queries_tag(cfg)] if opponents else []),
+        # The queries file itself (path and stamp): a file edited in place with as many rows
+        # gives a query store with the same metadata, so the metadata alone would reuse
+        # proponents of the old queries.
+        queries_tag(cfg),
+        *(["opponents"] if opponents else []),
     )
     out = results_path(cfg, "proponents.jsonl")
     record = results_path(cfg, "proponents.key")

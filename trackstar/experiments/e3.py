@@ -87,21 +87,25 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     setup = make_setup(cfg, "candidates")
     vectors: dict[tuple[bool, str], np.ndarray] = {}
 
-    def read(corrected: bool, which: str) -> np.ndarray:
+    def read(spec: score.PresetSpec, which: str) -> np.ndarray:
+        # The task queries take the query side's correction (step_influence scores raw query
+        # gradients against corrected candidates); R's stores take the candidates'.
+        corrected = spec.query_side_corrected if which == "task" else spec.corrected
         if (corrected, which) not in vectors:
             # The sub-grid vectors go into R and scores as plain arrays, which carry no
             # metadata to check later: every store must match the candidate store here.
-            ref = stages.open_store(stages.store_path(cfg, "candidates", corrected))
-            st = stages.open_store(
-                stages.store_path(cfg, which, corrected), ref.meta, ("candidates", which)
-            )
+            ref = stages.open_store(stages.store_path(cfg, "candidates", spec.corrected))
+            st = stages.open_store(stages.store_path(cfg, which, corrected))
+            score.check_query_meta(spec, ref.meta, st.meta, ("candidates", which))
             vectors[(corrected, which)] = np.asarray(st.read_all()[1], np.float32)
         return vectors[(corrected, which)]
 
     rows: dict[str, dict[str, dict]] = {m: {} for m in methods}
     for method in methods:
         spec = score.get_preset(method)
-        ensure_stores(cfg, setup.trained, "candidates", spec.corrected)
+        ensure_stores(
+            cfg, setup.trained, "candidates", spec.corrected, query_corrected=spec.query_corrected
+        )
         for k in ks:
             d = k * k
             if k == f.k_in == f.k_out:
@@ -117,7 +121,7 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
 
                 def make(method=method, spec=spec, k=k, d=d) -> np.ndarray:
                     sub = {
-                        w: subgrid(read(spec.corrected, w), f.k_in, f.k_out, k)
+                        w: subgrid(read(spec, w), f.k_in, f.k_out, k)
                         for w in ("candidates", "task", cfg.hessian.eval_source)
                     }
                     fit = None
