@@ -354,7 +354,10 @@ def _attribute(argv: list[str], prog: str) -> int:
     Loads model.checkpoint_dir, packs corpus.path into passages with the checkpoint's
     tokenizer, estimates V, featurizes the passages and the queries (queries.path), fits R,
     scores with score.preset and writes <run_dir>/results/proponents.jsonl, proponents.md and
-    config.json. Every step is cached in the run directory: rerunning resumes or reuses it.
+    config.json. A query file of the TrackStar release (queries.format) also gets opponents, a
+    results file in the release schema and MRR / Recall@10 against its trex_sentences
+    (<run_dir>/results/<preset>.release.jsonl.gz, <preset>.release_metrics.json). Every step is
+    cached in the run directory: rerunning resumes or reuses it.
     """
     cfg, args = parse(
         _attribute.__doc__,
