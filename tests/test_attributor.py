@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from run_fixtures import tiny_scored_run
 from tolerances import assert_close
 
 import trackstar
@@ -21,16 +22,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    cfg = load_config_file(os.path.join(CONFIGS, "tiny.py"))
-    cfg.run_dir = str(tmp_path_factory.mktemp("attributor") / "tiny")
-    stages.stage_world(cfg)
-    stages.stage_train(cfg, progress=False)
-    trained = stages.load_trained(cfg)
-    for which in ("candidates", "task", "heldout"):
-        stages.stage_featurize(cfg, which, trained=trained, progress=False)
-    stages.stage_hessian(cfg)
-    result = stages.stage_score(cfg, "trackstar", progress=False)
-    return cfg, result
+    cfg, _, results = tiny_scored_run(str(tmp_path_factory.mktemp("attributor") / "tiny"))
+    return cfg, results["trackstar"]
 
 
 @pytest.fixture(scope="module")

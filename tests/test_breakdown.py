@@ -8,13 +8,13 @@ import os
 import jax
 import numpy as np
 import pytest
+from run_fixtures import tiny_scored_run
 from tolerances import assert_close
 from toy_models import make_toy_transformer, random_preconditioner
 
 from trackstar import breakdown, score, stages
 from trackstar.attributor import AttributionError, Attributor
 from trackstar.breakdown import Breakdown, BreakdownError, run_breakdowns, score_parts
-from trackstar.config import load_config_file
 from trackstar.correction import named_scales
 from trackstar.gradients import make_feature_fn
 from trackstar.losses import output_loss
@@ -191,16 +191,8 @@ def test_to_json_is_plain():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    cfg = load_config_file(os.path.join(CONFIGS, "tiny.py"))
-    cfg.run_dir = str(tmp_path_factory.mktemp("breakdown") / "tiny")
-    stages.stage_world(cfg)
-    stages.stage_train(cfg, progress=False)
-    trained = stages.load_trained(cfg)
-    for which in ("candidates", "task", "heldout"):
-        stages.stage_featurize(cfg, which, trained=trained, progress=False)
-    stages.stage_hessian(cfg)
-    results = {p: stages.stage_score(cfg, p, progress=False) for p in ("trackstar", "exp_opt")}
-    return cfg, trained, results
+    run_dir = str(tmp_path_factory.mktemp("breakdown") / "tiny")
+    return tiny_scored_run(run_dir, presets=("trackstar", "exp_opt"))
 
 
 def _stored(result):
