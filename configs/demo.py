@@ -183,9 +183,9 @@ def get_config() -> ml_collections.ConfigDict:
     tp.carry_momentum = False  # True: step = U(g) - U(0) with the training optimizer.
     tp.pair_batch = 32  # (query, proponent) pairs per vmapped call (memory vs speed).
 
-    # --- Experiments E1-E7 (docs/method.md); configs/e1.py ... e7.py set these per experiment ---
+    # --- Experiments E1-E8 (docs/method.md); configs/e1.py ... e8.py set these per experiment ---
     ex = c.experiment = ml_collections.ConfigDict()
-    ex.name = "e1"  # Which runner: e1 ... e7 (trackstar.experiments.RUNNERS).
+    ex.name = "e1"  # Which runner: e1 ... e8 (trackstar.experiments.RUNNERS).
     ex.methods = ()  # Methods to compare (presets, "bm25", "random"); () = the runner's default.
     ex.tailpatch_methods = ("trackstar",)  # e3/e5: methods tail-patched at every setting.
     ex.k_values = (8, 16, 32, 64)  # e3: sub-grid sides k (d = k * k, k <= featurize.k_in).

@@ -1,4 +1,4 @@
-"""Runs one experiment (E1-E7, docs/method.md) over a run directory and prints its table.
+"""Runs one experiment (E1-E8, docs/method.md) over a run directory and prints its table.
 
     python scripts/experiment.py --config configs/e1.py
     python scripts/experiment.py --config configs/e3.py:tiny --config.run_dir=runs/tiny

@@ -7,7 +7,7 @@
     trackstar score       --config configs/demo.py      results/proponents_<...>.jsonl / .npz
     trackstar index       --config configs/demo.py      indexes/<candidates>-<preset>-<dtype>/
     trackstar run         --config configs/demo.py      all of the above, then the E1 table
-    trackstar experiment  --config configs/e1.py        one experiment (E1-E7) and its table
+    trackstar experiment  --config configs/e1.py        one experiment (E1-E8) and its table
     trackstar proponents  --config configs/demo.py --prompt "..." --target "..." --k 10
     trackstar attribute   --config configs/hf_gpt2.py --config.model.checkpoint_dir=DIR \
                           --config.corpus.path=FILE --config.queries.path=FILE
@@ -283,7 +283,7 @@ def _run(argv: list[str], prog: str) -> int:
 
 
 def _experiment(argv: list[str], prog: str) -> int:
-    """Runs one experiment (E1-E7, docs/method.md) over a run directory and prints its table.
+    """Runs one experiment (E1-E8, docs/method.md) over a run directory and prints its table.
 
     The run directory is trained first when it has no final checkpoint; stores, Hessian fits,
     rankings and tail-patch deltas already there are reused. Results land in
@@ -443,7 +443,7 @@ COMMANDS: dict[str, Command] = {
     "score": Command("score the task queries, write proponents (stage 5)", _score),
     "index": Command("build a scoring index of a candidate store for a preset", _index),
     "run": Command("the end-to-end job: every stage, then the E1 table", _run),
-    "experiment": Command("run one experiment (E1-E7) and print its table", _experiment),
+    "experiment": Command("run one experiment (E1-E8) and print its table", _experiment),
     "proponents": Command("proponents of new prompt/target pairs (Attributor)", _proponents),
     "attribute": Command("proponents of a Hugging Face checkpoint over a corpus file", _attribute),
     "export": Command("write a trained run's model as a Hugging Face GPT-2 checkpoint", _export),

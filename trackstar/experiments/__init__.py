@@ -1,4 +1,4 @@
-"""The paper's experiments E1–E7 (docs/method.md) over a run directory, built on ``stages``.
+"""The paper's experiments E1–E8 (docs/method.md) over a run directory, built on ``stages``.
 
 Each runner takes a full config (the demo sections plus an ``experiment`` section), reuses what
 the run directory already holds (checkpoint, stores, Hessian fits) and writes
@@ -14,10 +14,12 @@ the run directory already holds (checkpoint, stores, Hessian fits) and writes
 | e5 | query output function: loss, margin, logit | closed set |
 | e6 | tail-patch@1, 3, 5, 10 | closed set |
 | e7 | split by greedy correctness and by fact frequency bucket | closed set |
+| e8 | LDS: scores summed over K half-subsets vs retrained log-probs | training documents |
 
 The package: ``harness`` (config checks, ``Setup``/``make_setup``, the run's checkpoint,
-caches, ``rank``), ``evaluation`` (``tailpatch_deltas``, ``evaluate``, ``retrieval_results``)
-and one module per experiment, ``e1`` ... ``e7``, each with ``run(cfg, progress)``; a runner
+caches, ``rank``), ``evaluation`` (``tailpatch_deltas``, ``evaluate``, ``retrieval_results``),
+``records`` (E1/E2's per-method results files for the viewer) and one module per experiment,
+``e1`` ... ``e8``, each with ``run(cfg, progress)``; a runner
 is found by the experiment's name (``runner``, ``RUNNERS``, ``run``).
 """
 
