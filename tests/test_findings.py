@@ -92,3 +92,48 @@ def test_table_from_run_dirs(tmp_path, capsys):
     assert findings.main([str(tmp_path / "w1"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["worlds"][0]["accuracy"] == 0.5
+
+
+def test_ground_truth_from_the_tailpatch_cache(tmp_path):
+    np = pytest.importorskip("numpy")
+    run = str(tmp_path / "w")
+    ts = {0: 1.0, 1: 2.0, 2: None}  # Query 2 not tail-patched.
+    _write_run(
+        run,
+        {
+            "trackstar": {
+                q: {"mrr": 1.0, "tailpatch@1": v, "tailpatch@10": v} for q, v in ts.items()
+            }
+        },
+    )
+    cache = os.path.join(run, "results", "cache")
+    os.makedirs(cache)
+    # lr multipliers x 2 tail-patched queries x 10; fractions of p, ground truth NaN-padded.
+    track = np.zeros((2, 2, 10))
+    track[1] = np.array([[0.01], [0.02]])  # trackstar: 1 and 2 pp at the 1x multiplier.
+    gt = np.full((2, 2, 10), np.nan)
+    gt[1, 0, :2] = [0.03, 0.05]  # Query 0: two statements, @1 = 3 pp, @10 = 4 pp.
+    gt[1, 1, :1] = [0.06]  # Query 1: one statement, 6 pp.
+    np.savez(os.path.join(cache, "tailpatch_candidates_a.npz"), value=track)
+    np.savez(os.path.join(cache, "tailpatch_candidates_b.npz"), value=gt)
+    path = os.path.join(run, "experiments", "e1", "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    results["tailpatch"]["lr_multipliers"] = [0.1, 1.0]
+    results["ground_truth"] = {"tailpatch@1": 4.5, "tailpatch@10": 5.0}
+    with open(path, "w") as f:
+        json.dump(results, f)
+    world = findings.load_world(run)
+    assert world["methods"]["ground_truth"] == {
+        0: pytest.approx(
+            {"tailpatch@1": 3.0, "tailpatch@3": 4.0, "tailpatch@5": 4.0, "tailpatch@10": 4.0}
+        ),
+        1: pytest.approx(
+            {"tailpatch@1": 6.0, "tailpatch@3": 6.0, "tailpatch@5": 6.0, "tailpatch@10": 6.0}
+        ),
+    }
+    # Means that do not match results.json: no ground truth rather than a wrong one.
+    results["ground_truth"]["tailpatch@10"] = 5.5
+    with open(path, "w") as f:
+        json.dump(results, f)
+    assert "ground_truth" not in findings.load_world(run)["methods"]
