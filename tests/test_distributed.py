@@ -124,6 +124,7 @@ def test_score_on_a_mesh_writes_the_single_process_proponents(report):
     assert single_files == [
         "proponents_candidates_trackstar.jsonl",
         "proponents_candidates_trackstar.npz",
+        "proponents_candidates_trackstar.release.jsonl.gz",  # with the opponents
     ]
     assert set(single_files) <= set(json.loads(str(report["mesh_proponents_files"])))
 
