@@ -305,8 +305,9 @@ SCORE_PRESETS = (
     "step_influence",
 )  # trackstar.score.PRESETS
 METHODS = ("bm25", "random", *SCORE_PRESETS)  # trackstar.experiments.ALL_METHODS
-# Modules of trackstar/experiments/ that are not experiments (the shared harness).
-EXPERIMENT_SUPPORT_MODULES = ("harness", "evaluation", "records")
+# Modules of trackstar/experiments/ that are not experiments (the shared harness, and the
+# rerank / mix variants that scripts/variants.py measures).
+EXPERIMENT_SUPPORT_MODULES = ("harness", "evaluation", "records", "variants")
 
 
 def experiment_names(folder: str | None = None) -> tuple[str, ...]:
