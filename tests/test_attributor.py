@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-from run_fixtures import tiny_scored_run
 from tolerances import assert_close
 
 import trackstar
@@ -21,8 +20,8 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    cfg, _, results = tiny_scored_run(str(tmp_path_factory.mktemp("attributor") / "tiny"))
+def run(tiny_run):
+    cfg, _, results = tiny_run
     return cfg, results["trackstar"]
 
 

@@ -8,7 +8,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from run_fixtures import tiny_scored_run
 from tolerances import assert_close
 from toy_models import make_toy_transformer, random_preconditioner
 
@@ -190,9 +189,8 @@ def test_to_json_is_plain():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("breakdown") / "tiny")
-    return tiny_scored_run(run_dir, presets=("trackstar", "exp_opt"))
+def run(tiny_run):
+    return tiny_run
 
 
 def _stored(result):

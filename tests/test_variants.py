@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from run_fixtures import tiny_scored_run
 from tolerances import assert_close, assert_same_top_k
 
 from trackstar import config, stages
@@ -12,15 +11,9 @@ PRESETS = ("trackstar", "exp_opt", "step_influence")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The tiny run scored with TrackStar, exp_opt and step_influence (whose query side is the
-    uncorrected task store, featurized here)."""
-    cfg, trained, results = tiny_scored_run(
-        str(tmp_path_factory.mktemp("variants") / "tiny"), presets=("trackstar", "exp_opt")
-    )
-    stages.stage_featurize(cfg, "task", corrected=False, trained=trained, progress=False)
-    results["step_influence"] = stages.stage_score(cfg, "step_influence", progress=False)
-    return cfg, trained, results
+def run(tiny_run):
+    """The shared tiny run, scored with TrackStar, exp_opt and step_influence."""
+    return tiny_run
 
 
 @pytest.mark.parametrize("preset", PRESETS)
