@@ -34,16 +34,12 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trackstar.config import SCORE_PRESETS  # noqa: E402
+
 DEFAULT_RUN_DIRS = ("runs/demo", "runs/world_seed1", "runs/world_uniform")
-GRADIENT = (
-    "grad_dot",
-    "grad_cosine",
-    "trak",
-    "exp_opt",
-    "exp_opt_norm",
-    "exp_opt_norm_rtrain",
-    "step_influence",
-)  # Every gradient preset but trackstar.
+GRADIENT = tuple(p for p in SCORE_PRESETS if p != "trackstar")  # every other gradient preset
 METRIC_LABELS = {
     "mrr": "MRR",
     "recall@10": "Recall@10",
