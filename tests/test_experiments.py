@@ -323,6 +323,13 @@ def test_e1_writes_release_files_and_the_viewer_shows_them(e1, tmp_path):
         assert b["score"] == pytest.approx(r.proponent_scores[0], rel=1e-3, abs=1e-5)
         assert sum(p["score"] for p in b["layers"]) == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
         assert sum(p["score"] for p in b["tokens"]) == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+    # The ground truth's per-query tail-patch, beside: its mean is results.json's.
+    with open(os.path.join(out, "ground_truth_metrics.json")) as f:
+        gt_rows = json.load(f)
+    assert [r["example_id"] for r in gt_rows] == [r.example_id for r in recs]
+    values = [r["tailpatch@1"] for r in gt_rows if r["tailpatch@1"] is not None]
+    assert len(values) == cfg.tailpatch.n_queries
+    assert np.mean(values) == pytest.approx(res["ground_truth"]["tailpatch@1"], rel=1e-12)
     # A results file in the release schema round-trips through the reader and writer.
     copy = str(tmp_path / "copy.jsonl.gz")
     release.write_results(copy, recs)

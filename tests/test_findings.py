@@ -137,3 +137,19 @@ def test_ground_truth_from_the_tailpatch_cache(tmp_path):
     with open(path, "w") as f:
         json.dump(results, f)
     assert "ground_truth" not in findings.load_world(run)["methods"]
+
+
+def test_ground_truth_file_written_by_e1_is_used_first(tmp_path):
+    run = str(tmp_path / "w")
+    _write_run(run, {"trackstar": {0: {"mrr": 1.0, "tailpatch@10": 1.0}, 1: {"mrr": 0.5}}})
+    rows = [
+        {"example_id": 0, "tailpatch@1": 3.0, "tailpatch@10": 2.5},
+        {"example_id": 1, "tailpatch@1": None, "tailpatch@10": None},
+    ]
+    with open(os.path.join(run, "experiments", "e1", "ground_truth_metrics.json"), "w") as f:
+        json.dump(rows, f)
+    gt = findings.load_world(run)["methods"]["ground_truth"]
+    assert gt == {
+        0: {"tailpatch@1": 3.0, "tailpatch@10": 2.5},
+        1: {"tailpatch@1": None, "tailpatch@10": None},
+    }

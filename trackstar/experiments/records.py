@@ -24,9 +24,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from trackstar import baselines, release, score, stages
-from trackstar.experiments.harness import Setup, rank
+from trackstar.experiments.harness import GROUND_TRUTH, Setup, rank
+from trackstar.files import write_json
 
 PROPONENTS_DIR = "proponents"
+# The ground truth's own per-query metrics (tail-patch of the fact's statements), beside.
+GROUND_TRUTH_FILE = "ground_truth_metrics.json"
 
 
 def viewer_settings(cfg) -> dict:
@@ -126,7 +129,9 @@ def write_method_records(
     """Writes ``out_dir/proponents/<method>.jsonl.gz`` for each method with scores.
 
     Returns ``{method: path}``. ``per_query[method]``: ``evaluation.evaluate``'s per-query
-    arrays of that method.
+    arrays of that method. The ground truth's per-query values (``per_query["ground_truth"]``,
+    when present) go to ``out_dir/ground_truth_metrics.json`` as ``[{"example_id", <metric>:
+    value}]``, so paired comparisons against the fact's own statements need no cache.
     """
     cfg, trained = setup.cfg, setup.trained
     queries = list(trained.world.task_queries)
@@ -169,6 +174,12 @@ def write_method_records(
         path = os.path.join(folder, f"{method}.jsonl.gz")
         release.write_results(path, records)
         written[method] = path
+    if GROUND_TRUTH in per_query:
+        rows = [
+            {"example_id": q.query_id, **m}
+            for q, m in zip(queries, query_metrics(setup, per_query[GROUND_TRUTH]), strict=True)
+        ]
+        write_json(os.path.join(out_dir, GROUND_TRUTH_FILE), rows)
     return written
 
 
