@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
     tr.checkpoint_every = 500  # Steps between Orbax checkpoints (resume points).
     tr.keep_checkpoints = 2  # Checkpoints kept on disk (the final one is always kept).
     tr.log_every = 50  # Steps per loss/tokens-per-second log record (one device sync each).
+    # Train only to (and read) this step's checkpoint; 0 = train.steps. The schedule still spans
+    # train.steps, so the model is step N of the full run (E4's checkpoint sweep, configs/e4.py).
+    tr.checkpoint_step = 0
 
     # --- Featurize: per-example gradient -> V correction -> projection -> store ---
     f = c.featurize = ml_collections.ConfigDict()

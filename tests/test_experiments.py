@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trackstar import experiments, metrics, model, stages, tailpatch, tokenizer, world
-from trackstar.config import load_config_file
+from trackstar import checkpoint, experiments, metrics, model, stages, tailpatch, tokenizer, world
+from trackstar.config import ConfigError, load_config_file, validate
 from trackstar.experiments import harness
 from trackstar.projection import Projector
 from trackstar.tree import named_leaves
@@ -253,6 +253,64 @@ def test_e4_trains_and_compares_a_smaller_model(run_dir):
     assert small["run_dir"] == run_dir + "_small"
     assert small["n_params"] < base["n_params"]
     assert base["methods"]["bm25"]["mrr"] == pytest.approx(small["methods"]["bm25"]["mrr"])
+
+
+def test_e4_checkpoints_reads_one_run_at_each_step(tmp_path):
+    """configs/e4_checkpoints.py:tiny: the run trains once; each step's run dir holds a copy of
+    that run's checkpoint (params bit-equal), and a step trained on its own (checkpoint_step,
+    the schedule still over train.steps) lands on the same params."""
+    cfg = tiny_config("e4_checkpoints", str(tmp_path / "ckpts"))
+    cfg.experiment.methods = ("bm25", "exp_opt_norm")
+    stages.stage_world(cfg)
+    stages.stage_train(cfg, progress=False)  # What `trackstar experiment` does first.
+    base_ckpt = stages.path(cfg, "checkpoints")
+    assert checkpoint.all_steps(base_ckpt) == [20, 40, 60]  # keep_checkpoints keeps them all.
+    misses = stages.CACHE_MISSES["train"]
+    res = experiments.run(cfg, progress=False)
+    assert stages.CACHE_MISSES["train"] == misses  # No step was retrained.
+    variants = res["variants"]
+    assert list(variants) == ["step20", "step40", "step60"]
+    assert [v["step"] for v in variants.values()] == [20, 40, 60]
+    assert variants["step60"]["run_dir"] == cfg.run_dir
+    assert variants["step20"]["resumed_from_step"] == 20
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+    for name, step in (("step20", 20), ("step40", 40)):
+        vcfg = experiments.with_overrides(cfg, {"train": {"checkpoint_step": step}})
+        vcfg.run_dir = variants[name]["run_dir"]
+        trained = stages.load_trained(vcfg)
+        assert trained.step == step
+        ref = stages.load_trained(cfg)
+        ref_params, _, _ = checkpoint.restore(
+            base_ckpt,
+            jax.eval_shape(lambda p: p, ref.params),
+            jax.eval_shape(ref.optimizer.init, ref.params),
+            step,
+        )
+        for a, b in zip(leaves(trained.params), leaves(ref_params), strict=True):
+            np.testing.assert_array_equal(a, b)
+    out = experiments.output_dir(cfg)
+    for png in ("mrr_by_step.png", "tailpatch_at_3_by_step.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    # A step trained on its own follows the same schedule, so it reaches the same params.
+    alone = experiments.with_overrides(cfg, {"train": {"checkpoint_step": 40}})
+    alone.run_dir = str(tmp_path / "alone")
+    stages.stage_world(alone)
+    stages.stage_train(alone, progress=False)
+    assert checkpoint.latest_step(stages.path(alone, "checkpoints")) == 40
+    own = stages.load_trained(alone)
+    copied = stages.load_trained(
+        experiments.with_overrides(
+            cfg, {"run_dir": variants["step40"]["run_dir"], "train": {"checkpoint_step": 40}}
+        )
+    )
+    for a, b in zip(leaves(own.params), leaves(copied.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+    # The field leaves cache keys alone at 0 and is checked against train.steps.
+    assert "checkpoint_step" not in stages.config_section(cfg, "train")
+    assert stages.config_section(alone, "train")["checkpoint_step"] == 40
+    bad = experiments.with_overrides(cfg, {"train": {"checkpoint_step": 61}})
+    with pytest.raises(ConfigError, match="checkpoint_step = 61 is past train.steps"):
+        validate(bad)
 
 
 def test_config_errors_and_cache_keys(e1, run_dir):

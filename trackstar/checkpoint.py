@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -178,6 +179,25 @@ def save(
     """Saves a checkpoint of ``(params, opt_state, meta)`` at ``step``; returns its directory."""
     with Checkpointer(ckpt_dir, keep=keep) as ck:
         return ck.save(step, params, opt_state, meta)
+
+
+def copy_step(src_dir: str, dst_dir: str, step: int) -> str:
+    """Copies the complete checkpoint ``step`` of ``src_dir`` into ``dst_dir``; returns its dir.
+
+    The copy lands under a temporary name and is renamed when whole, so an interrupted copy is
+    never taken for a checkpoint. A resume from it continues the same trajectory (``train_loop``
+    checks the train config's fingerprint and ``batch_fn`` is pure in the step).
+    """
+    step = _resolve_step(src_dir, step)
+    dst = step_dir(dst_dir, step)
+    if os.path.exists(dst):
+        raise CheckpointError(f"{dst} already exists; copy into a directory without step {step}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".copying"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(step_dir(src_dir, step), tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def _resolve_step(ckpt_dir: str, step: int | None) -> int:

@@ -572,6 +572,7 @@ RULES: dict[str, Rule] = {
     "train.checkpoint_every": _POS,
     "train.keep_checkpoints": _POS,
     "train.log_every": _POS,
+    "train.checkpoint_step": _NONNEG,
     # featurize
     "featurize.query_output_fn": OneOf(*QUERY_OUTPUT_FNS),
     "featurize.projection_mode": OneOf(*PROJECTION_MODES),
@@ -675,6 +676,18 @@ def _check_warmup(cfg) -> str | None:
     return None
 
 
+def _check_checkpoint_step(cfg) -> str | None:
+    if not _has(cfg, "train.checkpoint_step", "train.steps"):
+        return None
+    n, s = cfg.train.checkpoint_step, cfg.train.steps
+    if _is_int(n) and _is_int(s) and n > s:
+        return (
+            f"train.checkpoint_step = {n} is past train.steps = {s}; "
+            "use a step in 1..train.steps, or 0 for the last"
+        )
+    return None
+
+
 def _known_family(v: Any) -> bool:
     """A family of the project's, or one registered at run time (trackstar.families, if loaded)."""
     registered = getattr(sys.modules.get("trackstar.families"), "MODEL_FAMILIES", {})
@@ -774,6 +787,7 @@ def _check_e3_full_dims_k(cfg) -> str | None:
 # Relations between fields (each returns a message, or None when it holds).
 CROSS_CHECKS: tuple[Callable[[ml_collections.ConfigDict], str | None], ...] = (
     _check_warmup,
+    _check_checkpoint_step,
     _check_retired_family,
     _check_context,
     _check_heads,

@@ -88,9 +88,24 @@ def config_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Fields added after run directories were made, at the value that keeps the older behaviour:
+# cache keys leave them out at that value, so caches made before the field existed stay valid.
+_KEY_NEUTRAL_FIELDS = {"train": {"checkpoint_step": 0}}
+
+
 def config_section(cfg: ml_collections.ConfigDict, name: str) -> dict:
-    """The config section ``name`` as a plain dict ({} when the config has none)."""
-    return cfg[name].to_dict() if name in cfg else {}
+    """The config section ``name`` as a plain dict ({} when the config has none), less the
+    fields of ``_KEY_NEUTRAL_FIELDS`` at their neutral value."""
+    section = cfg[name].to_dict() if name in cfg else {}
+    for field, neutral in _KEY_NEUTRAL_FIELDS.get(name, {}).items():
+        if section.get(field, neutral) == neutral:
+            section.pop(field, None)
+    return section
+
+
+def final_step(cfg: ml_collections.ConfigDict) -> int:
+    """The step a run directory trains to and reads: ``train.checkpoint_step``, 0 = the last."""
+    return int(cfg.train.get("checkpoint_step", 0) or cfg.train.steps)
 
 
 def cache_path(cfg: ml_collections.ConfigDict, kind: str, name: str, key: str) -> str:
@@ -217,7 +232,7 @@ def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """
     configure_from_config(cfg)  # logging.tensorboard, before any record (each stage that logs).
     step = checkpoint.latest_step(path(cfg, "checkpoints"))
-    if step is not None and step >= int(cfg.train.steps):
+    if step is not None and step >= final_step(cfg):
         file = path(cfg, "results", "accuracy.json")
         if os.path.exists(file):
             with open(file) as f:
@@ -238,6 +253,7 @@ def stage_train(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         cfg.train,
         path(cfg, "checkpoints"),
         progress=progress,
+        stop_after=final_step(cfg),
         meta={"data_fingerprint": stream.fingerprint},
         on_log=lambda rec: log_metrics(cfg.run_dir, "train", **rec),
     )
@@ -259,13 +275,14 @@ _TRAINED: dict[str, Trained] = {}
 
 
 def load_trained(cfg: ml_collections.ConfigDict) -> Trained:
-    """Restores the final checkpoint of a run (params and full optimizer state), memoized per
-    run dir, model and train config and final step."""
+    """Restores the final checkpoint of a run (``final_step``: params and full optimizer
+    state), memoized per run dir, model and train config and final step."""
     key = config_key(
         os.path.abspath(cfg.run_dir),
         config_section(cfg, "model"),
         config_section(cfg, "train"),
         checkpoint.latest_step(path(cfg, "checkpoints")),
+        final_step(cfg),
     )
     if key not in _TRAINED:
         _TRAINED[key] = _restore_trained(cfg)
@@ -276,11 +293,17 @@ def _restore_trained(cfg: ml_collections.ConfigDict) -> Trained:
     w, tok = load_world_and_tokenizer(cfg)
     apply_fn, params, optimizer = _model_and_optimizer(cfg, tok)
     ckpt_dir = path(cfg, "checkpoints")
-    step = checkpoint.latest_step(ckpt_dir)
-    if step is None or step < cfg.train.steps:
+    latest, step = checkpoint.latest_step(ckpt_dir), final_step(cfg)
+    if latest is None or latest < step:
         raise StageError(
-            f"{ckpt_dir} holds no final checkpoint (latest: {step}, want {cfg.train.steps}); "
+            f"{ckpt_dir} holds no final checkpoint (latest: {latest}, want {step}); "
             "run scripts/train.py with this config first"
+        )
+    if not checkpoint.is_complete(ckpt_dir, step):
+        raise StageError(
+            f"{ckpt_dir} no longer holds step {step} (train.checkpoint_step; latest: {latest}); "
+            "read the run at its last step (checkpoint_step = 0), or train the step into a "
+            "new run_dir"
         )
     abstract_params = jax.eval_shape(lambda p: p, params)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)

@@ -31,7 +31,8 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 BatchFn = Callable[[int], tuple[Any, Any]]
 OPTIMIZERS = ("adamw", "adafactor")
 # Fields that change neither the math nor the data order, so a resume may differ in them.
-_BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every")
+# (checkpoint_step only says where a run stops: step N of the same trajectory.)
+_BOOKKEEPING_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "checkpoint_step")
 
 
 class TrainConfigError(ValueError):
