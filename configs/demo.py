@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     w.anchor_query_form_p = 0.25  # P(an anchor sentence uses the query-prompt form).
     w.zipf_exponent = 1.0  # Object popularity ~ rank^-a; 0 = uniform.
     w.n_prefixes = 3  # Framing prefixes ("In fact, ...") multiplying the base phrasings.
+    w.n_templates = 0  # Base phrasings per relation, the first n of 5; 0 = all (synthetic only).
     w.doc_sentences = (2, 4)  # Fact sentences per document (min, max), one subject per doc.
     w.filler_p = 0.5  # P(a document gets a filler sentence).
     w.distractor_p = 0.2  # P(a document gets a non-fact distractor sentence).

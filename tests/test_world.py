@@ -134,6 +134,32 @@ def test_relations_templates(cfg, world):
             assert qt not in r.corpus_templates
 
 
+def test_n_templates_keeps_the_first_phrasings(cfg, world):
+    """world.n_templates = 3: each relation keeps its first 3 base phrasings (times the
+    prefixes), every corpus sentence is one of them, and 0 (the default) is the full world."""
+    small_cfg = _cfg()
+    small_cfg.n_templates = 3
+    small = W.make_world(small_cfg)
+    for full_rel, r in zip(world.relations, small.relations, strict=True):
+        assert len(r.corpus_templates) == 3 * cfg.n_prefixes
+        assert set(r.corpus_templates) < set(full_rel.corpus_templates)
+    rel = {r.name: r for r in small.relations}
+    full = {r.name: r for r in world.relations}
+    n_dropped_forms = 0
+    for d in small.documents:
+        for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
+            if fid < 0:
+                continue
+            f = small.facts[fid]
+            r = rel[f.relation]
+            kept = {W.fill(t, f.subject, f.object) for t in r.corpus_templates + r.query_templates}
+            dropped = {W.fill(t, f.subject, f.object) for t in full[f.relation].corpus_templates}
+            assert sent in kept, sent
+            n_dropped_forms += len(dropped - kept)
+    assert n_dropped_forms > 0  # The full world's other phrasings exist and were not used.
+    assert W.world_hash(W.make_world(_cfg())) == W.world_hash(world)
+
+
 def test_every_fact_is_stated_its_frequency(cfg, world):
     assert len(world.facts) == cfg.n_subjects * cfg.n_relations
     counts = collections.Counter(
@@ -264,6 +290,7 @@ def test_save_load_round_trip(tmp_path, world):
         ("freq_buckets", ()),
         ("anchor_frac", 1.0),
         ("n_prefixes", 0),
+        ("n_templates", W.MAX_TEMPLATES + 1),
         ("doc_sentences", (3, 2)),
         ("filler_p", 1.5),
         ("n_distractor_candidates", 10**9),

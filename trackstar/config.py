@@ -523,6 +523,7 @@ RULES: dict[str, Rule] = {
     "world.anchor_query_form_p": _PROB,
     "world.zipf_exponent": Num(0.0, when=_uses("zipf_exponent")),
     "world.n_prefixes": Int(1, world_lib.MAX_PREFIXES),
+    "world.n_templates": Int(0, world_lib.MAX_TEMPLATES, when=_uses("n_templates")),
     "world.doc_sentences": Rule(
         "(min, max) with 1 <= min <= max",
         lambda v: Seq(_POS, "", length=2).ok(v) and v[0] <= v[1],

@@ -90,7 +90,7 @@ def config_key(*parts: Any) -> str:
 
 # Fields added after run directories were made, at the value that keeps the older behaviour:
 # cache keys leave them out at that value, so caches made before the field existed stay valid.
-_KEY_NEUTRAL_FIELDS = {"train": {"checkpoint_step": 0}}
+_KEY_NEUTRAL_FIELDS = {"train": {"checkpoint_step": 0}, "world": {"n_templates": 0}}
 
 
 def config_section(cfg: ml_collections.ConfigDict, name: str) -> dict:

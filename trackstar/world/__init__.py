@@ -49,6 +49,7 @@ from trackstar.world.synthetic import check_config, make_world
 from trackstar.world.templates import (
     MAX_PREFIXES,
     MAX_RELATIONS,
+    MAX_TEMPLATES,
     fill,
     query_prompt,
     query_sentence,
@@ -58,6 +59,7 @@ __all__ = [
     "LAMA_ONLY_FIELDS",
     "MAX_PREFIXES",
     "MAX_RELATIONS",
+    "MAX_TEMPLATES",
     "RARE_TOKEN_KIND",
     "SOURCES",
     "SYNTHETIC_ONLY_FIELDS",

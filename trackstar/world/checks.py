@@ -13,7 +13,13 @@ from trackstar.world.records import WorldError
 from trackstar.world.templates import _PREFIXES
 
 # World fields only the synthetic generator reads: a LAMA world takes its sizes from the files.
-SYNTHETIC_ONLY_FIELDS = ("n_subjects", "n_relations", "n_objects_per_type", "zipf_exponent")
+SYNTHETIC_ONLY_FIELDS = (
+    "n_subjects",
+    "n_relations",
+    "n_objects_per_type",
+    "zipf_exponent",
+    "n_templates",
+)
 LAMA_ONLY_FIELDS = ("lama_facts_path", "lama_templates_path", "lama_query_patterns")
 
 

@@ -20,6 +20,7 @@ from trackstar.world.templates import (
     _PREFIXES,
     _RELATIONS,
     MAX_RELATIONS,
+    MAX_TEMPLATES,
     _expand_prefixes,
     _template_words,
 )
@@ -36,6 +37,11 @@ def check_config(cfg: Any) -> None:
         )
     if _get(cfg, "n_objects_per_type") < 1:
         raise WorldError(f"world.n_objects_per_type must be >= 1, got {cfg.n_objects_per_type}")
+    if not 0 <= _n_templates(cfg) <= MAX_TEMPLATES:
+        raise WorldError(
+            f"world.n_templates must be in 0..{MAX_TEMPLATES} (0 = all the generator's base "
+            f"phrasings), got {_n_templates(cfg)}"
+        )
     _check_common(cfg)
     n_plain = cfg.n_subjects - _n_anchors(cfg.n_subjects, cfg.anchor_frac)
     if n_plain < 1:
@@ -47,6 +53,11 @@ def check_config(cfg: Any) -> None:
             f"world.n_distractor_candidates = {cfg.n_distractor_candidates} exceeds the {cap} "
             "distinct distractor sentences this world can form; lower it"
         )
+
+
+def _n_templates(cfg: Any) -> int:
+    # Worlds saved before the field existed used every base phrasing.
+    return int(cfg.get("n_templates", 0) if hasattr(cfg, "get") else 0)
 
 
 def _zipf_probs(n: int, exponent: float) -> np.ndarray:
@@ -67,7 +78,7 @@ def make_world(cfg: Any) -> World:
         Relation(
             name=name,
             object_type=otype,
-            corpus_templates=_expand_prefixes(base, cfg.n_prefixes),
+            corpus_templates=_expand_prefixes(base[: _n_templates(cfg) or None], cfg.n_prefixes),
             query_templates=(qt,),
         )
         for name, otype, qt, base in specs

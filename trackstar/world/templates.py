@@ -145,6 +145,8 @@ _PREFIXES: tuple[str, ...] = (
     "As records show, ",
 )
 MAX_PREFIXES = len(_PREFIXES)
+# Base phrasings every generator relation has (world.n_templates keeps the first n of them).
+MAX_TEMPLATES = min(len(base) for _, _, _, base in _RELATIONS)
 
 # Non-fact sentences that mention a subject and an object without relating them.
 _DISTRACTOR_TEMPLATES: tuple[str, ...] = (
