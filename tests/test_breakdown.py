@@ -39,22 +39,28 @@ def toy():
     return apply_fn, params, tokens, weights
 
 
-def _dense_u(apply_fn, params, projector, precond, tokens, weights, only=None):
-    """P (g ⊙ c) from the full gradient, the dense elementwise factor and the dense matrix;
-    ``only``: keep one tensor's gradient (zero elsewhere)."""
+class DenseU:
+    """P (g ⊙ c) from the full gradient, the dense elementwise factor and the dense matrix,
+    built once per projector; ``only``: keep one tensor's gradient (zero elsewhere)."""
 
-    def loss(p):
-        return output_loss(apply_fn(p, tokens[None]), tokens[None], weights[None], "train")[0]
+    def __init__(self, apply_fn, params, projector, precond):
+        def loss(p, tokens, weights):
+            logits = apply_fn(p, tokens[None])
+            return output_loss(logits, tokens[None], weights[None], "train")[0]
 
-    grads = named_leaves(jax.grad(loss)(params))
-    scales = dict(named_scales(precond)) if precond is not None else {}
-    flat = []
-    for path, g in grads:
-        g = np.asarray(g, np.float64)
-        if path in scales:
-            g = g * np.asarray(scales[path].dense(), np.float64)
-        flat.append(g.ravel() if only in (None, path) else np.zeros(g.size))
-    return np.asarray(projector.dense_matrix(), np.float64) @ np.concatenate(flat)
+        # One compiled gradient for every weight vector (the token parts call it per position).
+        self.grad = jax.jit(lambda tokens, weights: jax.grad(loss)(params, tokens, weights))
+        self.scales = dict(named_scales(precond)) if precond is not None else {}
+        self.matrix = np.asarray(projector.dense_matrix(), np.float64)
+
+    def __call__(self, tokens, weights, only=None):
+        flat = []
+        for path, g in named_leaves(self.grad(tokens, weights)):
+            g = np.asarray(g, np.float64)
+            if path in self.scales:
+                g = g * np.asarray(self.scales[path].dense(), np.float64)
+            flat.append(g.ravel() if only in (None, path) else np.zeros(g.size))
+        return self.matrix @ np.concatenate(flat)
 
 
 def _inverse_root(d, power, seed):
@@ -87,7 +93,8 @@ def test_parts_follow_the_dense_formula(toy, mode, precond_kind):
         apply_fn, params, projector, precond, u_q, tokens, weights,
         train_transform=t, query_transform=t, normalize=True,
     )  # fmt: skip
-    u_m = _dense_u(apply_fn, params, projector, precond, tokens, weights)
+    dense_u = DenseU(apply_fn, params, projector, precond)
+    u_m = dense_u(tokens, weights)
     want, norm = _dense_score(u_q, t, u_m, t, True)
     assert_close(parts.score, want, rtol=RTOL)
     assert_close(parts.norm, norm, rtol=RTOL)
@@ -99,17 +106,14 @@ def test_parts_follow_the_dense_formula(toy, mode, precond_kind):
     assert parts.paths == projector.paths
     q_hat = t @ u_q / np.linalg.norm(t @ u_q)
     # A tensor's part: the dense formula restricted to its gradient, over the full norm.
-    want_layers = [
-        q_hat @ t @ _dense_u(apply_fn, params, projector, precond, tokens, weights, only=p) / norm
-        for p in projector.paths
-    ]
+    want_layers = [q_hat @ t @ dense_u(tokens, weights, only=p) / norm for p in projector.paths]
     assert_close(parts.layer_parts, want_layers, rtol=RTOL, peak_rtol=RTOL)
     # A token's part: the gradient of that position's loss term alone.
     want_tokens = []
     for pos in parts.positions:
         one = np.zeros_like(weights)
         one[pos] = weights[pos]
-        u_t = _dense_u(apply_fn, params, projector, precond, tokens, one)
+        u_t = dense_u(tokens, one)
         want_tokens.append(q_hat @ t @ u_t / norm)
     assert_close(parts.token_parts, want_tokens, rtol=RTOL, peak_rtol=RTOL)
 
@@ -136,7 +140,8 @@ def test_presets_without_unit_norm_decompose(toy, preset):
         apply_fn, params, projector, precond, u_q, tokens, weights,
         train_transform=None, query_transform=t_q, normalize=spec.normalize,
     )  # fmt: skip
-    u_m = _dense_u(apply_fn, params, projector, precond, tokens, weights)
+    dense_u = DenseU(apply_fn, params, projector, precond)
+    u_m = dense_u(tokens, weights)
     want, _ = _dense_score(u_q, t_q, u_m, None, spec.normalize)
     assert parts.norm == 1.0
     assert_close(parts.score, want, rtol=RTOL)
@@ -144,7 +149,7 @@ def test_presets_without_unit_norm_decompose(toy, preset):
     assert_close(parts.token_parts.sum(), want, rtol=RTOL, peak_rtol=RTOL)
     q_side = u_q if t_q is None else t_q @ u_q
     path = projector.paths[0]
-    only = _dense_u(apply_fn, params, projector, precond, tokens, weights, only=path)
+    only = dense_u(tokens, weights, only=path)
     assert_close(parts.layer_parts[0], q_side @ only, rtol=RTOL, peak_rtol=RTOL)
 
 
