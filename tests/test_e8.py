@@ -73,6 +73,14 @@ def test_lds_equals_explicit_spearman(e8_run):
         assert row["n_queries"] == ok.sum()
         assert row["lds"] == pytest.approx(rho[ok].mean(), abs=1e-12)
         assert row["lds_se"] == pytest.approx(rho[ok].std(ddof=1) / np.sqrt(ok.sum()), abs=1e-12)
+    # Paired rows: per-query differences over the queries both methods have.
+    diff = a["rho_trackstar"] - a["rho_exp_opt_norm"]
+    ok = np.isfinite(diff)
+    d = res["paired"]["trackstar − exp_opt_norm"]
+    assert d["n"] == ok.sum() and d["what"] == "mixed R"
+    assert d["mean"] == pytest.approx(diff[ok].mean(), abs=1e-12)
+    assert d["se"] == pytest.approx(diff[ok].std(ddof=1) / np.sqrt(ok.sum()), abs=1e-12)
+    assert len(res["paired"]) == len(e8.PAIRED)  # Every preset ran, so every comparison did.
 
 
 def test_doc_scores_sum_passage_scores(e8_run):

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from trackstar import checkpoint, data, families, report, score, stages, tokenizer
+from trackstar import checkpoint, data, families, metrics, report, score, stages, tokenizer
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar.baselines import bm25_scores, query_text
@@ -60,6 +60,16 @@ from trackstar.runlog import log_metrics
 
 POOL = "corpus"  # The passages whose scores are summed into document scores.
 ARRAYS_FILE = "lds_arrays.npz"
+# Paired per-query LDS differences (a − b) that isolate one ingredient each.
+PAIRED = (
+    ("exp_opt_norm_rtrain", "exp_opt_norm", "R_train"),
+    ("trackstar", "exp_opt_norm", "mixed R"),
+    ("trackstar", "exp_opt_norm_rtrain", "mixing R_eval into R_train"),
+    ("exp_opt_norm", "grad_cosine", "the V correction"),
+    ("exp_opt", "grad_dot", "the V correction, no unit norm"),
+    ("step_influence", "exp_opt", "one preconditioner factor instead of two"),
+    ("trackstar", "bm25", "TrackStar against BM25"),
+)
 
 
 # ----- subsets and the LDS --------------------------------------------------------------------
@@ -323,6 +333,23 @@ def table(rows: dict) -> str:
     )
 
 
+def paired(rho: dict[str, np.ndarray]) -> dict[str, dict]:
+    """``PAIRED`` comparisons whose methods both ran: mean ± se over the queries both have a
+    correlation for (``metrics.mean_se`` of the per-query differences)."""
+    out = {}
+    for a, b, what in PAIRED:
+        if a in rho and b in rho:
+            out[f"{a} − {b}"] = {"what": what, **metrics.mean_se(rho[a] - rho[b])}
+    return out
+
+
+def paired_table(diffs: dict[str, dict]) -> str:
+    return report.markdown_table(
+        ["comparison", "what it isolates", "ΔLDS", "n queries"],
+        [[k, d["what"], report.pm(d["mean"], d["se"], 3), d["n"]] for k, d in diffs.items()],
+    )
+
+
 def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """E8: LDS of ``experiment.methods`` (default: bm25, random, every preset) + ground truth."""
     t0 = time.perf_counter()
@@ -373,9 +400,12 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "logprob_subsets": float(np.mean(logprobs_QxK)),
         "store_tag": tag,
         "retrain_s": retrain_s,
+        "paired": paired(rho),
     }
     results["wall_s"] = time.perf_counter() - t0
     md = "\n".join([header(results), table({**rows})])
+    if results["paired"]:
+        md += "\n\nPaired over queries:\n\n" + paired_table(results["paired"])
     out = write_results(cfg, results, md)
     arrays = {
         "masks_KxD": masks_KxD,
