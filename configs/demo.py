@@ -196,6 +196,9 @@ def get_config() -> ml_collections.ConfigDict:
     # e3: sides k featurized on their own at d = k * k, beyond featurize.k_in (own stores,
     # tagged k<k>; R in low-rank form when the rows are fewer than d, hessian.low_rank).
     ex.e3_full_dims_k = (128,)
+    # e4: sub-grid sides k at which each variant's tailpatch_methods are also ranked (E3's
+    # sub-grids, d = k * k); () = none.
+    ex.e4_dims_k = ()
     ex.output_fns = ("loss", "margin", "logit")  # e5: query output functions compared.
     # e4: name -> config overrides of each model variant ({} = this run); each has its own run_dir.
     ex.variants = ml_collections.ConfigDict({"base": {}})

@@ -27,9 +27,14 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     # No correction (grad_cosine), the correction (exp_opt_norm), R on top (trackstar), the
     # one-step predictor (step_influence), and the text baseline.
     e.methods = ("bm25", "random", "grad_cosine", "exp_opt_norm", "trackstar", "step_influence")
+    # E3's sub-grid at d = 16 x 16 = 256 beside the stored 4096, for these methods: does d move
+    # the point where attribution stops working?
+    e.tailpatch_methods = ("trackstar",)
+    e.e4_dims_k = (16,)
     if base == "tiny":
         c.run_dir = "runs/tiny_checkpoints"
         c.train.checkpoint_every = 20
+        e.e4_dims_k = (4,)  # The tiny grid is 8 x 8.
         steps = (20, 40, 60)  # tiny.py trains 60 steps.
     else:
         c.run_dir = "runs/memorization"  # Own run dirs: the demo's 1,500-step run stays as is.

@@ -289,6 +289,13 @@ def test_e4_checkpoints_reads_one_run_at_each_step(tmp_path):
         )
         for a, b in zip(leaves(trained.params), leaves(ref_params), strict=True):
             np.testing.assert_array_equal(a, b)
+    # E3's sub-grid rows at d = 16 for every step, equal to what E3 itself gives there.
+    for v in variants.values():
+        assert set(v["methods"]) == {"bm25", "trackstar d=16"}
+        with open(os.path.join(v["run_dir"], "experiments", "e3", "results.json")) as f:
+            e3_row = json.load(f)["methods"]["trackstar"]["16"]
+        assert v["methods"]["trackstar d=16"]["mrr"] == e3_row["mrr"]
+        assert "tailpatch@3" in v["methods"]["trackstar d=16"]
     out = experiments.output_dir(cfg)
     for png in ("mrr_by_step.png", "tailpatch_at_3_by_step.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000

@@ -637,6 +637,7 @@ RULES: dict[str, Rule] = {
     "experiment.tailpatch_methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
     "experiment.k_values": Seq(_POS, "ints >= 1", min_len=1),
     "experiment.e3_full_dims_k": Seq(_POS, "ints >= 1", distinct=True),
+    "experiment.e4_dims_k": Seq(_POS, "ints >= 1", distinct=True),
     "experiment.output_fns": Seq(OneOf(*QUERY_OUTPUT_FNS), "loss, margin or logit"),
     "experiment.store_tag": Text(pattern=r"[A-Za-z0-9_.]+", expects="letters, digits, _ or ."),
     "experiment.lds_subsets": Int(2),  # Spearman over K subsets needs at least two.

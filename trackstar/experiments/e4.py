@@ -9,6 +9,7 @@ trains the run once (configs/e4_checkpoints.py).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -17,6 +18,7 @@ import ml_collections
 from trackstar import checkpoint, report, stages
 from trackstar import model as model_lib
 from trackstar import train as train_lib
+from trackstar.experiments import e3
 from trackstar.experiments.evaluation import methods_from, retrieval_results
 from trackstar.experiments.harness import (
     GROUND_TRUTH,
@@ -70,6 +72,23 @@ def seed_from_earlier(vcfg: ml_collections.ConfigDict, earlier: list) -> int | N
     return best[1]
 
 
+def smaller_d_rows(vcfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str, dict]:
+    """``experiment.e4_dims_k``: E3's sub-grid rows of ``experiment.tailpatch_methods`` at
+    d = k·k (ranked, evaluated and tail-patched) as ``{"<method> d=<d>": row}``; {} when unset.
+    """
+    ks = tuple(int(k) for k in experiment_section(vcfg).get("e4_dims_k", ()))
+    if not ks:
+        return {}
+    e3cfg = copy.deepcopy(vcfg)
+    with e3cfg.experiment.unlocked():
+        e3cfg.experiment.name = "e3"
+        e3cfg.experiment.k_values = ks
+        e3cfg.experiment.methods = tuple(e3cfg.experiment.tailpatch_methods)
+        e3cfg.experiment.e3_full_dims_k = ()
+    rows = e3.run(e3cfg, progress=progress)["methods"]
+    return {f"{m} d={d}": row for m, by_d in rows.items() for d, row in by_d.items()}
+
+
 def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     """E4 (paper Fig. 2 right): the comparison across model sizes.
 
@@ -92,6 +111,7 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         trained_runs.append(vcfg)
         trained = stages.load_trained(vcfg)
         res, _, _ = retrieval_results(vcfg, "candidates", methods, trained, progress=progress)
+        res["methods"].update(smaller_d_rows(vcfg, progress))
         res["n_params"] = model_lib.count_params(trained.params)
         res["step"] = int(trained.step)
         res["resumed_from_step"] = seeded
@@ -134,7 +154,8 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     out = write_results(cfg, results, md)
     names = list(variants)
     if len({variants[n]["step"] for n in names}) > 1:
-        _by_step_charts(variants, [*methods, GROUND_TRUTH], k_max, out)
+        extra = [m for m in variants[names[0]]["methods"] if m not in methods]
+        _by_step_charts(variants, [*methods, *extra, GROUND_TRUTH], k_max, out)
     groups = [f"{n}\n({variants[n]['n_params'] / 1e6:.2f}M)" for n in names]
     report.metric_bar_charts(
         groups,
