@@ -190,3 +190,14 @@ def test_page_in_chromium_rows_filters_metrics_screenshot(experiment, tmp_path):
         shot = str(tmp_path / "viewer.png")
         page.screenshot(path=shot)
     assert os.path.getsize(shot) > 10_000 and distinct_colors(shot) > 50
+
+
+def test_viewer_loads_without_jax():
+    """`trackstar view` only reads files: importing the viewer and the CLI must not import JAX
+    (seconds of start-up on a laptop that has no accelerator to use)."""
+    import subprocess
+    import sys
+
+    code = "import sys, trackstar.cli, trackstar.viewer; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

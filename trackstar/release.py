@@ -42,13 +42,19 @@ import gzip
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from trackstar.files import atomic_write, iter_jsonl
-from trackstar.score import PresetSpec, query_array, score_preset
 from trackstar.world.records import Candidate, Fact, Query
+
+if TYPE_CHECKING:
+    from trackstar.score import PresetSpec
+
+# Where E1/E2 write each method's results file inside an experiment directory (the viewer
+# reads them from there).
+PROPONENTS_DIR = "proponents"
 
 
 class ReleaseError(ValueError):
@@ -84,6 +90,9 @@ def score_with_opponents(
       ``(prop_ids_QxK, prop_scores_QxK, opp_ids_QxK, opp_scores_QxK)``: proponents best first;
       opponents most negative first, with their (negative) scores.
     """
+    # Scoring needs JAX; reading and writing results files (the viewer) does not.
+    from trackstar.score import query_array, score_preset
+
     q = query_array(query_vectors_QxD)
     if q.ndim != 2 or q.shape[0] == 0:
         raise ReleaseError(f"query vectors must have shape (Q, D) with Q > 0, got {q.shape}")

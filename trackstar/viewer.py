@@ -22,9 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-from trackstar.experiments.records import PROPONENTS_DIR
 from trackstar.files import atomic_write
-from trackstar.release import ResultRecord, read_results
+from trackstar.release import PROPONENTS_DIR, ResultRecord, read_results
 
 VIEW_FILE = "viewer.html"
 _SUFFIXES = (".release.jsonl.gz", ".jsonl.gz", ".jsonl")

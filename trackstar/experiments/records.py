@@ -27,7 +27,7 @@ from trackstar import baselines, release, score, stages
 from trackstar.experiments.harness import GROUND_TRUTH, Setup, rank
 from trackstar.files import write_json
 
-PROPONENTS_DIR = "proponents"
+PROPONENTS_DIR = release.PROPONENTS_DIR
 # The ground truth's own per-query metrics (tail-patch of the fact's statements), beside.
 GROUND_TRUTH_FILE = "ground_truth_metrics.json"
 
