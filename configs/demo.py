@@ -190,6 +190,9 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Experiments E1-E8 (docs/method.md); configs/e1.py ... e8.py set these per experiment ---
     ex = c.experiment = ml_collections.ConfigDict()
     ex.name = "e1"  # Which runner: e1 ... e8 (trackstar.experiments.RUNNERS).
+    # Results folder <run_dir>/experiments/<output_name>; "" = the runner's name. Another name
+    # runs a variant of an experiment without overwriting its results.
+    ex.output_name = ""
     ex.methods = ()  # Methods to compare (presets, "bm25", "random"); () = the runner's default.
     ex.tailpatch_methods = ("trackstar",)  # e3/e5: methods tail-patched at every setting.
     ex.k_values = (8, 16, 32, 64)  # e3: sub-grid sides k (d = k * k, k <= featurize.k_in).

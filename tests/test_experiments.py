@@ -133,10 +133,20 @@ def test_e6_and_e7_reuse_e1_caches(e1, run_dir, monkeypatch):
     cfg6 = tiny_config("e6", run_dir)
     cfg6.tailpatch.ks = (1, 3)
     cfg6.experiment.methods = ("random", "trackstar")
+    # Under another output_name E6 writes beside its default folder, never into it.
+    cfg6.experiment.output_name = "e6-two-methods"
     r6 = experiments.run(cfg6, progress=False)
     assert r6["methods"]["trackstar"]["tailpatch@3"] == pytest.approx(
         e1[1]["methods"]["trackstar"]["tailpatch@3"]
     )
+    out6 = experiments.output_dir(cfg6)
+    assert out6 == stages.path(cfg6, "experiments", "e6-two-methods")
+    assert os.path.exists(os.path.join(out6, "results.json"))
+    assert not os.path.exists(stages.path(cfg6, "experiments", "e6"))
+    for bad in ("../e6", "a/b", ".."):
+        cfg6.experiment.output_name = bad
+        with pytest.raises(ConfigError, match="experiment.output_name"):
+            validate(cfg6)
     cfg7 = tiny_config("e7", run_dir)
     cfg7.experiment.methods = ("bm25", "trackstar")
     r7 = experiments.run(cfg7, progress=False)

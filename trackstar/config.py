@@ -495,6 +495,7 @@ _FILE_OR_DIR = Rule(
     lambda v: isinstance(v, str) and (os.path.isfile(v) or os.path.isdir(v)),
 )
 _POS = Int(1)
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_.-]*")
 _NONNEG = Int(0)
 _PROB = Num(0.0, 1.0)
 
@@ -633,6 +634,12 @@ RULES: dict[str, Rule] = {
     "tailpatch.pair_batch": _POS,
     # experiment
     "experiment.name": OneOf(*EXPERIMENTS),
+    "experiment.output_name": Rule(
+        "a folder name (letters, digits, '_', '-', '.'), or '' for the runner's name",
+        lambda v: (
+            isinstance(v, str) and _FOLDER_NAME.fullmatch(v) is not None and v not in (".", "..")
+        ),
+    ),
     "experiment.methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
     "experiment.tailpatch_methods": Seq(OneOf(*METHODS), f"methods from {', '.join(METHODS)}"),
     "experiment.k_values": Seq(_POS, "ints >= 1", min_len=1),

@@ -82,6 +82,7 @@ def smaller_d_rows(vcfg: ml_collections.ConfigDict, progress: bool = True) -> di
     e3cfg = copy.deepcopy(vcfg)
     with e3cfg.experiment.unlocked():
         e3cfg.experiment.name = "e3"
+        e3cfg.experiment.output_name = ""  # E3's own folder in the variant's run dir.
         e3cfg.experiment.k_values = ks
         e3cfg.experiment.methods = tuple(e3cfg.experiment.tailpatch_methods)
         e3cfg.experiment.e3_full_dims_k = ()

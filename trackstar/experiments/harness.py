@@ -69,8 +69,9 @@ def cutoffs(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def output_dir(cfg: ml_collections.ConfigDict) -> str:
-    """``<run_dir>/experiments/<experiment.name>``."""
-    return stages.path(cfg, "experiments", experiment_section(cfg).name)
+    """``<run_dir>/experiments/<experiment.output_name or experiment.name>``."""
+    ex = experiment_section(cfg)
+    return stages.path(cfg, "experiments", ex.get("output_name", "") or ex.name)
 
 
 def with_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping) -> ml_collections.ConfigDict:
