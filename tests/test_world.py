@@ -31,6 +31,14 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile("^" + "".join(out) + "$")
 
 
+def _stated(w):
+    """``(sentence, fact)`` for every corpus sentence that states a fact."""
+    for d in w.documents:
+        for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
+            if fid >= 0:
+                yield sent, w.facts[fid]
+
+
 class FactParser:
     """Finds the facts a sentence states by matching it against every relation's templates.
 
@@ -146,16 +154,12 @@ def test_n_templates_keeps_the_first_phrasings(cfg, world):
     rel = {r.name: r for r in small.relations}
     full = {r.name: r for r in world.relations}
     n_dropped_forms = 0
-    for d in small.documents:
-        for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
-            if fid < 0:
-                continue
-            f = small.facts[fid]
-            r = rel[f.relation]
-            kept = {W.fill(t, f.subject, f.object) for t in r.corpus_templates + r.query_templates}
-            dropped = {W.fill(t, f.subject, f.object) for t in full[f.relation].corpus_templates}
-            assert sent in kept, sent
-            n_dropped_forms += len(dropped - kept)
+    for sent, f in _stated(small):
+        r = rel[f.relation]
+        kept = {W.fill(t, f.subject, f.object) for t in r.corpus_templates + r.query_templates}
+        dropped = {W.fill(t, f.subject, f.object) for t in full[f.relation].corpus_templates}
+        assert sent in kept, sent
+        n_dropped_forms += len(dropped - kept)
     assert n_dropped_forms > 0  # The full world's other phrasings exist and were not used.
     assert W.world_hash(W.make_world(_cfg())) == W.world_hash(world)
 
@@ -230,16 +234,12 @@ def test_query_form_only_for_anchors(world):
         W.query_sentence(q.prompt, q.target) for q in world.queries
     }  # Queried facts' own query-form sentences never appear in training.
     anchor_uses = 0
-    for d in world.documents:
-        for sent, fid in zip(d.sentences, d.sentence_fact_ids, strict=True):
-            if fid < 0:
-                continue
-            f = world.facts[fid]
-            qt = world.relation(f.relation).query_templates[0]
-            is_query_form = sent == W.query_sentence(W.query_prompt(qt, f.subject), f.object)
-            assert not (is_query_form and not f.anchor)
-            assert sent not in forms
-            anchor_uses += is_query_form
+    for sent, f in _stated(world):
+        qt = world.relation(f.relation).query_templates[0]
+        is_query_form = sent == W.query_sentence(W.query_prompt(qt, f.subject), f.object)
+        assert not (is_query_form and not f.anchor)
+        assert sent not in forms
+        anchor_uses += is_query_form
     assert anchor_uses > 0
 
 
