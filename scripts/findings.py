@@ -3,6 +3,7 @@
     python scripts/findings.py                      # runs/demo runs/world_seed1 runs/world_uniform
     python scripts/findings.py runs/a runs/b --json
     python scripts/findings.py --wall demo=1200 --wall world_seed1=1800
+    python scripts/findings.py --lds demo=runs/e8 --lds world_seed1=runs/e8_seed1
 
 Reads <run_dir>/experiments/e1/results.json (accuracy, query counts, wall time) and
 <run_dir>/experiments/e1/proponents/<method>.jsonl.gz, whose records hold each query's
@@ -17,7 +18,10 @@ Each finding says where its claim comes from: "paper" (TrackStar's paper, as EXP
 phrases it in "The paper's findings, point by point") or "demo" (what the demo world showed
 where it differs from the paper or goes beyond it: EXPERIMENTS.md "The paper's findings", E6
 and "What R buys and what it costs") or "question" (no claim made; the direction is the one
-asked). ``ground_truth`` (the query's own fact statements as proponents) has no proponents
+asked) or "hypothesis" (the claim under test in EXPERIMENTS.md "What R buys and what it
+costs"). ``--lds WORLD=E8_RUN_DIR`` adds LDS rows from E8's per-query paired differences
+(``experiments/e8/results.json``, "paired") of an E8 run on a smaller world of that kind.
+``ground_truth`` (the query's own fact statements as proponents) has no proponents
 file; its per-query tail-patch is read from the run's tail-patch cache when it can be
 identified (``ground_truth_metrics``), else its rows stay empty.
 """
@@ -173,6 +177,50 @@ def findings() -> list[Finding]:
     return out
 
 
+# LDS rows (E8, `--lds WORLD=E8_RUN_DIR`): (label, key of E8's results.json "paired", sign,
+# source). "hypothesis": the claim under test in EXPERIMENTS.md "What R buys and what it costs".
+LDS_FINDINGS = (
+    ("R_train raises LDS", "exp_opt_norm_rtrain − exp_opt_norm", 1, "hypothesis"),
+    ("mixed R raises LDS", "trackstar − exp_opt_norm", 1, "hypothesis"),
+    ("mixing raises LDS", "trackstar − exp_opt_norm_rtrain", 1, "hypothesis"),
+    ("correction raises LDS (exp_opt_norm - grad_cosine)", "exp_opt_norm − grad_cosine", 1, "demo"),
+    ("TrackStar > BM25 on LDS", "trackstar − bm25", 1, "question"),
+)
+
+
+def lds_rows(lds_dirs: Mapping[str, str], names: Sequence[str]) -> list[dict]:
+    """``LDS_FINDINGS`` per world from each E8 run's ``experiments/e8/results.json`` (its
+    per-query paired differences); a world without an E8 run gets empty cells."""
+    paired_by_world = {}
+    for name, run_dir in lds_dirs.items():
+        file = os.path.join(run_dir, "experiments", "e8", "results.json")
+        if not os.path.exists(file):
+            sys.exit(f"no {file}; run configs/e8.py there first")
+        with open(file) as f:
+            paired_by_world[name] = json.load(f).get("paired") or {}
+    rows = []
+    for label, key, sign, source in LDS_FINDINGS:
+        cells = {}
+        for name in names:
+            d = paired_by_world.get(name, {}).get(key)
+            cells[name] = (
+                None
+                if d is None
+                else {
+                    "diff": d["mean"],
+                    "se": math.nan if d["se"] is None else d["se"],
+                    "n": d["n"],
+                    "verdict": verdict(d["mean"], math.nan if d["se"] is None else d["se"], sign),
+                    "run_dir": lds_dirs[name],
+                }
+            )
+        rows.append(
+            {"label": label, "metric": "lds", "a": key, "b": "", "sign": sign, "source": source}
+            | {"worlds": cells}
+        )
+    return rows
+
+
 def load_metrics(path: str) -> dict[int, dict[str, float | None]]:
     """``example_id -> metrics`` of one proponents file."""
     out = {}
@@ -325,7 +373,7 @@ def evaluate(worlds: Sequence[Mapping], items: Iterable[Finding]) -> list[dict]:
 def _fmt(cell: Mapping | None, metric: str) -> str:
     if cell is None or cell["n"] == 0:
         return "–"
-    digits = 2 if metric.startswith("tailpatch") else 3
+    digits = 2 if metric.startswith("tailpatch") else 3  # MRR, recall, precision, LDS: 3.
     se = "–" if math.isnan(cell["se"]) else f"{cell['se']:.{digits}f}"
     return f"{cell['verdict']} ({cell['diff']:+.{digits}f} ± {se})"
 
@@ -367,19 +415,20 @@ def markdown(worlds: Sequence[Mapping], rows: Sequence[Mapping], wall: Mapping[s
         "",
         "Cells: verdict (paired diff ± se), diff = first-named method minus the second (for "
         "'X > Y' / 'X < Y': X - Y); MRR, Recall@10 and Precision@10 over every query, "
-        "tail-patch in pp over the tail-patched queries. yes = the claimed sign beyond 2 se, "
-        "no = the opposite sign beyond 2 se, tie = within 2 se.",
+        "tail-patch in pp over the tail-patched queries; LDS rows (when given) from E8's "
+        "smaller world of the same kind, over its task queries. yes = the claimed sign beyond "
+        "2 se, no = the opposite sign beyond 2 se, tie = within 2 se.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _parse_wall(items: Sequence[str]) -> dict[str, float]:
+def _parse_pairs(items: Sequence[str], flag: str, kind=float) -> dict:
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--wall takes WORLD=SECONDS, got {item!r}")
-        out[name] = float(value)
+            raise SystemExit(f"{flag} takes WORLD=VALUE, got {item!r}")
+        out[name] = kind(value)
     return out
 
 
@@ -388,6 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="*", default=list(DEFAULT_RUN_DIRS))
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument(
+        "--lds",
+        action="append",
+        default=[],
+        metavar="WORLD=E8_RUN_DIR",
+        help="add LDS rows from an E8 run of that world's kind (repeatable)",
+    )
+    parser.add_argument(
         "--wall",
         action="append",
         default=[],
@@ -395,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="end-to-end wall time of a world (measured outside; repeatable)",
     )
     args = parser.parse_args(argv)
-    wall = _parse_wall(args.wall)
+    wall = _parse_pairs(args.wall, "--wall")
     missing = [
         d
         for d in args.run_dirs
@@ -405,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"no experiments/e1/results.json in {missing}; run trackstar run there first")
     worlds = [load_world(d) for d in args.run_dirs]
     rows = evaluate(worlds, findings())
+    rows += lds_rows(_parse_pairs(args.lds, "--lds", str), [w["name"] for w in worlds])
     if args.json:
         info = [{k: v for k, v in w.items() if k != "methods"} for w in worlds]
         for w in info:

@@ -94,6 +94,31 @@ def test_table_from_run_dirs(tmp_path, capsys):
     assert data["worlds"][0]["accuracy"] == 0.5
 
 
+def test_lds_rows_from_e8_runs(tmp_path, capsys):
+    """--lds WORLD=E8_RUN_DIR: E8's paired differences become rows with the 2-se verdict; a
+    world without an E8 run gets empty cells."""
+    _write_run(str(tmp_path / "w1"), {"trackstar": {0: {"mrr": 1.0}}})
+    _write_run(str(tmp_path / "w2"), {"trackstar": {0: {"mrr": 1.0}}})
+    e8 = tmp_path / "e8" / "experiments" / "e8"
+    e8.mkdir(parents=True)
+    paired = {
+        "exp_opt_norm_rtrain − exp_opt_norm": {"mean": -0.03, "se": 0.01, "n": 64},
+        "trackstar − exp_opt_norm": {"mean": 0.01, "se": 0.02, "n": 64},
+    }
+    (e8 / "results.json").write_text(json.dumps({"paired": paired}))
+    rows = findings.lds_rows({"w1": str(tmp_path / "e8")}, ["w1", "w2"])
+    by = {r["label"]: r["worlds"] for r in rows}
+    assert by["R_train raises LDS"]["w1"]["verdict"] == "no"  # −3 se against the claim.
+    assert by["mixed R raises LDS"]["w1"]["verdict"] == "tie"
+    assert by["R_train raises LDS"]["w2"] is None and by["mixing raises LDS"]["w1"] is None
+    args = [str(tmp_path / "w1"), str(tmp_path / "w2"), "--lds", f"w1={tmp_path / 'e8'}"]
+    assert findings.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| R_train raises LDS (hypothesis) | no (-0.030 ± 0.010) | – |" in out
+    with pytest.raises(SystemExit, match="run configs/e8.py there first"):
+        findings.main([str(tmp_path / "w1"), "--lds", f"w1={tmp_path}"])
+
+
 def test_ground_truth_from_the_tailpatch_cache(tmp_path):
     np = pytest.importorskip("numpy")
     run = str(tmp_path / "w")
