@@ -194,6 +194,15 @@ def test_e3_dims_and_full_d_equals_e1(e1, run_dir):
     assert full["mrr"] == pytest.approx(e1[1]["methods"]["trackstar"]["mrr"])
     assert "tailpatch@3" in full and "tailpatch@3" not in res["methods"]["exp_opt_norm"]["64"]
     assert os.path.exists(os.path.join(experiments.output_dir(cfg), "mrr_vs_d.png"))
+    # Paired rows: a mean of per-query differences over the same queries is the difference of
+    # the means; tail-patch pairs only where both methods were tail-patched (trackstar only).
+    pairs = {(p["d"], p["metric"]): p for p in res["paired"]}
+    assert set(pairs) == {(d, "mrr") for d in res["d_values"]}
+    rows = res["methods"]
+    for d in res["d_values"]:
+        want = rows["exp_opt_norm"][str(d)]["mrr"] - rows["trackstar"][str(d)]["mrr"]
+        assert pairs[(d, "mrr")]["mean"] == pytest.approx(want, abs=1e-12)
+        assert pairs[(d, "mrr")]["n"] == cfg.world.n_queries
     # d = 256 comes from its own k16-tagged stores (the 8 x 8 ones untouched) and R fit.
     big = res["methods"]["trackstar"]["256"]
     assert big["source"] == "featurized" and "tailpatch@3" in big

@@ -26,6 +26,7 @@ from trackstar.experiments.harness import (
     with_overrides,
     write_results,
 )
+from trackstar.metrics import mean_se
 
 
 def subgrid(vectors_NxD: np.ndarray, k_in: int, k_out: int, k: int) -> np.ndarray:
@@ -101,6 +102,7 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         return vectors[(corrected, which)]
 
     rows: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    per_query: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for method in methods:
         spec = score.get_preset(method)
         ensure_stores(
@@ -140,17 +142,21 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
                     return ids
 
                 ids = stages.cached_array(cfg, "rank", f"candidates_{method}-k{k}", key, make)
-            row, _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
+            row, per_query[(method, d)] = evaluate(setup, ids, with_tailpatch=method in tp_methods)
             rows[method][str(d)] = dict(row, k_in=k, k_out=k, source="subgrid")
     full: dict[str, dict] = {}
     for k in full_ks:
         t_k, cfg_k, tag = time.perf_counter(), full_dim_config(cfg, k), full_dim_tag(k)
         for method in methods:
             ids = rank(setup, method, tag, tag, cfg=cfg_k, progress=progress)
-            row, _ = evaluate(setup, ids, with_tailpatch=method in tp_methods)
+            row, per_query[(method, k * k)] = evaluate(
+                setup, ids, with_tailpatch=method in tp_methods
+            )
             rows[method][str(k * k)] = dict(row, k_in=k, k_out=k, source="featurized")
         full[str(k * k)] = dict(full_dim_record(cfg_k, tag), wall_s=time.perf_counter() - t_k)
     ds = [k * k for k in ks + full_ks]
+    at_k, k_max = cutoffs(cfg)
+    paired = paired_at_each_d(per_query, methods, ds, ("mrr", f"tailpatch@{k_max}"))
     results = {
         "experiment": ex.name,
         "d_values": ds,
@@ -160,9 +166,9 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "note": "smaller d = top-left k x k sub-grid of the stored global Kronecker vectors; "
         "d of experiment.e3_full_dims_k featurized on their own (stores tagged k<k>)",
         "featurized_d": full,
+        "paired": paired,
         "wall_s": time.perf_counter() - t0,
     }
-    at_k, k_max = cutoffs(cfg)
     md = "\n\n".join(
         [
             f"## E3: quality vs projection dimension d\n\n{setup.n_queries} queries, "
@@ -175,6 +181,22 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
             ),
         ]
     )
+    if paired:
+        md += "\n\nPaired over queries, method against method at the same d:\n\n" + (
+            report.markdown_table(
+                ["d", "comparison", "metric", "difference", "n"],
+                [
+                    [
+                        p["d"],
+                        f"{p['a']} − {p['b']}",
+                        p["metric"],
+                        report.pm(p["mean"], p["se"], 3),
+                        p["n"],
+                    ]
+                    for p in paired
+                ],
+            )  # fmt: skip
+        )
     out = write_results(cfg, results, md)
     report.line_chart(
         ds,
@@ -205,6 +227,27 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         )
     results["markdown"] = md
     return results
+
+
+def paired_at_each_d(
+    per_query: dict[tuple[str, int], dict[str, np.ndarray]],
+    methods: list[str],
+    ds: list[int],
+    metric_names: tuple[str, ...],
+) -> list[dict]:
+    """Every pair of ``methods`` at each d, per metric both have: mean ± se over queries of the
+    per-query difference (first listed minus second; tail-patch in pp, as ``evaluate`` gives
+    it)."""
+    out = []
+    for d in ds:
+        for i, a in enumerate(methods):
+            for b in methods[i + 1 :]:
+                pa, pb = per_query.get((a, d), {}), per_query.get((b, d), {})
+                for name in metric_names:
+                    if name in pa and name in pb:
+                        diff = np.asarray(pa[name], float) - np.asarray(pb[name], float)
+                        out.append({"d": d, "a": a, "b": b, "metric": name, **mean_se(diff)})
+    return out
 
 
 def full_dim_record(cfg_k: ml_collections.ConfigDict, tag: str) -> dict:
