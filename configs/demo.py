@@ -202,6 +202,8 @@ def get_config() -> ml_collections.ConfigDict:
     # e4: sub-grid sides k at which each variant's tailpatch_methods are also ranked (E3's
     # sub-grids, d = k * k); () = none.
     ex.e4_dims_k = ()
+    # e4: (a, b) method pairs whose per-query differences (MRR, tail-patch) each variant reports.
+    ex.paired = ()
     ex.output_fns = ("loss", "margin", "logit")  # e5: query output functions compared.
     # e4: name -> config overrides of each model variant ({} = this run); each has its own run_dir.
     ex.variants = ml_collections.ConfigDict({"base": {}})

@@ -31,6 +31,13 @@ def get_config(base: str = "demo") -> ml_collections.ConfigDict:
     # the point where attribution stops working?
     e.tailpatch_methods = ("trackstar",)
     e.e4_dims_k = (16,)
+    # What R, the correction and the text baseline change at each step, paired per query.
+    e.paired = (
+        ("trackstar", "exp_opt_norm"),
+        ("exp_opt_norm", "grad_cosine"),
+        ("trackstar", "bm25"),
+        ("step_influence", "trackstar"),
+    )
     if base == "tiny":
         c.run_dir = "runs/tiny_checkpoints"
         c.train.checkpoint_every = 20

@@ -279,8 +279,9 @@ def test_e4_checkpoints_reads_one_run_at_each_step(tmp_path):
     that run's checkpoint (params bit-equal), and a step trained on its own (checkpoint_step,
     the schedule still over train.steps) lands on the same params."""
     cfg = tiny_config("e4_checkpoints", str(tmp_path / "ckpts"))
-    # One store-free method: the steps' stores are E1's, tested there.
-    cfg.experiment.methods = ("bm25",)
+    # Store-free methods: the steps' stores are E1's, tested there.
+    cfg.experiment.methods = ("bm25", "random")
+    cfg.experiment.paired = (("bm25", "random"),)
     stages.stage_world(cfg)
     stages.stage_train(cfg, progress=False)  # What `trackstar experiment` does first.
     base_ckpt = stages.path(cfg, "checkpoints")
@@ -310,7 +311,12 @@ def test_e4_checkpoints_reads_one_run_at_each_step(tmp_path):
             np.testing.assert_array_equal(a, b)
     # E3's sub-grid rows at d = 16 for every step, equal to what E3 itself gives there.
     for v in variants.values():
-        assert set(v["methods"]) == {"bm25", "trackstar d=16"}
+        assert set(v["methods"]) == {"bm25", "random", "trackstar d=16"}
+        # experiment.paired: per-query differences, whose mean is the difference of the means.
+        pairs = {p["metric"]: p for p in v["paired"]}
+        assert set(pairs) == {"mrr", "tailpatch@3"}
+        want = v["methods"]["bm25"]["mrr"] - v["methods"]["random"]["mrr"]
+        assert pairs["mrr"]["mean"] == pytest.approx(want, abs=1e-12)
         with open(os.path.join(v["run_dir"], "experiments", "e3", "results.json")) as f:
             e3_row = json.load(f)["methods"]["trackstar"]["16"]
         assert v["methods"]["trackstar d=16"]["mrr"] == e3_row["mrr"]

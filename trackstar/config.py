@@ -645,6 +645,16 @@ RULES: dict[str, Rule] = {
     "experiment.k_values": Seq(_POS, "ints >= 1", min_len=1),
     "experiment.e3_full_dims_k": Seq(_POS, "ints >= 1", distinct=True),
     "experiment.e4_dims_k": Seq(_POS, "ints >= 1", distinct=True),
+    "experiment.paired": Rule(
+        f"(a, b) pairs of methods from {', '.join(METHODS)}",
+        lambda v: (
+            isinstance(v, (tuple, list))
+            and all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and all(m in METHODS for m in p)
+                for p in v
+            )
+        ),
+    ),
     "experiment.output_fns": Seq(OneOf(*QUERY_OUTPUT_FNS), "loss, margin or logit"),
     "experiment.store_tag": Text(pattern=r"[A-Za-z0-9_.]+", expects="letters, digits, _ or ."),
     "experiment.lds_subsets": Int(2),  # Spearman over K subsets needs at least two.

@@ -15,7 +15,12 @@ import ml_collections
 import numpy as np
 
 from trackstar import hessian, report, score, stages
-from trackstar.experiments.evaluation import evaluate, methods_from, tailpatch_info
+from trackstar.experiments.evaluation import (
+    evaluate,
+    methods_from,
+    paired_rows,
+    tailpatch_info,
+)
 from trackstar.experiments.harness import (
     ExperimentError,
     cutoffs,
@@ -26,7 +31,6 @@ from trackstar.experiments.harness import (
     with_overrides,
     write_results,
 )
-from trackstar.metrics import mean_se
 
 
 def subgrid(vectors_NxD: np.ndarray, k_in: int, k_out: int, k: int) -> np.ndarray:
@@ -156,7 +160,15 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         full[str(k * k)] = dict(full_dim_record(cfg_k, tag), wall_s=time.perf_counter() - t_k)
     ds = [k * k for k in ks + full_ks]
     at_k, k_max = cutoffs(cfg)
-    paired = paired_at_each_d(per_query, methods, ds, ("mrr", f"tailpatch@{k_max}"))
+    paired = [
+        dict(p, a=p["a"][0], b=p["b"][0], d=d)
+        for d in ds
+        for p in paired_rows(
+            per_query,
+            [((a, d), (b, d)) for i, a in enumerate(methods) for b in methods[i + 1 :]],
+            ("mrr", f"tailpatch@{k_max}"),
+        )
+    ]
     results = {
         "experiment": ex.name,
         "d_values": ds,
@@ -227,27 +239,6 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         )
     results["markdown"] = md
     return results
-
-
-def paired_at_each_d(
-    per_query: dict[tuple[str, int], dict[str, np.ndarray]],
-    methods: list[str],
-    ds: list[int],
-    metric_names: tuple[str, ...],
-) -> list[dict]:
-    """Every pair of ``methods`` at each d, per metric both have: mean ± se over queries of the
-    per-query difference (first listed minus second; tail-patch in pp, as ``evaluate`` gives
-    it)."""
-    out = []
-    for d in ds:
-        for i, a in enumerate(methods):
-            for b in methods[i + 1 :]:
-                pa, pb = per_query.get((a, d), {}), per_query.get((b, d), {})
-                for name in metric_names:
-                    if name in pa and name in pb:
-                        diff = np.asarray(pa[name], float) - np.asarray(pb[name], float)
-                        out.append({"d": d, "a": a, "b": b, "metric": name, **mean_se(diff)})
-    return out
 
 
 def full_dim_record(cfg_k: ml_collections.ConfigDict, tag: str) -> dict:

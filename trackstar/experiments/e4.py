@@ -19,7 +19,7 @@ from trackstar import checkpoint, report, stages
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar.experiments import e3
-from trackstar.experiments.evaluation import methods_from, retrieval_results
+from trackstar.experiments.evaluation import methods_from, paired_rows, retrieval_results
 from trackstar.experiments.harness import (
     GROUND_TRUTH,
     cutoffs,
@@ -101,6 +101,8 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
     ex = experiment_section(cfg)
     methods = methods_from(cfg, ("bm25", "random", "grad_cosine", "exp_opt_norm", "trackstar"))
     configs = variant_configs(cfg)
+    at_k, k_max = cutoffs(cfg)
+    pairs = [(str(a), str(b)) for a, b in ex.get("paired", ())]
     trained_runs: list[ml_collections.ConfigDict] = [cfg]  # The run dir may hold the steps.
     variants: dict[str, dict] = {}
     # Earliest step first, so each checkpoint of a trajectory resumes from the one before.
@@ -111,7 +113,10 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         acc = stages.stage_train(vcfg, progress=progress)
         trained_runs.append(vcfg)
         trained = stages.load_trained(vcfg)
-        res, _, _ = retrieval_results(vcfg, "candidates", methods, trained, progress=progress)
+        res, per_query, _ = retrieval_results(
+            vcfg, "candidates", methods, trained, progress=progress
+        )
+        res["paired"] = paired_rows(per_query, pairs, ("mrr", f"tailpatch@{k_max}"))
         res["methods"].update(smaller_d_rows(vcfg, progress))
         res["n_params"] = model_lib.count_params(trained.params)
         res["step"] = int(trained.step)
@@ -125,7 +130,6 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         "variants": variants,
         "wall_s": time.perf_counter() - t0,
     }
-    at_k, k_max = cutoffs(cfg)
     body = []
     sweeps = {}
     for name, res in variants.items():
@@ -152,6 +156,16 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
             + report.sweep_markdown(sweeps, f"tailpatch@{k_max}"),
         ]
     )
+    if pairs:
+        md += "\n\nPaired over queries (experiment.paired):\n\n" + report.markdown_table(
+            ["model", "comparison", "metric", "difference", "n"],
+            [
+                [name, f"{p['a']} − {p['b']}", p["metric"], report.pm(p["mean"], p["se"], 3),
+                 p["n"]]
+                for name, res in variants.items()
+                for p in res["paired"]
+            ],
+        )  # fmt: skip
     out = write_results(cfg, results, md)
     names = list(variants)
     if len({variants[n]["step"] for n in names}) > 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -125,6 +125,24 @@ def evaluate(
         for k in ks:
             per_query[f"tailpatch@{k}"] = per_query_tailpatch(deltas[default_mult_index(cfg)], k)
     return row, per_query
+
+
+def paired_rows(
+    per_query: Mapping[Any, Mapping[str, np.ndarray]],
+    pairs: Sequence[tuple[Any, Any]],
+    metric_names: Sequence[str],
+) -> list[dict]:
+    """For each pair ``(a, b)`` of ``per_query`` keys and each metric both have: mean ± se over
+    queries of the per-query difference a − b (``metrics.mean_se``; NaN entries left out).
+    Tail-patch differences are in pp, as ``evaluate`` gives them."""
+    out = []
+    for a, b in pairs:
+        pa, pb = per_query.get(a, {}), per_query.get(b, {})
+        for name in metric_names:
+            if name in pa and name in pb:
+                diff = np.asarray(pa[name], np.float64) - np.asarray(pb[name], np.float64)
+                out.append({"a": a, "b": b, "metric": name, **metrics.mean_se(diff)})
+    return out
 
 
 def tailpatch_info(setup: Setup) -> dict:
