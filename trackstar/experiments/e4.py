@@ -124,7 +124,8 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         res["accuracy_report"] = acc
         res["run_dir"] = vcfg.run_dir
         variants[name] = res
-    variants = {name: variants[name] for name in configs}  # Back to the config's order.
+    # The config's order (ConfigDict sorts names), steps ascending: step250 before step1000.
+    variants = {name: variants[name] for name in sorted(configs, key=lambda n: variants[n]["step"])}
     results = {
         "experiment": ex.name,
         "variants": variants,
