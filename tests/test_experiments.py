@@ -293,7 +293,7 @@ def test_e4_checkpoints_reads_one_run_at_each_step(tmp_path):
     assert list(variants) == ["step20", "step40", "step60"]
     assert [v["step"] for v in variants.values()] == [20, 40, 60]
     assert variants["step60"]["run_dir"] == cfg.run_dir
-    assert variants["step20"]["resumed_from_step"] == 20
+    assert variants["step20"]["copied_step"] == 20
     leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
     for name, step in (("step20", 20), ("step40", 40)):
         vcfg = experiments.with_overrides(cfg, {"train": {"checkpoint_step": step}})

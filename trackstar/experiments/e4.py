@@ -120,7 +120,7 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         res["methods"].update(smaller_d_rows(vcfg, progress))
         res["n_params"] = model_lib.count_params(trained.params)
         res["step"] = int(trained.step)
-        res["resumed_from_step"] = seeded
+        res["copied_step"] = seeded  # Copied in this call; None when the run dir had it.
         res["accuracy_report"] = acc
         res["run_dir"] = vcfg.run_dir
         variants[name] = res
