@@ -105,6 +105,24 @@ def pm(mean: float | None, se: float | None = None, digits: int = 2, sign: bool 
     return text
 
 
+def paired_table(
+    rows: Sequence[Mapping[str, Any]],
+    lead: Sequence[tuple[str, Callable[[Mapping[str, Any]], Any]]],
+    diff_header: str = "difference",
+) -> str:
+    """Paired per-query differences (``evaluation.paired_rows``: ``mean``, ``se``, ``n``) as a
+    table: the ``lead`` columns (header, cell of a row), then mean ± se and n."""
+    return markdown_table(
+        [*(h for h, _ in lead), diff_header, "n"],
+        [[*(cell(r) for _, cell in lead), pm(r["mean"], r["se"], 3), r["n"]] for r in rows],
+    )
+
+
+def comparison(row: Mapping[str, Any]) -> str:
+    """``"a − b"`` of a paired row."""
+    return f"{row['a']} − {row['b']}"
+
+
 def sweep_markdown(
     sweeps: Mapping[str, Sequence[Mapping[str, Any]]], key: str = "tailpatch@10"
 ) -> str:

@@ -194,20 +194,14 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         ]
     )
     if paired:
-        md += "\n\nPaired over queries, method against method at the same d:\n\n" + (
-            report.markdown_table(
-                ["d", "comparison", "metric", "difference", "n"],
-                [
-                    [
-                        p["d"],
-                        f"{p['a']} − {p['b']}",
-                        p["metric"],
-                        report.pm(p["mean"], p["se"], 3),
-                        p["n"],
-                    ]
-                    for p in paired
-                ],
-            )  # fmt: skip
+        md += "\n\nPaired over queries, method against method at the same d:\n\n"
+        md += report.paired_table(
+            paired,
+            [
+                ("d", lambda p: p["d"]),
+                ("comparison", report.comparison),
+                ("metric", lambda p: p["metric"]),
+            ],
         )
     out = write_results(cfg, results, md)
     report.line_chart(

@@ -158,15 +158,14 @@ def run(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict:
         ]
     )
     if pairs:
-        md += "\n\nPaired over queries (experiment.paired):\n\n" + report.markdown_table(
-            ["model", "comparison", "metric", "difference", "n"],
+        md += "\n\nPaired over queries (experiment.paired):\n\n" + report.paired_table(
+            [dict(p, model=name) for name, res in variants.items() for p in res["paired"]],
             [
-                [name, f"{p['a']} − {p['b']}", p["metric"], report.pm(p["mean"], p["se"], 3),
-                 p["n"]]
-                for name, res in variants.items()
-                for p in res["paired"]
+                ("model", lambda p: p["model"]),
+                ("comparison", report.comparison),
+                ("metric", lambda p: p["metric"]),
             ],
-        )  # fmt: skip
+        )
     out = write_results(cfg, results, md)
     names = list(variants)
     if len({variants[n]["step"] for n in names}) > 1:

@@ -42,11 +42,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from trackstar import checkpoint, data, families, metrics, report, score, stages, tokenizer
+from trackstar import checkpoint, data, families, report, score, stages, tokenizer
 from trackstar import model as model_lib
 from trackstar import train as train_lib
 from trackstar.baselines import bm25_scores, query_text
-from trackstar.experiments.evaluation import methods_from
+from trackstar.experiments.evaluation import methods_from, paired_rows
 from trackstar.experiments.harness import (
     BASELINES,
     GROUND_TRUTH,
@@ -334,19 +334,23 @@ def table(rows: dict) -> str:
 
 
 def paired(rho: dict[str, np.ndarray]) -> dict[str, dict]:
-    """``PAIRED`` comparisons whose methods both ran: mean ± se over the queries both have a
-    correlation for (``metrics.mean_se`` of the per-query differences)."""
-    out = {}
-    for a, b, what in PAIRED:
-        if a in rho and b in rho:
-            out[f"{a} − {b}"] = {"what": what, **metrics.mean_se(rho[a] - rho[b])}
-    return out
+    """``PAIRED`` comparisons whose methods both ran (``evaluation.paired_rows`` over the
+    queries both have a correlation for), keyed ``"a − b"``."""
+    per_query = {m: {"lds": r} for m, r in rho.items()}
+    what = {(a, b): w for a, b, w in PAIRED}
+    rows = paired_rows(per_query, list(what), ("lds",))
+    keep = ("mean", "se", "n")
+    return {
+        report.comparison(r): {"what": what[(r["a"], r["b"])], **{k: r[k] for k in keep}}
+        for r in rows
+    }
 
 
 def paired_table(diffs: dict[str, dict]) -> str:
-    return report.markdown_table(
-        ["comparison", "what it isolates", "ΔLDS", "n queries"],
-        [[k, d["what"], report.pm(d["mean"], d["se"], 3), d["n"]] for k, d in diffs.items()],
+    return report.paired_table(
+        [dict(d, comparison=k) for k, d in diffs.items()],
+        [("comparison", lambda d: d["comparison"]), ("what it isolates", lambda d: d["what"])],
+        diff_header="ΔLDS",
     )
 
 
